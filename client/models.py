@@ -1,0 +1,63 @@
+"""Models small enough to train with DP-SGD on a hospital CPU; GroupNorm only (Opacus-safe)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _block(cin: int, cout: int, groups: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.ReLU()]
+
+
+class SliceNet(nn.Module):
+    """Four conv blocks with GroupNorm and a global max pool: one logit per image.
+
+    Global max pooling suits small-finding detection (a nodule anywhere in the slice).
+    """
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            *_block(1, w, 4), nn.MaxPool2d(2),
+            *_block(w, 2 * w, 4), nn.MaxPool2d(2),
+            *_block(2 * w, 2 * w, 8), nn.MaxPool2d(2),
+            *_block(2 * w, 2 * w, 8),
+            nn.AdaptiveMaxPool2d(1),
+        )
+        self.head = nn.Linear(2 * w, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # inputs are windowed to [0, 1]; centre them so the first layer starts balanced
+        return self.head(self.features(2.0 * x - 1.0).flatten(1)).squeeze(1)
+
+
+def build_model(name: str = "slicenet", *, seed: int = 0) -> nn.Module:
+    """Build a freshly initialised model; the same seed gives the same weights."""
+    if name != "slicenet":
+        raise ValueError(f"unknown model {name!r}: the available model is 'slicenet'")
+    torch.manual_seed(seed)
+    return SliceNet()
+
+
+def get_arrays(model: nn.Module) -> OrderedDict[str, np.ndarray]:
+    """Model weights as numpy arrays in ``state_dict`` order."""
+    return OrderedDict((k, v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items())
+
+
+def set_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load numpy arrays (``state_dict`` names) into the model, strictly."""
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}, strict=True)
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """``auto`` selects CUDA when present, else CPU; ``cpu``/``cuda`` force one."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device = 'cuda' in site.toml but no CUDA GPU is visible: set device = 'auto'")
+    return torch.device(preference)

@@ -1,0 +1,27 @@
+"""One site's data and model, assembled from its workspace configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from client.config import SiteConfig
+from client.dicom import Cohort, Preprocessing, load_cohort, split_patients
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """The site's training and validation patients (disjoint)."""
+
+    train: Cohort
+    val: Cohort
+
+
+def load_site_data(config: SiteConfig, *, image_size: int) -> SiteData:
+    """Load (from the workspace cache when possible) and split the site's cohort by patient."""
+    cohort = load_cohort(
+        config.dicom_dir, config.labels_file, Preprocessing(image_size=image_size),
+        cache_dir=config.cache_dir, allow_unlabelled=config.data.allow_unlabelled,
+    )
+    train, val = split_patients(cohort, val_fraction=config.data.val_fraction,
+                                seed=config.data.split_seed)
+    return SiteData(train=train, val=val)

@@ -1,0 +1,130 @@
+"""Local training and evaluation at a site: one sampled record = one patient."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from client.dicom.cohort import Cohort
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """What one round of local training does."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of local training (numbers only)."""
+
+    train_loss: float
+    num_examples: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Validation numbers on the site's own held-out patients."""
+
+    loss: float
+    auroc: float | None
+    num_examples: int
+
+
+class PatientImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Index = patient. Each access draws one of that patient's images (seeded).
+
+    Sampling one image per patient per step bounds every patient's contribution to a
+    step by one example, however many images the patient has (the DP unit is the patient).
+    """
+
+    def __init__(self, cohort: Cohort, *, seed: int) -> None:
+        self.images = torch.from_numpy(cohort.images)
+        self.labels = torch.from_numpy(cohort.labels)
+        self.groups = cohort.patient_images()
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        group = self.groups[index]
+        j = int(group[self.rng.integers(len(group))])
+        return self.images[j][None], self.labels[j]
+
+
+def patient_loader(cohort: Cohort, *, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled batches of patients (DP replaces this with Poisson sampling)."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(PatientImages(cohort, seed=seed), batch_size=min(batch_size, cohort.n_patients),
+                      shuffle=True, generator=gen)
+
+
+def _cycle(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def run_steps(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, steps: int,
+    device: torch.device,
+) -> TrainResult:
+    """Run ``steps`` optimizer steps over ``loader`` (cycled); mean loss over examples."""
+    model.train()
+    loss_fn = nn.BCEWithLogitsLoss(reduction="mean")
+    total, count = 0.0, 0
+    batches = _cycle(loader)
+    for _ in range(steps):
+        x, y = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        if len(y) == 0:  # Poisson sampling can draw an empty batch; the step still counts
+            optimizer.step()
+            continue
+        x, y = x.to(device), y.to(device)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(y)
+        count += len(y)
+    return TrainResult(train_loss=total / max(count, 1), num_examples=count, steps=steps)
+
+
+def train_plain(model: nn.Module, cohort: Cohort, plan: LocalPlan, device: torch.device) -> TrainResult:
+    """Non-private local SGD (for ``--no-dp`` comparisons and benchmarks)."""
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=plan.learning_rate)
+    loader = patient_loader(cohort, batch_size=plan.batch_size, seed=plan.seed)
+    return run_steps(model, optimizer, loader, steps=plan.steps, device=device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cohort: Cohort, device: torch.device, *, batch: int = 256) -> EvalResult:
+    """Mean BCE loss and AUROC over every image of the given (validation) patients."""
+    model.to(device).eval()
+    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
+    scores, total = [], 0.0
+    for i in range(0, len(cohort.labels), batch):
+        x = torch.from_numpy(cohort.images[i : i + batch])[:, None].to(device)
+        y = torch.from_numpy(cohort.labels[i : i + batch]).to(device)
+        logits = model(x)
+        total += float(loss_fn(logits, y))
+        scores.append(logits.cpu().numpy())
+    n = len(cohort.labels)
+    if n == 0:
+        return EvalResult(loss=math.nan, auroc=None, num_examples=0)
+    s = np.concatenate(scores)
+    both = 0 < cohort.labels.sum() < n
+    auroc = float(roc_auc_score(cohort.labels, s)) if both else None
+    return EvalResult(loss=total / n, auroc=auroc, num_examples=n)

@@ -1,0 +1,30 @@
+"""The central Flower ServerApp (Message API)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from client.models import build_model, get_arrays
+from server.config import RunConfig
+from server.rounds import RoundCallback, run_federation
+
+
+def build_server_app(config: RunConfig | None = None, on_round: RoundCallback | None = None) -> ServerApp:
+    """The ServerApp; ``config`` given by a driver wins over ``context.run_config``."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = config or RunConfig.from_run_config(dict(context.run_config))
+        if not cfg.run_dir:
+            cfg = replace(cfg, run_dir=f"runs/{context.run_id}")
+        initial = get_arrays(build_model(seed=cfg.seed))
+        run_federation(grid, cfg, initial, run_id=str(context.run_id), on_round=on_round)
+
+    return server_app
+
+
+app = build_server_app()

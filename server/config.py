@@ -1,0 +1,67 @@
+"""Run configuration: ``[tool.flwr.app.config]`` / CLI flags -> one frozen, validated object."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+class RunConfigError(ValueError):
+    """A run configuration value is invalid; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything the server needs to drive one training run."""
+
+    num_server_rounds: int = 3
+    local_steps: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    image_size: int = 64
+    min_sites: int = 1
+    round_timeout: float = 600.0
+    run_dir: str = ""
+    seed: int = 0
+    dp: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_server_rounds >= 1, "num-server-rounds must be >= 1"),
+            (self.local_steps >= 1, "local-steps must be >= 1"),
+            (self.batch_size >= 1, "batch-size must be >= 1"),
+            (self.learning_rate > 0, "learning-rate must be > 0"),
+            (8 <= self.image_size <= 1024, "image-size must be between 8 and 1024"),
+            (self.min_sites >= 1, "min-sites must be >= 1"),
+            (self.round_timeout > 0, "round-timeout must be > 0 seconds"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RunConfigError(f"run config: {message}")
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any], **overrides: Any) -> RunConfig:
+        """Build from Flower's ``context.run_config`` (hyphenated keys); unknown keys are errors."""
+        names = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            if key not in names:
+                raise RunConfigError(f"run config: unknown key {key!r}; known: {sorted(names)}")
+            f = names[key]
+            values[f.name] = value if f.type in ("str",) else _coerce(f.type, key, value)
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(type_name: Any, key: str, value: Any) -> Any:
+    try:
+        if type_name == "bool":
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        return {"int": int, "float": float}[type_name](value)
+    except (ValueError, KeyError, TypeError):
+        raise RunConfigError(f"run config: {key}={value!r} is not a valid {type_name}") from None

@@ -1,0 +1,157 @@
+"""The server's round loop: select sites, train, aggregate, checkpoint, evaluate, record."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from privacy import egress as K
+from privacy.wire import arrays_to_record, record_to_arrays
+from server.aggregate import apply_update, weighted_mean
+from server.config import RunConfig
+from server.rundir import RunDir, arrays_sha256
+
+log = logging.getLogger("medfed.server")
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+class NotEnoughSitesError(RuntimeError):
+    """Fewer sites connected than the run's ``min-sites`` within the timeout."""
+
+
+@dataclass
+class Reply:
+    """One site's usable reply (numbers and arrays only)."""
+
+    node_id: int
+    site: str
+    metrics: dict[str, float]
+    arrays: OrderedDict[str, np.ndarray] | None = None
+
+
+@dataclass
+class RoundOutcome:
+    replies: list[Reply] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def wait_for_sites(grid: Grid, min_sites: int, timeout: float) -> list[int]:
+    """Node ids once at least ``min_sites`` are connected (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= min_sites:
+            return nodes
+        if time.monotonic() > deadline:
+            raise NotEnoughSitesError(
+                f"only {len(nodes)} site(s) connected after {timeout:.0f}s, the run needs "
+                f"{min_sites}: start more sites or lower min-sites"
+            )
+        time.sleep(1.0)
+
+
+def _exchange(grid: Grid, nodes: Iterable[int], content: RecordDict, message_type: str,
+              timeout: float, with_arrays: bool) -> RoundOutcome:
+    messages = [Message(content=content, dst_node_id=n, message_type=message_type) for n in nodes]
+    sent = {m.metadata.dst_node_id for m in messages}
+    outcome = RoundOutcome()
+    answered = set()
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        if reply.has_error():
+            log.warning("node %s replied with an error: %s", node, reply.error.reason)
+            outcome.failed.append(str(node))
+            continue
+        content_ = reply.content
+        site = str(content_[K.SITE][K.SITE_NAME]) if K.SITE in content_.config_records else str(node)
+        metrics = {k: float(v) for k, v in content_[K.METRICS].items()}  # type: ignore[arg-type]
+        arrays = record_to_arrays(content_[K.ARRAYS]) if with_arrays else None
+        outcome.replies.append(Reply(node_id=node, site=site, metrics=metrics, arrays=arrays))
+    for node in sorted(sent - answered):
+        log.warning("node %s did not reply within %.0fs", node, timeout)
+        outcome.failed.append(str(node))
+    return outcome
+
+
+def _weighted(replies: list[Reply], key: str) -> float:
+    pairs = [(r.metrics[key], r.metrics.get(K.NUM_EXAMPLES, 1.0)) for r in replies if key in r.metrics]
+    total = sum(w for _, w in pairs)
+    return float(sum(v * w for v, w in pairs) / total) if total > 0 else math.nan
+
+
+def round_config(cfg: RunConfig, run_id: str, round_: int) -> ConfigRecord:
+    """What every site is told for this round."""
+    return ConfigRecord({
+        K.SERVER_ROUND: round_, K.RUN_ID: run_id, K.NUM_ROUNDS: cfg.num_server_rounds,
+        K.LOCAL_STEPS: cfg.local_steps, K.BATCH_SIZE: cfg.batch_size,
+        K.LEARNING_RATE: cfg.learning_rate, K.IMAGE_SIZE: cfg.image_size, K.SEED: cfg.seed,
+        K.DP_ENABLED: cfg.dp,
+    })
+
+
+def run_federation(
+    grid: Grid, cfg: RunConfig, initial: OrderedDict[str, np.ndarray], *, run_id: str,
+    on_round: RoundCallback | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg.num_server_rounds`` rounds; write the run directory; return metrics."""
+    rundir = RunDir(cfg.run_dir)
+    metrics: dict[str, Any] = {"run_id": run_id, "config": cfg.to_dict(), "rounds": []}
+    arrays = initial
+    last_round = 0
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        started = time.monotonic()
+        nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
+        conf = round_config(cfg, run_id, rnd)
+        train = _exchange(grid, nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf}),
+                          MessageType.TRAIN, cfg.round_timeout, with_arrays=True)
+        row: dict[str, Any] = {"round": rnd, "sites": sorted(r.site for r in train.replies),
+                               "failed": train.failed}
+        if train.replies:
+            update = weighted_mean([r.arrays for r in train.replies if r.arrays is not None],
+                                   [r.metrics[K.NUM_EXAMPLES] for r in train.replies])
+            arrays = apply_update(arrays, update)
+            rundir.checkpoint(rnd, arrays)
+            last_round = rnd
+        else:
+            log.warning("round %d: no site returned an update; the global model is unchanged", rnd)
+        row["model_sha256"] = arrays_sha256(arrays)
+        evaluation = _exchange(grid, nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf}),
+                               MessageType.EVALUATE, cfg.round_timeout, with_arrays=False)
+        row["train_loss"] = _weighted(train.replies, K.TRAIN_LOSS)
+        row["val_loss"] = _weighted(evaluation.replies, K.VAL_LOSS)
+        row["val_auroc"] = _weighted(evaluation.replies, K.VAL_AUROC)
+        row["val_auroc_by_site"] = {r.site: r.metrics[K.VAL_AUROC] for r in evaluation.replies
+                                    if K.VAL_AUROC in r.metrics}
+        row["seconds"] = round(time.monotonic() - started, 3)
+        metrics["rounds"].append(row)
+        rundir.write_metrics(_jsonable(metrics))
+        log.info("round %d: sites=%s train_loss=%.4f val_auroc=%.4f (%.1fs)", rnd, row["sites"],
+                 row["train_loss"], row["val_auroc"], row["seconds"])
+        if on_round is not None:
+            on_round(row)
+    rundir.final(last_round, arrays)
+    metrics["final_model_sha256"] = arrays_sha256(arrays)
+    rundir.write_metrics(_jsonable(metrics))
+    return metrics
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN is not JSON: write it as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_jsonable(v) for v in obj]
+    return obj

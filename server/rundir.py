@@ -1,0 +1,70 @@
+"""The run directory contract: metrics.json, checkpoints, final model (atomic writes)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privacy.files import atomic_write_bytes, atomic_write_json
+
+
+def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    """Hash of named arrays (names, dtypes, shapes and bytes, in order)."""
+    h = hashlib.sha256()
+    for k, v in arrays.items():
+        a = np.ascontiguousarray(v)
+        h.update(f"{k}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _save_npz(path: Path, arrays: Mapping[str, np.ndarray], meta: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **dict(arrays))
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    sidecar = {**meta, "sha256": hashlib.sha256(data).hexdigest(),
+               "arrays_sha256": arrays_sha256(arrays), "keys": list(arrays)}
+    atomic_write_json(path.with_suffix(".json"), sidecar)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Load a checkpoint, verifying it against its sidecar's sha256."""
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sidecar["sha256"]:
+        raise ValueError(f"{path}: sha256 does not match {path.with_suffix('.json')}; the file is damaged")
+    with np.load(io.BytesIO(data)) as z:
+        return {k: z[k] for k in sidecar["keys"]}
+
+
+class RunDir:
+    """Writes one run's outputs under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "checkpoints").mkdir(exist_ok=True)
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / "metrics.json"
+
+    def checkpoint(self, round_: int, arrays: Mapping[str, np.ndarray]) -> Path:
+        path = self.root / "checkpoints" / f"round-{round_}.npz"
+        _save_npz(path, arrays, {"round": round_})
+        return path
+
+    def final(self, round_: int, arrays: Mapping[str, np.ndarray]) -> Path:
+        path = self.root / "model-final.npz"
+        _save_npz(path, arrays, {"round": round_})
+        return path
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        atomic_write_json(self.metrics_file, metrics)

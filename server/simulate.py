@@ -1,0 +1,112 @@
+"""Many virtual sites on one machine through Flower's simulation runtime (Ray backend)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.config import DataConfig, PrivacyPolicy, SiteConfig, load_site_config, write_site_config
+from client.dicom.cohort import cohort_summary
+from client.site import load_site_data
+from client.synth import generate_site, site_profile
+from server.config import RunConfig
+from server.rounds import RoundCallback
+
+SITES_DIR = "sites"
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    """Where the virtual sites come from."""
+
+    sites: int
+    patients: int | None = None
+    data: Sequence[Path] = ()
+    sites_dir: Path | None = None
+    data_seed: int = 0
+    policy: PrivacyPolicy = PrivacyPolicy()
+
+
+def prepare_sites(out: Path, plan: SimulationPlan, image_size: int) -> list[SiteConfig]:
+    """Create (or reuse) one site workspace per virtual site and warm its data cache.
+
+    Fails early, before the runtime starts, with the site's own data error.
+    """
+    if plan.sites_dir is not None:
+        workspaces = sorted(p for p in Path(plan.sites_dir).iterdir() if (p / "site.toml").is_file())
+        if len(workspaces) < plan.sites:
+            raise FileNotFoundError(
+                f"{plan.sites_dir} holds {len(workspaces)} site workspace(s), {plan.sites} requested: "
+                "point --sites-dir at OLD_RUN/sites or lower --sites"
+            )
+        configs = [load_site_config(w) for w in workspaces[: plan.sites]]
+    else:
+        if plan.data and len(plan.data) != plan.sites:
+            raise ValueError(f"--data was given {len(plan.data)} time(s) for {plan.sites} sites: give one folder per site")
+        configs = []
+        for i in range(plan.sites):
+            name = f"site-{i + 1}"
+            ws = (out / SITES_DIR / name).resolve()
+            if plan.data:
+                folder = Path(plan.data[i]).resolve()
+                data = DataConfig(dicom=str(folder), labels=str(folder / "labels.csv"))
+            else:
+                data = DataConfig()
+                if not (ws / data.labels).is_file():
+                    generate_site(ws / data.dicom, site_profile(i, patients=plan.patients), seed=plan.data_seed)
+            config = SiteConfig(workspace=ws, name=name, device="auto", data=data, privacy=plan.policy)
+            write_site_config(config)
+            configs.append(config)
+    for config in configs:
+        load_site_data(config, image_size=image_size)  # validates and fills the cache
+    return configs
+
+
+def site_summaries(configs: Sequence[SiteConfig], image_size: int) -> dict[str, dict[str, int]]:
+    """Counts per site, for the run summary (never patient values)."""
+    out = {}
+    for c in configs:
+        data = load_site_data(c, image_size=image_size)
+        out[c.name] = {"train_" + k: v for k, v in cohort_summary(data.train).items()} | {
+            "val_" + k: v for k, v in cohort_summary(data.val).items()}
+    return out
+
+
+def run_simulation_runtime(
+    cfg: RunConfig, configs: Sequence[SiteConfig], *, on_round: RoundCallback | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run the federation with Flower's simulation runtime, one Ray actor CPU per site."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app
+    from server.app import build_server_app
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    result: dict[str, Any] = {}
+
+    def record(row: dict[str, Any]) -> None:
+        result.setdefault("rounds", []).append(row)
+        if on_round is not None:
+            on_round(row)
+
+    run_simulation(
+        server_app=build_server_app(cfg, on_round=record),
+        client_app=build_client_app([str(c.workspace) for c in configs]),
+        num_supernodes=len(configs),
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": max(1, min(len(configs), os.cpu_count() or 1)),
+                          "include_dashboard": False},
+        },
+        verbose_logging=verbose,
+    )
+    return result
