@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.budget import REFUSED_BUDGET, plan_round
 from client.config import SiteConfig, load_site_config
 from client.models import build_model, get_arrays, pick_device, set_arrays
 from client.site import load_site_data
-from client.train import LocalPlan, evaluate, train_plain
+from client.train import LocalPlan, evaluate, train_plain, train_private
 from privacy import egress as K
+from privacy.dp import BudgetExhausted, auto_delta
+from privacy.ledger import LedgerEvent, PrivacyLedger, now_utc
 from privacy.wire import arrays_to_record, record_to_arrays
 
 NODE_SITE_KEY = "site-workspace"
+log = logging.getLogger("medfed.site")
 
 
 def resolve_site(context: Context, sim_sites: Sequence[str]) -> SiteConfig:
@@ -33,30 +40,58 @@ def resolve_site(context: Context, sim_sites: Sequence[str]) -> SiteConfig:
     )
 
 
+def _reply(msg: Message, site: SiteConfig, metrics: dict[str, float | int],
+           update: dict[str, np.ndarray] | None = None) -> Message:
+    content = RecordDict({K.METRICS: MetricRecord(metrics), K.SITE: ConfigRecord({K.SITE_NAME: site.name})})
+    if update is not None:
+        content[K.ARRAYS] = arrays_to_record(update)
+    return Message(content, reply_to=msg)
+
+
 def _train(msg: Message, site: SiteConfig) -> Message:
     cfg = msg.content[K.CONFIG]
     data = load_site_data(site, image_size=int(cfg[K.IMAGE_SIZE]))
-    device = pick_device(site.device)
-    model = build_model()
-    global_arrays = record_to_arrays(msg.content[K.ARRAYS])
-    set_arrays(model, global_arrays)
+    policy = site.privacy
+    patients = data.train.n_patients
     plan = LocalPlan(
         steps=int(cfg[K.LOCAL_STEPS]), batch_size=int(cfg[K.BATCH_SIZE]),
         learning_rate=float(cfg[K.LEARNING_RATE]),
         seed=int(cfg[K.SEED]) * 1000 + int(cfg[K.SERVER_ROUND]),
     )
-    result = train_plain(model, data.train, plan, device)
+    model = build_model()
+    global_arrays = record_to_arrays(msg.content[K.ARRAYS])
+    set_arrays(model, global_arrays)
+    device = pick_device(site.device)
+    metrics: dict[str, float | int] = {K.PATIENTS: patients}
+    if policy.dp or bool(cfg.get(K.DP_ENABLED, True)):  # the site's policy wins; DP if either asks
+        ledger = PrivacyLedger.load(site.ledger_file)
+        delta = policy.delta or auto_delta(patients)
+        rounds_left = int(cfg[K.NUM_ROUNDS]) - int(cfg[K.SERVER_ROUND]) + 1
+        try:
+            rp = plan_round(policy, ledger, patients=patients, batch_size=plan.batch_size,
+                            steps=plan.steps, rounds_left=rounds_left,
+                            requested_noise=float(cfg.get(K.NOISE_MULTIPLIER_REQUEST, 0.0)))
+        except BudgetExhausted:
+            log.warning("site %s refuses round %s: privacy budget exhausted", site.name, cfg[K.SERVER_ROUND])
+            eps = ledger.epsilon(delta=delta, accountant=policy.accountant)
+            return _reply(msg, site, {K.REFUSED: 1, K.REFUSAL_CODE: REFUSED_BUDGET, K.EPSILON: eps,
+                                      K.DELTA: delta, K.PATIENTS: patients})
+        # counted before training, so an update that leaves has always been counted
+        ledger.append(LedgerEvent(
+            round=int(cfg[K.SERVER_ROUND]), run_id=str(cfg[K.RUN_ID]), noise_multiplier=rp.noise_multiplier,
+            sample_rate=rp.sample_rate, steps=rp.steps, accountant=policy.accountant,
+            epsilon_after=rp.epsilon_after, delta=rp.delta, timestamp=now_utc(),
+        ))
+        result = train_private(model, data.train, plan, device, noise_multiplier=rp.noise_multiplier,
+                               max_grad_norm=policy.max_grad_norm)
+        metrics |= {K.EPSILON: rp.epsilon_after, K.DELTA: rp.delta,
+                    K.NOISE_MULTIPLIER: rp.noise_multiplier, K.NOISE_OVERRIDDEN: int(rp.overridden)}
+    else:
+        log.warning("site %s trains WITHOUT differential privacy (policy dp = false)", site.name)
+        result = train_plain(model, data.train, plan, device)
     new = get_arrays(model)
-    update = {k: new[k] - global_arrays[k] for k in new}
-    metrics = {K.NUM_EXAMPLES: data.train.n_patients, K.TRAIN_LOSS: result.train_loss}
-    return Message(
-        RecordDict({
-            K.ARRAYS: arrays_to_record(update),
-            K.METRICS: MetricRecord(metrics),
-            K.SITE: ConfigRecord({K.SITE_NAME: site.name}),
-        }),
-        reply_to=msg,
-    )
+    metrics |= {K.NUM_EXAMPLES: patients, K.TRAIN_LOSS: result.train_loss}
+    return _reply(msg, site, metrics, {k: new[k] - global_arrays[k] for k in new})
 
 
 def _evaluate(msg: Message, site: SiteConfig) -> Message:
@@ -68,10 +103,7 @@ def _evaluate(msg: Message, site: SiteConfig) -> Message:
     metrics: dict[str, float | int] = {K.NUM_EXAMPLES: res.num_examples, K.VAL_LOSS: res.loss}
     if res.auroc is not None:
         metrics[K.VAL_AUROC] = res.auroc
-    return Message(
-        RecordDict({K.METRICS: MetricRecord(metrics), K.SITE: ConfigRecord({K.SITE_NAME: site.name})}),
-        reply_to=msg,
-    )
+    return _reply(msg, site, metrics)
 
 
 def build_client_app(sim_sites: Sequence[str] = ()) -> ClientApp:

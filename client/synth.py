@@ -58,7 +58,7 @@ def site_profile(
     signed, slope, intercept, bits = _STORAGE[index % len(_STORAGE)]
     return SiteProfile(
         name=f"site-{index + 1}",
-        patients=patients if patients is not None else (150, 100, 200, 120)[index % 4],
+        patients=patients if patients is not None else (450, 300, 600, 360)[index % 4],
         min_images=2,
         max_images=(4, 5, 3, 6)[index % 4],
         prevalence=(0.35, 0.5, 0.25, 0.4)[index % 4],
@@ -146,7 +146,7 @@ def render_slice(
     if lesion:
         ly, lx = point_in_lung(0.6)
         sigma = rng.uniform(2.5, 5.0) * px * n / 128
-        _add_blob(img, coords, ly, lx, sigma, rng.uniform(120.0, 800.0) / profile.difficulty)
+        _add_blob(img, coords, ly, lx, sigma, rng.uniform(300.0, 2000.0) / profile.difficulty)
     img += rng.normal(0.0, profile.noise_hu, size=img.shape).astype(np.float32)
     return img
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from client.dicom.cohort import Cohort
+from privacy.dp import make_private
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,24 @@ def train_plain(model: nn.Module, cohort: Cohort, plan: LocalPlan, device: torch
     optimizer = torch.optim.Adam(model.parameters(), lr=plan.learning_rate)
     loader = patient_loader(cohort, batch_size=plan.batch_size, seed=plan.seed)
     return run_steps(model, optimizer, loader, steps=plan.steps, device=device)
+
+
+def train_private(
+    model: nn.Module, cohort: Cohort, plan: LocalPlan, device: torch.device, *,
+    noise_multiplier: float, max_grad_norm: float,
+) -> TrainResult:
+    """DP-SGD (Opacus): Poisson sampling over patients, per-patient clipping, Gaussian noise."""
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=plan.learning_rate)
+    loader = patient_loader(cohort, batch_size=plan.batch_size, seed=plan.seed)
+    torch.manual_seed(plan.seed)  # Poisson sampling and noise draw from torch's generator
+    dp_model, dp_optimizer, dp_loader = make_private(
+        module=model, optimizer=optimizer, data_loader=loader,
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+    )
+    result = run_steps(dp_model, dp_optimizer, dp_loader, steps=plan.steps, device=device)
+    dp_model._close()  # remove Opacus hooks; the caller's module is trained in place
+    return result
 
 
 @torch.no_grad()

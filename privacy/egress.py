@@ -22,6 +22,7 @@ LEARNING_RATE = "learning-rate"
 IMAGE_SIZE = "image-size"
 SEED = "seed"
 DP_ENABLED = "dp"
+NOISE_MULTIPLIER_REQUEST = "noise-multiplier"  # the server's minimum; a site may use more
 
 # Metric keys (site -> server); only these numeric values may leave a site
 NUM_EXAMPLES = "num-examples"
@@ -29,6 +30,15 @@ TRAIN_LOSS = "train-loss"
 VAL_LOSS = "val-loss"
 VAL_AUROC = "val-auroc"
 SITE_NAME = "name"
+EPSILON = "epsilon"
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+NOISE_OVERRIDDEN = "noise-overridden"  # 1 when the site's policy needed more noise than requested
+PATIENTS = "patients"
+REFUSED = "refused"  # 1 in a refusal reply (no arrays)
+REFUSAL_CODE = "refusal-code"  # numeric reason; see client.budget
 
-TRAIN_METRICS = frozenset({NUM_EXAMPLES, TRAIN_LOSS})
+TRAIN_METRICS = frozenset({NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, NOISE_MULTIPLIER,
+                           NOISE_OVERRIDDEN, PATIENTS})
+REFUSAL_METRICS = frozenset({REFUSED, REFUSAL_CODE, EPSILON, DELTA, PATIENTS})
 EVAL_METRICS = frozenset({NUM_EXAMPLES, VAL_LOSS, VAL_AUROC})

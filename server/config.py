@@ -15,15 +15,16 @@ class RunConfig:
     """Everything the server needs to drive one training run."""
 
     num_server_rounds: int = 3
-    local_steps: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
+    local_steps: int = 50
+    batch_size: int = 64
+    learning_rate: float = 2e-3
     image_size: int = 64
     min_sites: int = 1
     round_timeout: float = 600.0
     run_dir: str = ""
     seed: int = 0
     dp: bool = True
+    noise_multiplier: float = 0.0  # the minimum the server asks for; sites may use more
 
     def __post_init__(self) -> None:
         checks = [

@@ -76,7 +76,8 @@ def _exchange(grid: Grid, nodes: Iterable[int], content: RecordDict, message_typ
         content_ = reply.content
         site = str(content_[K.SITE][K.SITE_NAME]) if K.SITE in content_.config_records else str(node)
         metrics = {k: float(v) for k, v in content_[K.METRICS].items()}  # type: ignore[arg-type]
-        arrays = record_to_arrays(content_[K.ARRAYS]) if with_arrays else None
+        has_arrays = with_arrays and K.ARRAYS in content_.array_records
+        arrays = record_to_arrays(content_[K.ARRAYS]) if has_arrays else None
         outcome.replies.append(Reply(node_id=node, site=site, metrics=metrics, arrays=arrays))
     for node in sorted(sent - answered):
         log.warning("node %s did not reply within %.0fs", node, timeout)
@@ -96,7 +97,7 @@ def round_config(cfg: RunConfig, run_id: str, round_: int) -> ConfigRecord:
         K.SERVER_ROUND: round_, K.RUN_ID: run_id, K.NUM_ROUNDS: cfg.num_server_rounds,
         K.LOCAL_STEPS: cfg.local_steps, K.BATCH_SIZE: cfg.batch_size,
         K.LEARNING_RATE: cfg.learning_rate, K.IMAGE_SIZE: cfg.image_size, K.SEED: cfg.seed,
-        K.DP_ENABLED: cfg.dp,
+        K.DP_ENABLED: cfg.dp, K.NOISE_MULTIPLIER_REQUEST: cfg.noise_multiplier,
     })
 
 
@@ -115,11 +116,20 @@ def run_federation(
         conf = round_config(cfg, run_id, rnd)
         train = _exchange(grid, nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf}),
                           MessageType.TRAIN, cfg.round_timeout, with_arrays=True)
-        row: dict[str, Any] = {"round": rnd, "sites": sorted(r.site for r in train.replies),
-                               "failed": train.failed}
-        if train.replies:
-            update = weighted_mean([r.arrays for r in train.replies if r.arrays is not None],
-                                   [r.metrics[K.NUM_EXAMPLES] for r in train.replies])
+        updates = [r for r in train.replies if r.arrays is not None]
+        refused = sorted(r.site for r in train.replies if r.metrics.get(K.REFUSED))
+        row: dict[str, Any] = {
+            "round": rnd, "sites": sorted(r.site for r in updates), "refused": refused,
+            "failed": train.failed,
+            "epsilon": {r.site: r.metrics[K.EPSILON] for r in train.replies if K.EPSILON in r.metrics},
+            "noise_multiplier": {r.site: r.metrics[K.NOISE_MULTIPLIER] for r in updates
+                                 if K.NOISE_MULTIPLIER in r.metrics},
+        }
+        for site in refused:
+            log.warning("round %d: site %s refused to train (privacy budget exhausted)", rnd, site)
+        if updates:
+            update = weighted_mean([r.arrays for r in updates if r.arrays is not None],
+                                   [r.metrics[K.NUM_EXAMPLES] for r in updates])
             arrays = apply_update(arrays, update)
             rundir.checkpoint(rnd, arrays)
             last_round = rnd
@@ -136,10 +146,14 @@ def run_federation(
         row["seconds"] = round(time.monotonic() - started, 3)
         metrics["rounds"].append(row)
         rundir.write_metrics(_jsonable(metrics))
-        log.info("round %d: sites=%s train_loss=%.4f val_auroc=%.4f (%.1fs)", rnd, row["sites"],
-                 row["train_loss"], row["val_auroc"], row["seconds"])
+        log.info("round %d: sites=%s refused=%s train_loss=%.4f val_auroc=%.4f (%.1fs)", rnd,
+                 row["sites"], refused, row["train_loss"], row["val_auroc"], row["seconds"])
         if on_round is not None:
             on_round(row)
+        if not updates and refused and len(refused) == len(train.replies) and not train.failed:
+            log.warning("every site refused round %d: ending the run (no budget left anywhere)", rnd)
+            metrics["ended_early"] = f"all sites refused round {rnd}"
+            break
     rundir.final(last_round, arrays)
     metrics["final_model_sha256"] = arrays_sha256(arrays)
     rundir.write_metrics(_jsonable(metrics))

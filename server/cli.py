@@ -1,0 +1,125 @@
+"""`medfed-server`: the central operator's command (simulation now; deployment commands follow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from client.config import PrivacyPolicy, SiteConfigError
+from client.dicom import SiteDataError
+from server.config import RunConfig, RunConfigError
+
+cli = typer.Typer(help="medfed central server: simulate federations, run training.",
+                  no_args_is_help=True, add_completion=False)
+err = Console(stderr=True, soft_wrap=True)
+
+EXIT_BAD_INPUT = 2
+INPUT_ERRORS = (SiteDataError, SiteConfigError, RunConfigError, FileNotFoundError, ValueError)
+
+
+@cli.callback()
+def _root() -> None:
+    """medfed central server."""
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def round_table(rows: list[dict[str, Any]], total_sites: int) -> Table:
+    """The per-round table shown during and after a run."""
+    table = Table(title="medfed rounds")
+    for col in ("round", "sites", "refused", "train loss", "val AUROC", "max ε", "seconds"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        eps = max(r.get("epsilon", {}).values(), default=None)
+        table.add_row(str(r["round"]), f"{len(r['sites'])}/{total_sites}",
+                      ", ".join(r.get("refused", [])) or "–", _fmt(r.get("train_loss")),
+                      _fmt(r.get("val_auroc")), _fmt(eps, 3), _fmt(r.get("seconds"), 1))
+    return table
+
+
+@cli.command()
+def simulate(
+    sites: Annotated[int, typer.Option(min=1, help="number of virtual hospitals")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, help="federated rounds")] = 3,
+    out: Annotated[Path, typer.Option(help="run directory to create")] = Path("runs/demo"),
+    patients: Annotated[int | None, typer.Option(min=4, help="patients per generated site")] = None,
+    data: Annotated[list[Path] | None, typer.Option(help="existing site folder (DICOM + labels.csv); once per site")] = None,
+    sites_dir: Annotated[Path | None, typer.Option(help="reuse the site workspaces of an earlier run (OLD_RUN/sites)")] = None,
+    local_steps: Annotated[int, typer.Option(min=1)] = RunConfig.local_steps,
+    batch_size: Annotated[int, typer.Option(min=1)] = RunConfig.batch_size,
+    learning_rate: Annotated[float, typer.Option(min=0.0)] = RunConfig.learning_rate,
+    epsilon: Annotated[float, typer.Option(help="virtual sites' privacy budget (max ε)")] = PrivacyPolicy.max_epsilon,
+    delta: Annotated[float, typer.Option(help="virtual sites' δ (0 = below 1/patients)")] = 0.0,
+    noise_multiplier: Annotated[float, typer.Option(min=0.0, help="minimum noise the server asks for (sites may use more)")] = 0.0,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="train WITHOUT differential privacy (comparison only)")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the final metrics as JSON")] = False,
+    verbose: Annotated[bool, typer.Option(help="show Flower and Ray logs")] = False,
+) -> None:
+    """Generate (or reuse) virtual hospitals and train across them in Flower's simulation runtime."""
+    from server.simulate import SimulationPlan, prepare_sites, run_simulation_runtime
+
+    if no_dp:
+        err.print("[bold red]WARNING: --no-dp: sites train WITHOUT differential privacy. "
+                  "Released models can leak patient data. Use only to measure DP's cost.[/]")
+    try:
+        policy = PrivacyPolicy(dp=not no_dp, max_epsilon=epsilon, delta=delta)
+        cfg = RunConfig(num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size,
+                        learning_rate=learning_rate, run_dir=str(out.resolve()), seed=seed, dp=not no_dp,
+                        noise_multiplier=noise_multiplier)
+        plan = SimulationPlan(sites=sites, patients=patients, data=tuple(data or ()),
+                              sites_dir=sites_dir, data_seed=seed, policy=policy)
+        with err.status("preparing site workspaces (generating DICOM, warming caches)…"):
+            configs = prepare_sites(out, plan, cfg.image_size)
+    except INPUT_ERRORS as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    rows: list[dict[str, Any]] = []
+    progress = Progress(TextColumn("[bold]training"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=err, transient=True)
+    with progress:
+        task = progress.add_task("rounds", total=rounds)
+
+        def on_round(row: dict[str, Any]) -> None:
+            rows.append(row)
+            progress.update(task, completed=row["round"])
+            eps = max(row.get("epsilon", {}).values(), default=None)
+            progress.console.print(
+                f"round {row['round']}: sites {len(row['sites'])}/{len(configs)}  "
+                f"refused {len(row.get('refused', []))}  train loss {_fmt(row.get('train_loss'))}  "
+                f"val AUROC {_fmt(row.get('val_auroc'))}  max ε {_fmt(eps, 3)}  {_fmt(row['seconds'], 1)}s")
+
+        run_simulation_runtime(cfg, configs, on_round=on_round, verbose=verbose)
+
+    metrics_file = out / "metrics.json"
+    if not metrics_file.is_file():
+        err.print(f"[red]error:[/] the run ended without writing {metrics_file}; rerun with --verbose")
+        raise typer.Exit(1)
+    metrics = json.loads(metrics_file.read_text())
+    if as_json:
+        print(json.dumps(metrics))
+        return
+    err.print(round_table(metrics["rounds"], len(configs)))
+    err.print(f"run directory: {out}  (metrics.json, checkpoints/, model-final.npz)")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="medfed-server")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
