@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -19,6 +18,7 @@ from client.train import LocalPlan, evaluate, train_plain, train_private
 from privacy import egress as K
 from privacy.dp import BudgetExhausted, auto_delta
 from privacy.ledger import LedgerEvent, PrivacyLedger, now_utc
+from privacy.protocol import RoundRequest
 from privacy.wire import arrays_to_record, record_to_arrays
 
 NODE_SITE_KEY = "site-workspace"
@@ -40,45 +40,40 @@ def resolve_site(context: Context, sim_sites: Sequence[str]) -> SiteConfig:
     )
 
 
-def _reply(msg: Message, site: SiteConfig, metrics: dict[str, float | int],
-           update: dict[str, np.ndarray] | None = None) -> Message:
-    content = RecordDict({K.METRICS: MetricRecord(metrics), K.SITE: ConfigRecord({K.SITE_NAME: site.name})})
+def _reply(msg: Message, site: SiteConfig, metrics: Mapping[str, float | int],
+           update: Mapping[str, np.ndarray] | None = None) -> Message:
+    content = RecordDict({K.METRICS: MetricRecord(dict(metrics)), K.SITE: ConfigRecord({K.SITE_NAME: site.name})})
     if update is not None:
         content[K.ARRAYS] = arrays_to_record(update)
     return Message(content, reply_to=msg)
 
 
 def _train(msg: Message, site: SiteConfig) -> Message:
-    cfg = msg.content[K.CONFIG]
-    data = load_site_data(site, image_size=int(cfg[K.IMAGE_SIZE]))
+    req = RoundRequest.from_record(msg.content.config_records[K.CONFIG])
+    data = load_site_data(site, image_size=req.image_size)
     policy = site.privacy
     patients = data.train.n_patients
-    plan = LocalPlan(
-        steps=int(cfg[K.LOCAL_STEPS]), batch_size=int(cfg[K.BATCH_SIZE]),
-        learning_rate=float(cfg[K.LEARNING_RATE]),
-        seed=int(cfg[K.SEED]) * 1000 + int(cfg[K.SERVER_ROUND]),
-    )
+    plan = LocalPlan(steps=req.local_steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
+                     seed=req.seed * 1000 + req.server_round)
     model = build_model()
-    global_arrays = record_to_arrays(msg.content[K.ARRAYS])
+    global_arrays = record_to_arrays(msg.content.array_records[K.ARRAYS])
     set_arrays(model, global_arrays)
     device = pick_device(site.device)
     metrics: dict[str, float | int] = {K.PATIENTS: patients}
-    if policy.dp or bool(cfg.get(K.DP_ENABLED, True)):  # the site's policy wins; DP if either asks
+    if policy.dp or req.dp:  # the site's policy wins; DP if either asks for it
         ledger = PrivacyLedger.load(site.ledger_file)
         delta = policy.delta or auto_delta(patients)
-        rounds_left = int(cfg[K.NUM_ROUNDS]) - int(cfg[K.SERVER_ROUND]) + 1
         try:
-            rp = plan_round(policy, ledger, patients=patients, batch_size=plan.batch_size,
-                            steps=plan.steps, rounds_left=rounds_left,
-                            requested_noise=float(cfg.get(K.NOISE_MULTIPLIER_REQUEST, 0.0)))
+            rp = plan_round(policy, ledger, patients=patients, batch_size=plan.batch_size, steps=plan.steps,
+                            rounds_left=req.rounds_left, requested_noise=req.noise_multiplier)
         except BudgetExhausted:
-            log.warning("site %s refuses round %s: privacy budget exhausted", site.name, cfg[K.SERVER_ROUND])
+            log.warning("site %s refuses round %s: privacy budget exhausted", site.name, req.server_round)
             eps = ledger.epsilon(delta=delta, accountant=policy.accountant)
             return _reply(msg, site, {K.REFUSED: 1, K.REFUSAL_CODE: REFUSED_BUDGET, K.EPSILON: eps,
                                       K.DELTA: delta, K.PATIENTS: patients})
         # counted before training, so an update that leaves has always been counted
         ledger.append(LedgerEvent(
-            round=int(cfg[K.SERVER_ROUND]), run_id=str(cfg[K.RUN_ID]), noise_multiplier=rp.noise_multiplier,
+            round=req.server_round, run_id=req.run_id, noise_multiplier=rp.noise_multiplier,
             sample_rate=rp.sample_rate, steps=rp.steps, accountant=policy.accountant,
             epsilon_after=rp.epsilon_after, delta=rp.delta, timestamp=now_utc(),
         ))
@@ -95,10 +90,10 @@ def _train(msg: Message, site: SiteConfig) -> Message:
 
 
 def _evaluate(msg: Message, site: SiteConfig) -> Message:
-    cfg = msg.content[K.CONFIG]
-    data = load_site_data(site, image_size=int(cfg[K.IMAGE_SIZE]))
+    req = RoundRequest.from_record(msg.content.config_records[K.CONFIG])
+    data = load_site_data(site, image_size=req.image_size)
     model = build_model()
-    set_arrays(model, record_to_arrays(msg.content[K.ARRAYS]))
+    set_arrays(model, record_to_arrays(msg.content.array_records[K.ARRAYS]))
     res = evaluate(model, data.val, pick_device(site.device))
     metrics: dict[str, float | int] = {K.NUM_EXAMPLES: res.num_examples, K.VAL_LOSS: res.loss}
     if res.auroc is not None:

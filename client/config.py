@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,7 @@ class SiteConfig:
 
 def _section(doc: dict[str, Any], name: str, cls: type, path: Path) -> Any:
     raw = doc.get(name, {})
-    known = set(cls.__dataclass_fields__)
+    known = {f.name for f in fields(cls)}
     unknown = set(raw) - known
     if unknown:
         raise SiteConfigError(

@@ -37,6 +37,7 @@ class BlobFilters(nn.Module):
         kernels[0][radius, radius] = 1.0  # identity: keep the intensities
         for s in scales:
             kernels.append(_gaussian(s, radius) - _gaussian(1.6 * s, radius))
+        self.weight: torch.Tensor
         self.register_buffer("weight", torch.stack(kernels)[:, None], persistent=False)
         self.padding = radius
         self.out_channels = len(kernels)
@@ -55,8 +56,8 @@ class SliceNet(nn.Module):
     def __init__(self, width: int = 16, blob_filters: bool = True) -> None:
         super().__init__()
         w = width
-        front: list[nn.Module] = [BlobFilters()] if blob_filters else []
-        cin = front[0].out_channels if front else 1  # type: ignore[attr-defined]
+        front = [BlobFilters()] if blob_filters else []
+        cin = front[0].out_channels if front else 1
         self.features = nn.Sequential(
             *front,
             *_block(cin, w, 4), nn.MaxPool2d(2),

@@ -12,6 +12,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     generate_uid,
@@ -58,7 +59,7 @@ def site_profile(
     signed, slope, intercept, bits = _STORAGE[index % len(_STORAGE)]
     return SiteProfile(
         name=f"site-{index + 1}",
-        patients=patients if patients is not None else (450, 300, 600, 360)[index % 4],
+        patients=patients if patients is not None else (900, 600, 1200, 720)[index % 4],
         min_images=2,
         max_images=(4, 5, 3, 6)[index % 4],
         prevalence=(0.35, 0.5, 0.25, 0.4)[index % 4],
@@ -161,7 +162,7 @@ def _dataset(
 ) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
 

@@ -24,6 +24,13 @@ class LocalPlan:
     batch_size: int
     learning_rate: float
     seed: int
+    optimizer: str = "adam"
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Adam, or SGD with momentum 0.9 (``optimizer = "sgd"``)."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=self.learning_rate, momentum=0.9)
+        return torch.optim.Adam(model.parameters(), lr=self.learning_rate)
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,7 @@ def run_steps(
 def train_plain(model: nn.Module, cohort: Cohort, plan: LocalPlan, device: torch.device) -> TrainResult:
     """Non-private local SGD (for ``--no-dp`` comparisons and benchmarks)."""
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=plan.learning_rate)
+    optimizer = plan.make_optimizer(model)
     loader = patient_loader(cohort, batch_size=plan.batch_size, seed=plan.seed)
     return run_steps(model, optimizer, loader, steps=plan.steps, device=device)
 
@@ -116,7 +123,7 @@ def train_private(
 ) -> TrainResult:
     """DP-SGD (Opacus): Poisson sampling over patients, per-patient clipping, Gaussian noise."""
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=plan.learning_rate)
+    optimizer = plan.make_optimizer(model)
     loader = patient_loader(cohort, batch_size=plan.batch_size, seed=plan.seed)
     torch.manual_seed(plan.seed)  # Poisson sampling and noise draw from torch's generator
     dp_model, dp_optimizer, dp_loader = make_private(

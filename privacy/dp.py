@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
@@ -81,8 +82,8 @@ class UnsupportedModelError(ValueError):
     """The model has layers DP-SGD cannot handle (e.g. BatchNorm mixes patients in a batch)."""
 
 
-def make_private(*, module, optimizer, data_loader, noise_multiplier: float, max_grad_norm: float,
-                 grad_sample_mode: str = "hooks"):  # type: ignore[no-untyped-def]
+def make_private(*, module: Any, optimizer: Any, data_loader: Any, noise_multiplier: float, max_grad_norm: float,
+                 grad_sample_mode: str = "hooks") -> tuple[Any, Any, Any]:
     """Wrap model, optimizer and loader with Opacus DP-SGD (Poisson sampling, per-sample clipping).
 
     Raises

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None], *, mode: int = 0o644) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object], *, mode: int = 0o644) -> None:
     """Write ``path`` atomically: temp file in the same folder, fsync, rename, fsync dir.
 
     A crash at any point leaves either the old file or the new one, never a mix.

@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from privacy import egress as K
+from privacy.protocol import RoundRequest
 from privacy.wire import arrays_to_record, record_to_arrays
 from server.aggregate import apply_update, weighted_mean
 from server.config import RunConfig
@@ -75,9 +77,9 @@ def _exchange(grid: Grid, nodes: Iterable[int], content: RecordDict, message_typ
             continue
         content_ = reply.content
         site = str(content_[K.SITE][K.SITE_NAME]) if K.SITE in content_.config_records else str(node)
-        metrics = {k: float(v) for k, v in content_[K.METRICS].items()}  # type: ignore[arg-type]
+        metrics = {k: float(v) for k, v in content_.metric_records[K.METRICS].items()}  # type: ignore[arg-type]
         has_arrays = with_arrays and K.ARRAYS in content_.array_records
-        arrays = record_to_arrays(content_[K.ARRAYS]) if has_arrays else None
+        arrays = record_to_arrays(content_.array_records[K.ARRAYS]) if has_arrays else None
         outcome.replies.append(Reply(node_id=node, site=site, metrics=metrics, arrays=arrays))
     for node in sorted(sent - answered):
         log.warning("node %s did not reply within %.0fs", node, timeout)
@@ -93,12 +95,11 @@ def _weighted(replies: list[Reply], key: str) -> float:
 
 def round_config(cfg: RunConfig, run_id: str, round_: int) -> ConfigRecord:
     """What every site is told for this round."""
-    return ConfigRecord({
-        K.SERVER_ROUND: round_, K.RUN_ID: run_id, K.NUM_ROUNDS: cfg.num_server_rounds,
-        K.LOCAL_STEPS: cfg.local_steps, K.BATCH_SIZE: cfg.batch_size,
-        K.LEARNING_RATE: cfg.learning_rate, K.IMAGE_SIZE: cfg.image_size, K.SEED: cfg.seed,
-        K.DP_ENABLED: cfg.dp, K.NOISE_MULTIPLIER_REQUEST: cfg.noise_multiplier,
-    })
+    return RoundRequest(
+        server_round=round_, run_id=run_id, num_rounds=cfg.num_server_rounds, local_steps=cfg.local_steps,
+        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, image_size=cfg.image_size, seed=cfg.seed,
+        dp=cfg.dp, noise_multiplier=cfg.noise_multiplier,
+    ).to_record()
 
 
 def run_federation(
@@ -106,7 +107,7 @@ def run_federation(
     on_round: RoundCallback | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg.num_server_rounds`` rounds; write the run directory; return metrics."""
-    rundir = RunDir(cfg.run_dir)
+    rundir = RunDir(Path(cfg.run_dir))
     metrics: dict[str, Any] = {"run_id": run_id, "config": cfg.to_dict(), "rounds": []}
     arrays = initial
     last_round = 0

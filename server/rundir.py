@@ -26,7 +26,7 @@ def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
 
 def _save_npz(path: Path, arrays: Mapping[str, np.ndarray], meta: dict[str, Any]) -> None:
     buf = io.BytesIO()
-    np.savez(buf, **dict(arrays))
+    np.savez(buf, **dict(arrays))  # type: ignore[arg-type]
     data = buf.getvalue()
     atomic_write_bytes(path, data)
     sidecar = {**meta, "sha256": hashlib.sha256(data).hexdigest(),

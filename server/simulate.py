@@ -91,6 +91,7 @@ def run_simulation_runtime(
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # inherited by the Ray workers
     result: dict[str, Any] = {}
 
     def record(row: dict[str, Any]) -> None:
@@ -105,7 +106,7 @@ def run_simulation_runtime(
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {"num_cpus": max(1, min(len(configs), os.cpu_count() or 1)),
-                          "include_dashboard": False},
+                          "include_dashboard": False, "log_to_driver": verbose},
         },
         verbose_logging=verbose,
     )

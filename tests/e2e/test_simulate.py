@@ -87,3 +87,14 @@ def test_restart_continues_the_ledger_and_exhausted_budgets_are_refused(tmp_path
         ledger = PrivacyLedger.load(sites / name / "ledger.json")
         assert len(ledger.events) == 4  # nothing trained, nothing recorded
         assert ledger.epsilon(delta=ledger.events[-1].delta) <= 3.0
+
+
+def test_dp_utility_is_close_to_non_private(tmp_path: Path) -> None:
+    dp = simulate("--sites", "3", "--rounds", "5", "--epsilon", "8", "--out", str(tmp_path / "dp"), cwd=tmp_path)
+    same_data = [arg for i in (1, 2, 3) for arg in ("--data", str(tmp_path / "dp" / "sites" / f"site-{i}" / "data"))]
+    plain = simulate("--sites", "3", "--rounds", "5", "--no-dp", "--out", str(tmp_path / "plain"), *same_data, cwd=tmp_path)
+    auroc_dp, auroc_plain = dp["rounds"][-1]["val_auroc"], plain["rounds"][-1]["val_auroc"]
+    print(f"5 rounds: AUROC with DP (ε=8) {auroc_dp:.4f}, without DP {auroc_plain:.4f}")
+    assert auroc_plain - auroc_dp <= 0.08
+    assert max(dp["rounds"][-1]["epsilon"].values()) <= 8.0
+    assert plain["rounds"][-1]["epsilon"] == {} and plain["config"]["dp"] is False

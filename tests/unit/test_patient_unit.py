@@ -44,9 +44,7 @@ def _update_norm(cohort: Cohort, clip: float) -> tuple[float, float]:
     dp_model, dp_opt, dp_loader = make_private(module=model, optimizer=opt, data_loader=loader,
                                                noise_multiplier=0.0, max_grad_norm=clip)
     torch.manual_seed(0)
-    for x, y in dp_loader:
-        if len(y):
-            break
+    x, y = next(b for b in dp_loader if len(b[1]))
     assert len(y) <= cohort.n_patients  # never more records than patients
     loss = nn.BCEWithLogitsLoss()(dp_model(x[:, None] if x.dim() == 3 else x), y)
     loss.backward()
