@@ -61,6 +61,7 @@ def simulate(
     learning_rate: Annotated[float, typer.Option(min=0.0)] = RunConfig.learning_rate,
     epsilon: Annotated[float, typer.Option(help="virtual sites' privacy budget (max ε)")] = PrivacyPolicy.max_epsilon,
     delta: Annotated[float, typer.Option(help="virtual sites' δ (0 = below 1/patients)")] = 0.0,
+    accountant: Annotated[str, typer.Option(help="virtual sites' accountant: rdp or prv")] = "rdp",
     noise_multiplier: Annotated[float, typer.Option(min=0.0, help="minimum noise the server asks for (sites may use more)")] = 0.0,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="train WITHOUT differential privacy (comparison only)")] = False,
     seed: Annotated[int, typer.Option()] = 0,
@@ -74,7 +75,7 @@ def simulate(
         err.print("[bold red]WARNING: --no-dp: sites train WITHOUT differential privacy. "
                   "Released models can leak patient data. Use only to measure DP's cost.[/]")
     try:
-        policy = PrivacyPolicy(dp=not no_dp, max_epsilon=epsilon, delta=delta)
+        policy = PrivacyPolicy(dp=not no_dp, max_epsilon=epsilon, delta=delta, accountant=accountant)
         cfg = RunConfig(num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size,
                         learning_rate=learning_rate, run_dir=str(out.resolve()), seed=seed, dp=not no_dp,
                         noise_multiplier=noise_multiplier)
