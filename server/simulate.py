@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from client.config import DataConfig, PrivacyPolicy, SiteConfig, load_site_config, write_site_config
-from client.dicom.cohort import cohort_summary
 from client.site import load_site_data
 from client.synth import generate_site, site_profile
 from server.config import RunConfig
@@ -64,16 +63,6 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int) -> list[Site
     for config in configs:
         load_site_data(config, image_size=image_size)  # validates and fills the cache
     return configs
-
-
-def site_summaries(configs: Sequence[SiteConfig], image_size: int) -> dict[str, dict[str, int]]:
-    """Counts per site, for the run summary (never patient values)."""
-    out = {}
-    for c in configs:
-        data = load_site_data(c, image_size=image_size)
-        out[c.name] = {"train_" + k: v for k, v in cohort_summary(data.train).items()} | {
-            "val_" + k: v for k, v in cohort_summary(data.val).items()}
-    return out
 
 
 def run_simulation_runtime(

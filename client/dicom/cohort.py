@@ -203,10 +203,4 @@ def split_patients(cohort: Cohort, *, val_fraction: float, seed: int) -> tuple[C
     return cohort.subset(train_ids), cohort.subset(val_ids)
 
 
-def cohort_summary(cohort: Cohort) -> dict[str, int]:
-    """Counts only, safe to print or send."""
-    return {"images": int(len(cohort.labels)), "patients": cohort.n_patients,
-            "positives": int(cohort.labels.sum())}
-
-
-__all__ = ["Cohort", "load_cohort", "split_patients", "read_labels", "dicom_files", "cohort_summary"]
+__all__ = ["Cohort", "load_cohort", "split_patients", "read_labels", "dicom_files"]
