@@ -16,7 +16,7 @@ from client.models import build_model, get_arrays, pick_device, set_arrays
 from client.site import load_site_data
 from client.train import LocalPlan, evaluate, train_plain, train_private
 from privacy import egress as K
-from privacy.dp import BudgetExhausted, auto_delta
+from privacy.dp import BudgetExhausted
 from privacy.ledger import LedgerEvent, PrivacyLedger, now_utc
 from privacy.protocol import RoundRequest
 from privacy.wire import arrays_to_record, record_to_arrays
@@ -62,7 +62,7 @@ def _train(msg: Message, site: SiteConfig) -> Message:
     metrics: dict[str, float | int] = {K.PATIENTS: patients}
     if policy.dp or req.dp:  # the site's policy wins; DP if either asks for it
         ledger = PrivacyLedger.load(site.ledger_file)
-        delta = policy.delta or auto_delta(patients)
+        delta = policy.delta_for(patients)
         try:
             rp = plan_round(policy, ledger, patients=patients, batch_size=plan.batch_size, steps=plan.steps,
                             rounds_left=req.rounds_left, requested_noise=req.noise_multiplier)

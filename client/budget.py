@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from client.config import PrivacyPolicy
-from privacy.dp import BudgetExhausted, GaussianSteps, auto_delta, calibrate_noise, epsilon
+from privacy.dp import BudgetExhausted, GaussianSteps, calibrate_noise, epsilon
 from privacy.ledger import PrivacyLedger
 
 REFUSED_BUDGET = 1  # refusal codes sent as numbers (never free text)
@@ -40,7 +40,7 @@ def plan_round(
     refused (:class:`BudgetExhausted`) if even this one round cannot be paid within
     ``policy.max_noise_multiplier`` — the site never trains on pure noise.
     """
-    delta = policy.delta or auto_delta(patients)
+    delta = policy.delta_for(patients)
     q = sample_rate(patients, batch_size)
     prior = ledger.mechanisms()
     try:

@@ -9,6 +9,7 @@ from typing import Any
 
 import tomli_w
 
+from privacy.dp import auto_delta
 from privacy.files import atomic_write_bytes
 
 SITE_FILE = "site.toml"
@@ -28,6 +29,10 @@ class PrivacyPolicy:
     accountant: str = "rdp"
     max_noise_multiplier: float = 20.0
     max_grad_norm: float = 1.0
+
+    def delta_for(self, patients: int) -> float:
+        """The δ this site accounts with: the policy's, or automatic for its patient count."""
+        return self.delta or auto_delta(patients)
 
     def __post_init__(self) -> None:
         if self.max_epsilon <= 0:
