@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from client.config import SiteConfigError, load_site_config
+from client.dicom import Preprocessing, SiteDataError
+from client.dicom.preflight import default_labels, preflight, usable
 from client.synth import DEFAULT_DIFFICULTY, generate_site, site_profile
-from privacy.dp import auto_delta
-from privacy.ledger import LedgerCorruptError, PrivacyLedger
 
 cli = typer.Typer(help="medfed site: data, privacy budget and the site's training node.",
                   no_args_is_help=True, add_completion=False)
@@ -40,6 +40,9 @@ def budget(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show the site's privacy ledger: ε spent, budget, rounds left at the last round's cost."""
+    from privacy.dp import auto_delta  # lazy: loads torch
+    from privacy.ledger import LedgerCorruptError, PrivacyLedger
+
     try:
         config = load_site_config(workspace)
         ledger = PrivacyLedger.load(config.ledger_file)
@@ -55,6 +58,60 @@ def budget(
     err.print(f"site {config.name}: ε = {summary['epsilon']:.3f} of {policy.max_epsilon:g} "
               f"(δ = {delta:g}, {policy.accountant.upper()} accountant), {len(ledger.events)} rounds "
               f"recorded, about {summary['remaining_rounds_estimate']} more at the last round's cost")
+
+
+@cli.command()
+def check(
+    data: Annotated[Path | None, typer.Option(help="folder of the DICOM export (default: the workspace's)")] = None,
+    labels: Annotated[Path | None, typer.Option(help="labels CSV (default: DATA/labels.csv if present)")] = None,
+    workspace: Annotated[Path | None, typer.Option(help="site workspace: use its data, labels and cache")] = None,
+    workers: Annotated[int, typer.Option(min=0, help="decoding processes (0 = one per CPU, at most 8)")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Preflight the DICOM export: usable images, skipped files and why, identifying tags (counts only)."""
+    cache = None
+    pre = Preprocessing()
+    try:
+        if workspace is not None:
+            config = load_site_config(workspace)
+            data, labels, cache = data or config.dicom_dir, labels or config.labels_file, config.cache_dir
+            pre = config.data.preprocessing(pre.image_size)
+        if data is None:
+            raise SiteDataError("pass --data DIR (the folder of the DICOM export) or --workspace DIR")
+        report = preflight(data, labels or default_labels(data), pre, cache_dir=cache, workers=workers,
+                           progress=not as_json)
+    except (SiteConfigError, SiteDataError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if as_json:
+        print(json.dumps(report))
+    else:
+        _print_report(report)
+    if not usable(report):
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _print_report(r: dict[str, Any]) -> None:
+    err.print(f"{r['files']} files: {r['images']} images ({r['frames']} frames) of {r['patients']} patients "
+              f"in {r['studies']} studies; {len(r['skipped'])} skipped, {len(r['errors'])} errors "
+              f"({r['seconds']:.1f} s, {r['decoded']} decoded)")
+    err.print(f"labels: {r['labelled']} images labelled, {r['unlabelled']} without a label, "
+              f"{r['labels_without_image']} labels without an image")
+    err.print("modalities: " + ", ".join(f"{k} {v}" for k, v in r["modalities"].items()))
+    err.print("transfer syntaxes: " + ", ".join(f"{k} {v}" for k, v in r["transfer_syntaxes"].items()))
+    if r["phi_tags"] or r["burned_in"]:
+        err.print("[yellow]identifying attributes present[/] (files per tag; values are never shown): "
+                  + ", ".join(f"{k} {v}" for k, v in r["phi_tags"].items())
+                  + f"; burned-in annotation: {r['burned_in']} files")
+    else:
+        err.print("no identifying attributes of the PS3.15 basic profile found")
+    for kind in ("errors", "skipped"):
+        for item in r[kind][:10]:
+            err.print(f"  {kind[:-1] if kind == 'errors' else 'skipped'}: {item['path']}: {item['reason']}")
+        if len(r[kind]) > 10:
+            err.print(f"  ... and {len(r[kind]) - 10} more {kind} (see --json)")
+    if not r["labelled"]:
+        err.print("[red]no labelled, usable image[/]: check --labels and the data folder")
 
 
 def main() -> None:

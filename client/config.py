@@ -9,7 +9,7 @@ from typing import Any
 
 import tomli_w
 
-from privacy.dp import auto_delta
+from client.dicom.preprocess import FRAME_POLICIES, Preprocessing
 from privacy.files import atomic_write_bytes
 
 SITE_FILE = "site.toml"
@@ -32,6 +32,8 @@ class PrivacyPolicy:
 
     def delta_for(self, patients: int) -> float:
         """The δ this site accounts with: the policy's, or automatic for its patient count."""
+        from privacy.dp import auto_delta  # lazy: privacy.dp loads torch, site commands need not
+
         return self.delta or auto_delta(patients)
 
     def __post_init__(self) -> None:
@@ -54,10 +56,25 @@ class DataConfig:
     allow_unlabelled: bool = False
     val_fraction: float = 0.2
     split_seed: int = 0
+    frames: str = "middle"  # multi-frame objects: "middle", "all" (one sample per frame) or "reject"
+    window: tuple[float, ...] = ()  # [center, width] overriding the files' VOI window; empty = theirs
+    workers: int = 0  # decoding processes; 0 = one per CPU (at most 8)
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:
             raise SiteConfigError("data.val_fraction must be between 0 and 1 (e.g. 0.2)")
+        if self.frames not in FRAME_POLICIES:
+            raise SiteConfigError(f"data.frames must be one of {list(FRAME_POLICIES)} (got {self.frames!r})")
+        object.__setattr__(self, "window", tuple(self.window))  # TOML gives a list
+        if self.window and (len(self.window) != 2 or float(self.window[1]) <= 0):
+            raise SiteConfigError("data.window must be [center, width] with width > 0, or [] for the files' own")
+        if self.workers < 0:
+            raise SiteConfigError("data.workers must be >= 0 (0 = one per CPU)")
+
+    def preprocessing(self, image_size: int) -> Preprocessing:
+        """The preprocessing this site's data gets for a model of ``image_size``."""
+        window = (float(self.window[0]), float(self.window[1])) if self.window else None
+        return Preprocessing(image_size=image_size, window=window, frames=self.frames)
 
 
 @dataclass(frozen=True)
@@ -103,7 +120,7 @@ class SiteConfig:
     def to_toml(self) -> dict[str, Any]:
         return {
             "site": {"name": self.name, "server": self.server, "device": self.device},
-            "data": asdict(self.data),
+            "data": {**asdict(self.data), "window": list(self.data.window)},
             "privacy": asdict(self.privacy),
         }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from client.config import SiteConfig
-from client.dicom import Cohort, Preprocessing, load_cohort, split_patients
+from client.dicom import Cohort, load_cohort, split_patients
 
 
 @dataclass(frozen=True)
@@ -16,11 +16,12 @@ class SiteData:
     val: Cohort
 
 
-def load_site_data(config: SiteConfig, *, image_size: int) -> SiteData:
+def load_site_data(config: SiteConfig, *, image_size: int, progress: bool = False) -> SiteData:
     """Load (from the workspace cache when possible) and split the site's cohort by patient."""
     cohort = load_cohort(
-        config.dicom_dir, config.labels_file, Preprocessing(image_size=image_size),
+        config.dicom_dir, config.labels_file, config.data.preprocessing(image_size),
         cache_dir=config.cache_dir, allow_unlabelled=config.data.allow_unlabelled,
+        workers=config.data.workers, progress=progress,
     )
     train, val = split_patients(cohort, val_fraction=config.data.val_fraction,
                                 seed=config.data.split_seed)

@@ -61,7 +61,7 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int) -> list[Site
             write_site_config(config)
             configs.append(config)
     for config in configs:
-        load_site_data(config, image_size=image_size)  # validates and fills the cache
+        load_site_data(config, image_size=image_size, progress=True)  # validates and fills the cache
     return configs
 
 

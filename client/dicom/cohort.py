@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.multival import MultiValue
 
-from client.dicom.errors import DicomReadError, SiteDataError
-from client.dicom.preprocess import Preprocessing, apply_window, resize
-from client.dicom.reader import read_image
-from privacy.files import atomic_write
+from client.dicom.deid import fingerprint
+from client.dicom.errors import SiteDataError
+from client.dicom.ingest import Ingested, candidate_files, ingest, require_folder
+from client.dicom.preprocess import Preprocessing
 
-LABEL_KEY = "SOPInstanceUID"
+LABEL_KEYS = ("SOPInstanceUID", "path", "StudyInstanceUID")  # accepted key columns, in this order
 
 
 @dataclass(frozen=True)
@@ -46,141 +43,124 @@ class Cohort:
         return Cohort(self.images[keep], self.labels[keep], remap[self.patient[keep]], len(patients))
 
 
-def read_labels(path: Path) -> dict[str, int]:
-    """Read ``SOPInstanceUID,label`` rows; labels must be 0 or 1."""
+@dataclass(frozen=True)
+class Labels:
+    """A labels CSV: which header column keys the rows, and ``key value -> 0/1``."""
+
+    column: str
+    values: dict[str, int]
+
+
+def read_labels(path: Path) -> Labels:
+    """Read ``KEY,label`` rows; KEY is SOPInstanceUID, path (relative to the data folder) or
+    StudyInstanceUID (the first of these the header has); labels must be 0 or 1."""
     if not path.is_file():
         raise SiteDataError(
             f"labels file {path} does not exist: pass --labels CSV or put labels.csv in the data folder"
         )
-    labels: dict[str, int] = {}
+    values: dict[str, int] = {}
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
-        if reader.fieldnames is None or LABEL_KEY not in reader.fieldnames or "label" not in reader.fieldnames:
+        names = reader.fieldnames or []
+        column = next((k for k in LABEL_KEYS if k in names), None)
+        if column is None or "label" not in names:
             raise SiteDataError(
-                f"labels file {path}: header must contain columns '{LABEL_KEY}' and 'label' "
-                f"(found {reader.fieldnames}); fix the first line of the CSV"
+                f"labels file {path}: header must contain a key column ({', '.join(LABEL_KEYS)}) and "
+                f"'label' (found {len(names)} columns without them); fix the first line of the CSV"
             )
         for line, row in enumerate(reader, start=2):
             value = (row.get("label") or "").strip()
             if value not in ("0", "1"):
-                raise SiteDataError(
-                    f"labels file {path}, line {line}: label must be 0 or 1; fix that row"
-                )
-            labels[(row.get(LABEL_KEY) or "").strip()] = int(value)
-    if not labels:
+                raise SiteDataError(f"labels file {path}, line {line}: label must be 0 or 1; fix that row")
+            values[(row.get(column) or "").strip()] = int(value)
+    if not values:
         raise SiteDataError(f"labels file {path} has no rows: add one row per image")
-    return labels
+    return Labels(column, values)
 
 
-def dicom_files(folder: Path) -> list[Path]:
-    """All regular files under ``folder`` that look like DICOM (sorted, hidden files skipped)."""
-    if not folder.is_dir():
-        raise SiteDataError(
-            f"data folder {folder} does not exist or is not a folder: point --data at the "
-            "folder of the site's DICOM export"
-        )
-    files = []
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+@dataclass(frozen=True)
+class Joined:
+    """Which ingested image files have a label, and how many labels matched nothing."""
+
+    label_of: dict[int, int]  # file index in Ingested -> label
+    unlabelled: int
+    labels_without_image: int
+
+
+def join_labels(data: Ingested, labels: Labels) -> Joined:
+    """Match labels to image files by the CSV's key column (UIDs compared as keyed hashes)."""
+    if labels.column == "path":
+        by_key = {k.replace("\\", "/"): v for k, v in labels.values.items()}
+        keys = data.rels
+    else:
+        by_key = {fingerprint(data.key, k): v for k, v in labels.values.items() if k}
+        attr = "sop" if labels.column == "SOPInstanceUID" else "study"
+        keys = [getattr(r, attr) for r in data.records]
+    label_of, used, unlabelled = {}, set(), 0
+    for i, (k, rec) in enumerate(zip(keys, data.records, strict=True)):
+        if rec.status != "image":
             continue
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-        if path.suffix.lower() == ".dcm" or head[128:132] == b"DICM":
-            files.append(path)
-    if not files:
-        raise SiteDataError(
-            f"data folder {folder} holds no DICOM files (*.dcm or files with the DICM preamble): "
-            "point --data at the folder of the site's DICOM export"
-        )
-    return files
-
-
-def _fingerprint(files: list[Path], folder: Path, labels_path: Path, pre: Preprocessing) -> str:
-    h = hashlib.sha256(pre.key().encode())
-    h.update(labels_path.read_bytes())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:24]
-
-
-def _window(ds: object, pre: Preprocessing) -> tuple[float, float]:
-    if pre.window is not None:
-        return pre.window
-    center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-    if center is None or width is None:
-        return pre.fallback_window
-    return _first(center), _first(width)
-
-
-def _first(value: object) -> float:
-    """First value of a possibly multi-valued DS element."""
-    if isinstance(value, MultiValue | list | tuple):
-        return float(value[0])
-    return float(value)  # type: ignore[arg-type]
+        if k in by_key:
+            label_of[i] = by_key[k]
+            used.add(k)
+        else:
+            unlabelled += 1
+    return Joined(label_of, unlabelled, len(set(by_key) - used))
 
 
 def load_cohort(
     folder: Path, labels_path: Path, pre: Preprocessing, *, cache_dir: Path | None = None,
-    allow_unlabelled: bool = False,
+    allow_unlabelled: bool = False, workers: int = 0, progress: bool = False,
 ) -> Cohort:
     """Read, label and preprocess every image under ``folder``.
 
-    With ``cache_dir``, the result is stored there once per (file listing, labels,
-    preprocessing) and later calls read the cache instead of the DICOM files.
+    With ``cache_dir``, decoded frames are cached there per (file content, preprocessing)
+    and later calls do not open the DICOM files again.
     """
-    folder, labels_path = Path(folder), Path(labels_path)
-    files = dicom_files(folder)
+    folder, labels_path = require_folder(folder), Path(labels_path)
+    if not candidate_files(folder, exclude=[labels_path]):
+        raise SiteDataError(f"data folder {folder} holds no DICOM files: point --data at the folder of the "
+                            "site's DICOM export")
     labels = read_labels(labels_path)
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"cohort-{_fingerprint(files, folder, labels_path, pre)}.npz"
-        if cache_file.is_file():
-            with np.load(cache_file) as z:
-                return Cohort(z["images"], z["labels"], z["patient"], int(z["n_patients"]))
-
-    images, ys, pids, unlabelled, errors = [], [], [], 0, []
-    for path in files:
-        try:
-            ds, pixels = read_image(path)
-        except DicomReadError as exc:
-            errors.append(f"{path.relative_to(folder)}: {exc.reason}")
-            continue
-        uid = str(ds.get("SOPInstanceUID", ""))
-        if uid not in labels:
-            unlabelled += 1
-            continue
-        center, width = _window(ds, pre)
-        frame = pixels[pixels.shape[0] // 2 : pixels.shape[0] // 2 + 1]
-        images.append(resize(apply_window(frame, center, width), pre.image_size)[0])
-        ys.append(labels[uid])
-        pids.append(str(ds.get("PatientID", "")))
-    if unlabelled and not allow_unlabelled:
+    data = ingest(folder, pre, cache_dir=cache_dir, workers=workers, progress=progress, exclude=[labels_path])
+    images = sum(r.status == "image" for r in data.records)
+    if images == 0:
+        errors = [f"{rel}: {r.reason}" for rel, r in zip(data.rels, data.records, strict=True) if r.status == "error"]
+        detail = f" ({len(errors)} unreadable, first: {errors[0]})" if errors else ""
+        raise SiteDataError(f"data folder {folder} holds no readable DICOM image{detail}: point --data at the "
+                            "folder of the site's DICOM export (run `medfed-site check` for details)")
+    joined = join_labels(data, labels)
+    if joined.unlabelled and not allow_unlabelled:
         raise SiteDataError(
-            f"labels file {labels_path} has no label for {unlabelled} of {len(files)} images in "
-            f"{folder}: add their SOPInstanceUIDs to the CSV, or set allow_unlabelled = true in "
+            f"labels file {labels_path} has no label for {joined.unlabelled} of {images} images in "
+            f"{folder}: add their {labels.column} to the CSV, or set allow_unlabelled = true in "
             "site.toml to train on the labelled ones only"
         )
-    if not images:
-        detail = f" ({len(errors)} unreadable, first: {errors[0]})" if errors else ""
+    if not joined.label_of:
         raise SiteDataError(
-            f"no labelled, readable image in {folder} matches {labels_path}{detail}: check that "
+            f"no labelled, readable image in {folder} matches {labels_path}: check that "
             "the labels CSV belongs to this export"
         )
+    return _assemble(data, joined)
+
+
+def _assemble(data: Ingested, joined: Joined) -> Cohort:
+    rows: list[int] = []
+    ys: list[int] = []
+    pids: list[str] = []
+    for i, label in sorted(joined.label_of.items()):
+        lo, hi = int(data.offsets[i]), int(data.offsets[i + 1])
+        rows.extend(range(lo, hi))
+        ys.extend([label] * (hi - lo))
+        pids.extend([data.records[i].patient] * (hi - lo))
     uniq = sorted(set(pids))
-    index = {p: i for i, p in enumerate(uniq)}
-    cohort = Cohort(
-        np.stack(images).astype(np.float32),
+    index = {p: k for k, p in enumerate(uniq)}
+    return Cohort(
+        np.ascontiguousarray(data.frames[rows]),
         np.asarray(ys, dtype=np.float32),
         np.asarray([index[p] for p in pids], dtype=np.int64),
         len(uniq),
     )
-    if cache_file is not None:
-        buf = io.BytesIO()
-        np.savez(buf, images=cohort.images, labels=cohort.labels, patient=cohort.patient,
-                 n_patients=cohort.n_patients)
-        atomic_write(cache_file, lambda fh: fh.write(buf.getvalue()))
-    return cohort
 
 
 def split_patients(cohort: Cohort, *, val_fraction: float, seed: int) -> tuple[Cohort, Cohort]:
@@ -203,4 +183,4 @@ def split_patients(cohort: Cohort, *, val_fraction: float, seed: int) -> tuple[C
     return cohort.subset(train_ids), cohort.subset(val_ids)
 
 
-__all__ = ["Cohort", "load_cohort", "split_patients", "read_labels", "dicom_files"]
+__all__ = ["Cohort", "Labels", "load_cohort", "split_patients", "read_labels", "join_labels"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,6 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut
 
-import client.dicom.cohort as cohort_mod
 from client.dicom import Preprocessing, SiteDataError, load_cohort, read_pixels, split_patients
 from client.dicom.preprocess import apply_window, resize
 
@@ -94,22 +92,5 @@ def test_labels_missing_images_is_an_error_with_the_fix(tmp_path: Path, small_si
     assert len(c.labels) == len(rows) - 1 - 3
     bad = tmp_path / "bad.csv"
     bad.write_text("uid,y\n1,1\n")
-    with pytest.raises(SiteDataError, match="must contain columns"):
+    with pytest.raises(SiteDataError, match="must contain a key column"):
         load_cohort(small_site, bad, Preprocessing())
-
-
-def test_second_load_reads_the_cache_not_dicom(tmp_path: Path, small_site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(small_site, data)
-    first = load_cohort(data, data / "labels.csv", Preprocessing(image_size=16), cache_dir=tmp_path / "cache")
-
-    def fail(path: object) -> None:
-        raise AssertionError("DICOM was read although the cache is warm")
-
-    monkeypatch.setattr(cohort_mod, "read_image", fail)
-    second = load_cohort(data, data / "labels.csv", Preprocessing(image_size=16), cache_dir=tmp_path / "cache")
-    np.testing.assert_array_equal(first.images, second.images)
-    np.testing.assert_array_equal(first.patient, second.patient)
-    # another preprocessing config is another cache entry (and needs the files)
-    with pytest.raises(AssertionError, match="DICOM was read"):
-        load_cohort(data, data / "labels.csv", Preprocessing(image_size=8), cache_dir=tmp_path / "cache")

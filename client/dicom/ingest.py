@@ -1,0 +1,199 @@
+"""Walk a DICOM export, decode and preprocess every file once (in parallel worker
+processes), and serve later passes from the ingest cache without opening the files."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xxhash
+from pydicom.dataset import Dataset
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from client.dicom.deid import DeidScan, fingerprint, scan
+from client.dicom.errors import DicomReadError, SiteDataError
+from client.dicom.preprocess import Preprocessing, prepare, select_frames, window_for
+from client.dicom.reader import decode, parse, syntax_name
+from client.dicom.store import FileRecord, IngestStore, Processed
+from privacy.files import atomic_write_bytes
+
+KEY_FILE = "identifier.key"
+CHUNK = 32  # files per task sent to a worker
+BATCH = 512  # files per cache commit (shard + journal line)
+MIN_PARALLEL = 64  # below this many files to decode, worker start-up costs more than it saves
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """Every file of a folder with its record; image frames concatenated in file order."""
+
+    rels: list[str]
+    records: list[FileRecord]
+    frames: np.ndarray  # (M, size, size) float32 in [0, 1]
+    offsets: np.ndarray  # (len(rels) + 1,) row range of each file in ``frames``
+    decoded: int  # files opened and decoded in this pass (0 = all from the cache)
+    seconds: float
+    key: bytes  # the site's identifier-hashing key (to match labels keyed by UID)
+
+
+def default_workers() -> int:
+    """Worker processes for decoding: the CPUs this process may use, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def candidate_files(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
+    """Every regular, non-hidden file under ``folder`` (sorted), minus ``exclude``."""
+    folder = require_folder(folder)
+    skip = {Path(p).resolve() for p in exclude}
+    return [p for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
+            and p.resolve() not in skip]
+
+
+def require_folder(folder: Path) -> Path:
+    """``folder`` if it is a directory, else the error that says how to fix it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SiteDataError(f"data folder {folder} does not exist or is not a folder: point --data at the "
+                            "folder of the site's DICOM export")
+    return folder
+
+
+def identifier_key(cache_dir: Path | None) -> bytes:
+    """The site's secret key for hashing identifiers (kept in the cache folder, 0600)."""
+    if cache_dir is None:
+        return secrets.token_bytes(32)
+    path = Path(cache_dir) / KEY_FILE
+    if not path.is_file():
+        atomic_write_bytes(path, secrets.token_bytes(32), mode=0o600)
+    return path.read_bytes()
+
+
+def process_file(path: Path, rel: str, pre: Preprocessing, key: bytes) -> Processed:
+    """Decode, scan and preprocess one file; never raises for bad content."""
+    st = path.stat()
+    raw = path.read_bytes()
+    digest = xxhash.xxh3_128_hexdigest(raw)
+    ds = None
+    try:
+        ds = parse(raw, rel)
+        deid = scan(ds, key)
+        pixels = decode(ds, rel)
+        frames = prepare(select_frames(pixels, pre.frames, rel), window_for(ds, pre), pre.image_size)
+        status, reason = "image", ""
+    except DicomReadError as exc:
+        frames, status, reason = None, "skipped" if exc.skipped else "error", exc.reason
+    except Exception as exc:  # a defect in a third-party decoder must not stop the ingest
+        frames, status, reason = None, "error", f"unexpected failure ({type(exc).__name__})"
+    if ds is None:
+        return Processed(rel, st.st_size, st.st_mtime_ns, digest, FileRecord(status, reason))
+    if status != "image":
+        deid = _safe_scan(ds, key)
+    ident = {k: (_hash(key, ds, k)) for k in ("SOPInstanceUID", "StudyInstanceUID", "PatientID")}
+    record = FileRecord(
+        status, reason, frames=0 if frames is None else len(frames),
+        total_frames=int(pixels.shape[0]) if status == "image" else 0,
+        sop=ident["SOPInstanceUID"], study=ident["StudyInstanceUID"], patient=ident["PatientID"],
+        modality=_text(ds, "Modality"), syntax=syntax_name(ds),
+        phi=deid.phi, burned_in=deid.burned_in, identity_removed=deid.identity_removed,
+        fingerprints=deid.fingerprints,
+    )
+    return Processed(rel, st.st_size, st.st_mtime_ns, digest, record, frames)
+
+
+def _safe_scan(ds: Dataset, key: bytes) -> DeidScan:
+    try:
+        return scan(ds, key)
+    except Exception:
+        return DeidScan((), False, False, ())
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = str(ds.get(keyword, "") or "").strip()
+    except Exception:
+        return ""
+    return value if value.replace("_", "").isalnum() and len(value) <= 16 else ""
+
+
+def _hash(key: bytes, ds: Dataset, keyword: str) -> str:
+    try:
+        value = str(ds.get(keyword, "") or "").strip()
+    except Exception:
+        value = ""
+    return fingerprint(key, value) if value else ""
+
+
+def _process_chunk(items: list[tuple[Path, str]], pre: Preprocessing, key: bytes) -> list[Processed]:
+    return [process_file(path, rel, pre, key) for path, rel in items]
+
+
+def _run(todo: list[tuple[Path, str]], pre: Preprocessing, key: bytes, workers: int) -> Iterator[list[Processed]]:
+    if workers <= 1 or len(todo) < MIN_PARALLEL:
+        for i in range(0, len(todo), CHUNK):
+            yield _process_chunk(todo[i : i + CHUNK], pre, key)
+        return
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold torch threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_process_chunk, todo[i : i + CHUNK], pre, key) for i in range(0, len(todo), CHUNK)]
+        for fut in as_completed(futures):
+            yield fut.result()
+
+
+def ingest(
+    folder: Path, pre: Preprocessing, *, cache_dir: Path | None = None, workers: int = 0,
+    progress: bool = False, exclude: Iterable[Path] = (),
+) -> Ingested:
+    """Ingest every file under ``folder``; files already in the cache are not opened."""
+    start = time.perf_counter()
+    folder = Path(folder)
+    paths = candidate_files(folder, exclude)
+    store = IngestStore(None if cache_dir is None else Path(cache_dir) / f"ingest-{pre.key()}")
+    key = identifier_key(cache_dir)
+    rels = [p.relative_to(folder).as_posix() for p in paths]
+    digests: dict[str, str] = {}
+    todo = []
+    for path, rel in zip(paths, rels, strict=True):
+        st = path.stat()
+        hit = store.lookup(rel, st.st_size, st.st_mtime_ns)
+        if hit is None:
+            todo.append((path, rel))
+        else:
+            digests[rel] = hit
+    if todo:
+        _decode_all(store, todo, pre, key, workers or default_workers(), progress, digests)
+    records = [store.records[digests[rel]] for rel in rels]
+    counts = np.array([0] + [r.frames if r.status == "image" else 0 for r in records])
+    offsets = np.cumsum(counts)
+    frames = np.empty((int(offsets[-1]), pre.image_size, pre.image_size), dtype=np.float32)
+    for i, rel in enumerate(rels):
+        if counts[i + 1]:
+            frames[offsets[i] : offsets[i + 1]] = store.frames(digests[rel])
+    return Ingested(rels, records, frames, offsets, len(todo), time.perf_counter() - start, key)
+
+
+def _decode_all(store: IngestStore, todo: list[tuple[Path, str]], pre: Preprocessing, key: bytes,
+                workers: int, progress: bool, digests: dict[str, str]) -> None:
+    console = Console(stderr=True)
+    bar = Progress(TextColumn("decoding DICOM"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console, transient=True, disable=not (progress and console.is_terminal))
+    pending: list[Processed] = []
+    with bar:
+        task = bar.add_task("decode", total=len(todo))
+        for chunk in _run(todo, pre, key, workers):
+            pending.extend(chunk)
+            bar.advance(task, len(chunk))
+            if len(pending) >= BATCH:
+                store.commit(pending)
+                pending = []
+            digests.update((p.rel, p.digest) for p in chunk)
+        if pending:
+            store.commit(pending)

@@ -1,0 +1,160 @@
+"""The ingest cache: preprocessed frames stored once per (file content hash, preprocessing).
+
+Layout under ``<workspace>/cache/ingest-<preprocessing key>/``:
+
+- ``shard-<id>.npy``: float32 ``(M, size, size)`` frames of one ingest batch, written
+  atomically (temp, fsync, rename) and read memory-mapped;
+- ``index.jsonl``: an append-only journal, one fsynced line per batch naming its shard,
+  the batch's file records (by content hash) and the ``path -> (size, mtime, hash)``
+  index that lets a later pass find its entries without opening the DICOM files.
+
+A batch becomes visible only when its journal line is complete, after its shard is on
+disk; a crash mid-ingest leaves a torn last line that loading ignores (and the next
+append cuts off), and at most an unreferenced shard that loading deletes. A changed file
+gets a new content hash (new entry); other entries stay valid. Records hold keyed hashes
+of identifiers, never their values.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privacy.files import atomic_write_bytes
+
+JOURNAL = "index.jsonl"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """Outcome of ingesting one file: an image (with its frames stored), skipped, or an error."""
+
+    status: str  # "image" | "skipped" | "error"
+    reason: str = ""
+    frames: int = 0  # samples stored, after the multi-frame policy
+    total_frames: int = 0
+    sop: str = ""  # keyed hashes of SOPInstanceUID, StudyInstanceUID, PatientID
+    study: str = ""
+    patient: str = ""
+    modality: str = ""
+    syntax: str = ""
+    phi: tuple[str, ...] = ()
+    burned_in: bool = False
+    identity_removed: bool = False
+    fingerprints: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, obj: dict) -> FileRecord:
+        """Inverse of ``asdict`` (lists back to tuples)."""
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in obj.items() if k in _FIELDS}
+        return cls(**kwargs)
+
+
+_FIELDS = set(FileRecord.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class Processed:
+    """A file as a worker returns it."""
+
+    rel: str
+    size: int
+    mtime_ns: int
+    digest: str
+    record: FileRecord
+    frames: np.ndarray | None = None
+
+
+@dataclass
+class IngestStore:
+    """Journal + shards on disk (``root``), or in memory only when ``root`` is ``None``."""
+
+    root: Path | None
+    files: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    records: dict[str, FileRecord] = field(default_factory=dict)
+    location: dict[str, tuple[str, int]] = field(default_factory=dict)
+    _memory: dict[str, np.ndarray] = field(default_factory=dict)
+    _maps: dict[str, np.ndarray] = field(default_factory=dict)
+    _good: int = 0
+
+    def __post_init__(self) -> None:
+        if self.root is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        journal = self.root / JOURNAL
+        if journal.is_file():
+            data = journal.read_bytes()
+            for line in data.splitlines(keepends=True):
+                if not line.endswith(b"\n"):
+                    break  # torn last line of a crashed append
+                try:
+                    self._apply(json.loads(line))
+                except (ValueError, TypeError, KeyError):
+                    break
+                self._good += len(line)
+        shards = {shard for shard, _ in self.location.values()}
+        for path in self.root.iterdir():  # shards of batches whose journal line never landed
+            if path.name.startswith(("shard-", ".shard-")) and path.name not in shards:
+                path.unlink(missing_ok=True)
+
+    def _apply(self, obj: dict) -> None:
+        for digest, rec in obj["records"].items():
+            self.records[digest] = FileRecord.from_json(rec)
+            if "row" in rec:
+                self.location[digest] = (obj["shard"], int(rec["row"]))
+        for rel, (size, mtime, digest) in obj["files"].items():
+            self.files[rel] = (int(size), int(mtime), str(digest))
+
+    def lookup(self, rel: str, size: int, mtime_ns: int) -> str | None:
+        """Content hash of ``rel`` if it is indexed with this size and mtime and has a record."""
+        hit = self.files.get(rel)
+        if hit is None or hit[0] != size or hit[1] != mtime_ns or hit[2] not in self.records:
+            return None
+        return hit[2]
+
+    def commit(self, batch: list[Processed]) -> None:
+        """Persist one batch: shard first (atomic), then its journal line (fsynced)."""
+        shard = f"shard-{uuid.uuid4().hex}.npy"
+        stacks, records, row = [], {}, 0
+        for item in batch:
+            rec = asdict(item.record)
+            if item.frames is not None and len(item.frames):
+                rec["row"] = row
+                stacks.append(item.frames)
+                row += len(item.frames)
+                self._memory[item.digest] = item.frames
+            records[item.digest] = rec
+        entry = {"shard": shard if stacks else None, "records": records,
+                 "files": {p.rel: [p.size, p.mtime_ns, p.digest] for p in batch}}
+        if self.root is not None:
+            if stacks:
+                buf = io.BytesIO()
+                np.save(buf, np.concatenate(stacks).astype(np.float32, copy=False))
+                atomic_write_bytes(self.root / shard, buf.getvalue())
+            line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+            journal = self.root / JOURNAL
+            with open(journal, "ab") as fh:
+                if fh.tell() != self._good:
+                    fh.truncate(self._good)
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._good += len(line)
+        self._apply(entry)
+
+    def frames(self, digest: str) -> np.ndarray:
+        """The stored frames of an image record."""
+        if digest in self._memory:
+            return self._memory[digest]
+        shard, row = self.location[digest]
+        if shard not in self._maps:
+            assert self.root is not None
+            self._maps[shard] = np.load(self.root / shard, mmap_mode="r")
+        return self._maps[shard][row : row + self.records[digest].frames]
