@@ -153,13 +153,14 @@ def _assemble(data: Ingested, joined: Joined) -> Cohort:
         rows.extend(range(lo, hi))
         ys.extend([label] * (hi - lo))
         pids.extend([data.records[i].patient] * (hi - lo))
-    uniq = sorted(set(pids))
-    index = {p: k for k, p in enumerate(uniq)}
+    index: dict[str, int] = {}
+    for p in pids:  # patients numbered in order of first appearance (sorted paths): reproducible
+        index.setdefault(p, len(index))
     return Cohort(
         np.ascontiguousarray(data.frames[rows]),
         np.asarray(ys, dtype=np.float32),
         np.asarray([index[p] for p in pids], dtype=np.int64),
-        len(uniq),
+        len(index),
     )
 
 

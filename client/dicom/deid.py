@@ -10,7 +10,11 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
+
+from client.dicom import header
 
 # Attributes of the basic profile that carry identifying values in practice: names, IDs,
 # dates of birth, addresses, phone numbers, institution and staff, free-text comments.
@@ -32,6 +36,7 @@ PHI_KEYWORDS = frozenset({
     "RequestedProcedureComments", "ImagingServiceRequestComments", "ContentCreatorName",
     "PersonName", "VerifyingObserverName", "ReviewerName", "TextComments",
 })
+PHI_TAGS = {Tag(kw): kw for kw in PHI_KEYWORDS}
 FINGERPRINT_BYTES = 16
 
 
@@ -55,20 +60,55 @@ def scan(ds: Dataset, key: bytes) -> DeidScan:
     """Scan the header (nested sequences included) against :data:`PHI_KEYWORDS`."""
     found: set[str] = set()
     prints: set[str] = set()
-    for elem in ds.iterall():
-        kw = elem.keyword
-        if kw not in PHI_KEYWORDS or elem.VR == "SQ":
-            if kw in PHI_KEYWORDS and elem.value:
-                found.add(kw)
-            continue
-        values = elem.value if elem.VM > 1 else [elem.value]
-        texts = [str(v).strip() for v in values if v is not None and str(v).strip()]
-        if texts:
-            found.add(kw)
-            prints.update(fingerprint(key, t) for t in texts)
+    _scan(ds, key, found, prints)
     return DeidScan(
         phi=tuple(sorted(found)),
-        burned_in=str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES",
-        identity_removed=str(ds.get("PatientIdentityRemoved", "")).strip().upper() == "YES",
+        burned_in=header.text(ds, "BurnedInAnnotation").upper() == "YES",
+        identity_removed=header.text(ds, "PatientIdentityRemoved").upper() == "YES",
         fingerprints=tuple(sorted(prints)),
     )
+
+
+def _scan(ds: Dataset, key: bytes, found: set[str], prints: set[str]) -> None:
+    # Only the profile's tags and sequences are converted from their raw bytes: converting
+    # every element (``iterall``) costs more than decoding the pixels.
+    for tag in ds.keys():
+        if tag in PHI_TAGS:
+            elem = ds[tag]
+            if elem.VR == "SQ":
+                if elem.value:
+                    found.add(PHI_TAGS[tag])
+                continue
+            values = elem.value if elem.VM > 1 else [elem.value]
+            texts = [str(v).strip() for v in values if v is not None and str(v).strip()]
+            if texts:
+                found.add(PHI_TAGS[tag])
+                prints.update(fingerprint(key, t) for t in texts)
+        elif _SEQUENCE_VR.get(tag, "") in ("SQ", None) and tag.group != 0x7FE0 and _is_sequence(ds, tag):
+            for item in ds[tag].value:
+                _scan(item, key, found, prints)
+
+
+class _DictionaryVR(dict[int, str | None]):
+    """tag -> VR from the DICOM dictionary (``None``: private or unknown), memoized."""
+
+    def __missing__(self, tag: int) -> str | None:
+        try:
+            vr: str | None = dictionary_VR(tag)
+        except KeyError:
+            vr = None
+        self[tag] = vr
+        return vr
+
+
+_SEQUENCE_VR = _DictionaryVR()
+
+
+def _is_sequence(ds: Dataset, tag: BaseTag) -> bool:
+    vr = ds.get_item(tag).VR  # raw element: VR known for explicit VR files
+    if vr is None:  # implicit VR: the dictionary's VR (private tags: unknown, not followed)
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return False
+    return vr == "SQ"

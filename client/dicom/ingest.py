@@ -6,10 +6,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import secrets
+import stat
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +19,18 @@ import xxhash
 from pydicom.dataset import Dataset
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from threadpoolctl import threadpool_limits
 
+from client.dicom import header
 from client.dicom.deid import DeidScan, fingerprint, scan
 from client.dicom.errors import DicomReadError, SiteDataError
-from client.dicom.preprocess import Preprocessing, prepare, select_frames, window_for
-from client.dicom.reader import decode, parse, syntax_name
+from client.dicom.preprocess import Preprocessing, prepare, prepare_linear, select_frames, window_for
+from client.dicom.reader import decode, decode_linear, parse, syntax_name
 from client.dicom.store import FileRecord, IngestStore, Processed
 from privacy.files import atomic_write_bytes
 
 KEY_FILE = "identifier.key"
-CHUNK = 32  # files per task sent to a worker
+CHUNK = 8  # files per task sent to a worker (small: compressed files take 10x longer)
 BATCH = 512  # files per cache commit (shard + journal line)
 MIN_PARALLEL = 64  # below this many files to decode, worker start-up costs more than it saves
 
@@ -49,13 +53,29 @@ def default_workers() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def candidate_files(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
-    """Every regular, non-hidden file under ``folder`` (sorted), minus ``exclude``."""
+def candidate_files(folder: Path, exclude: Iterable[Path] = ()) -> list[tuple[str, os.stat_result]]:
+    """``(relative posix path, stat)`` of every regular, non-hidden file under ``folder``,
+    sorted by path, minus ``exclude`` (one ``stat`` per file, no path resolution)."""
     folder = require_folder(folder)
-    skip = {Path(p).resolve() for p in exclude}
-    return [p for p in sorted(folder.rglob("*"))
-            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
-            and p.resolve() not in skip]
+    root = os.path.realpath(folder)
+    skip = set()
+    for ex in exclude:
+        real = os.path.realpath(ex)
+        if real.startswith(root + os.sep):
+            skip.add(os.path.relpath(real, root).replace(os.sep, "/"))
+    found: list[tuple[str, os.stat_result]] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        prefix = os.path.relpath(dirpath, folder).replace(os.sep, "/")
+        prefix = "" if prefix == "." else prefix + "/"
+        for name in filenames:
+            if name.startswith(".") or prefix + name in skip:
+                continue
+            st = os.stat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                found.append((prefix + name, st))
+    found.sort(key=lambda item: item[0])
+    return found
 
 
 def require_folder(folder: Path) -> Path:
@@ -86,8 +106,7 @@ def process_file(path: Path, rel: str, pre: Preprocessing, key: bytes) -> Proces
     try:
         ds = parse(raw, rel)
         deid = scan(ds, key)
-        pixels = decode(ds, rel)
-        frames = prepare(select_frames(pixels, pre.frames, rel), window_for(ds, pre), pre.image_size)
+        frames, total = _preprocess(ds, rel, pre)
         status, reason = "image", ""
     except DicomReadError as exc:
         frames, status, reason = None, "skipped" if exc.skipped else "error", exc.reason
@@ -100,13 +119,24 @@ def process_file(path: Path, rel: str, pre: Preprocessing, key: bytes) -> Proces
     ident = {k: (_hash(key, ds, k)) for k in ("SOPInstanceUID", "StudyInstanceUID", "PatientID")}
     record = FileRecord(
         status, reason, frames=0 if frames is None else len(frames),
-        total_frames=int(pixels.shape[0]) if status == "image" else 0,
+        total_frames=total if status == "image" else 0,
         sop=ident["SOPInstanceUID"], study=ident["StudyInstanceUID"], patient=ident["PatientID"],
         modality=_text(ds, "Modality"), syntax=syntax_name(ds),
         phi=deid.phi, burned_in=deid.burned_in, identity_removed=deid.identity_removed,
         fingerprints=deid.fingerprints,
     )
     return Processed(rel, st.st_size, st.st_mtime_ns, digest, record, frames)
+
+
+def _preprocess(ds: Dataset, rel: str, pre: Preprocessing) -> tuple[np.ndarray, int]:
+    """Model inputs of one dataset and its frame count (linear grayscale: the fast path)."""
+    window = window_for(ds, pre)
+    linear = decode_linear(ds, rel)
+    if linear is not None:
+        picked = replace(linear, stored=select_frames(linear.stored, pre.frames, rel))
+        return prepare_linear(picked, window, pre.image_size), len(linear.stored)
+    pixels = decode(ds, rel)
+    return prepare(select_frames(pixels, pre.frames, rel), window, pre.image_size), len(pixels)
 
 
 def _safe_scan(ds: Dataset, key: bytes) -> DeidScan:
@@ -118,7 +148,7 @@ def _safe_scan(ds: Dataset, key: bytes) -> DeidScan:
 
 def _text(ds: Dataset, keyword: str) -> str:
     try:
-        value = str(ds.get(keyword, "") or "").strip()
+        value = header.text(ds, keyword)
     except Exception:
         return ""
     return value if value.replace("_", "").isalnum() and len(value) <= 16 else ""
@@ -126,7 +156,7 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 def _hash(key: bytes, ds: Dataset, keyword: str) -> str:
     try:
-        value = str(ds.get(keyword, "") or "").strip()
+        value = header.text(ds, keyword)
     except Exception:
         value = ""
     return fingerprint(key, value) if value else ""
@@ -136,13 +166,21 @@ def _process_chunk(items: list[tuple[Path, str]], pre: Preprocessing, key: bytes
     return [process_file(path, rel, pre, key) for path, rel in items]
 
 
+def _one_thread() -> None:
+    """Worker processes are the parallelism: no BLAS/OpenMP thread pools inside them."""
+    threadpool_limits(1)
+
+
 def _run(todo: list[tuple[Path, str]], pre: Preprocessing, key: bytes, workers: int) -> Iterator[list[Processed]]:
     if workers <= 1 or len(todo) < MIN_PARALLEL:
         for i in range(0, len(todo), CHUNK):
-            yield _process_chunk(todo[i : i + CHUNK], pre, key)
+            with threadpool_limits(1):  # tiny matrices: BLAS threads cost more than they give
+                chunk = _process_chunk(todo[i : i + CHUNK], pre, key)
+            yield chunk
         return
-    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold torch threads
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    # fork is fast; but never fork a process that has loaded torch (its thread pools do not survive it)
+    ctx = multiprocessing.get_context("spawn" if "torch" in sys.modules else "fork")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_one_thread) as pool:
         futures = [pool.submit(_process_chunk, todo[i : i + CHUNK], pre, key) for i in range(0, len(todo), CHUNK)]
         for fut in as_completed(futures):
             yield fut.result()
@@ -155,17 +193,16 @@ def ingest(
     """Ingest every file under ``folder``; files already in the cache are not opened."""
     start = time.perf_counter()
     folder = Path(folder)
-    paths = candidate_files(folder, exclude)
+    listing = candidate_files(folder, exclude)
     store = IngestStore(None if cache_dir is None else Path(cache_dir) / f"ingest-{pre.key()}")
     key = identifier_key(cache_dir)
-    rels = [p.relative_to(folder).as_posix() for p in paths]
+    rels = [rel for rel, _ in listing]
     digests: dict[str, str] = {}
     todo = []
-    for path, rel in zip(paths, rels, strict=True):
-        st = path.stat()
+    for rel, st in listing:
         hit = store.lookup(rel, st.st_size, st.st_mtime_ns)
         if hit is None:
-            todo.append((path, rel))
+            todo.append((folder / rel, rel))
         else:
             digests[rel] = hit
     if todo:

@@ -19,6 +19,9 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from client.dicom.errors import CorruptFileError, NotAnImageError, UnsupportedImageError
+from client.dicom import header
+from client.dicom.errors import CorruptFileError, DicomReadError, NotAnImageError, UnsupportedImageError
 
 NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
                              DeflatedExplicitVRLittleEndian})
@@ -61,7 +65,6 @@ def parse(source: str | Path | bytes, name: str) -> Dataset:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(raw), force=True)
-            ds.get("SOPClassUID")  # force parsing of the header elements we use
     except Exception as exc:  # pydicom raises many types for malformed input
         if has_preamble:
             raise CorruptFileError(name, f"header cannot be parsed ({type(exc).__name__}); "
@@ -92,21 +95,21 @@ def syntax_name(ds: Dataset) -> str:
 
 def photometric(ds: Dataset) -> str:
     """Photometric interpretation, upper case, stripped."""
-    return str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    return (header.text(ds, "PhotometricInterpretation") or "MONOCHROME2").upper()
 
 
 def check_image(ds: Dataset, name: str) -> tuple[int, int, int]:
     """Return ``(frames, rows, cols)`` or raise why the object is not a usable image."""
-    sop = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    sop = header.text(ds, "SOPClassUID") or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
     if sop == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
         raise NotAnImageError(name, "DICOMDIR (media directory, no image)")
     if not any(k in ds for k in PIXEL_KEYWORDS):
         kind = UID(sop).name if sop and UID(sop).is_valid else "object"
         raise NotAnImageError(name, f"{kind} without pixel data (not an image)")
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        rows, cols = header.integer(ds, "Rows", 0), header.integer(ds, "Columns", 0)
+        frames = header.integer(ds, "NumberOfFrames", 1) or 1
+        samples = header.integer(ds, "SamplesPerPixel", 1) or 1
     except Exception as exc:
         raise CorruptFileError(name, f"image header incomplete or invalid ({type(exc).__name__} in "
                                "Rows/Columns/NumberOfFrames/SamplesPerPixel)") from None
@@ -119,12 +122,12 @@ def _native_stored(ds: Dataset, frames: int, rows: int, cols: int) -> np.ndarray
     """Stored values of uncompressed single-sample integer pixel data, without pydicom's
     generic decoder (3x faster); ``None`` when the fast path does not apply."""
     if (ds.file_meta.get("TransferSyntaxUID") not in NATIVE_SYNTAXES or "PixelData" not in ds
-            or int(ds.get("SamplesPerPixel", 1)) != 1):
+            or header.integer(ds, "SamplesPerPixel", 1) != 1):
         return None
-    bits, stored = int(ds.get("BitsAllocated", 0)), int(ds.get("BitsStored", 0) or 0)
+    bits, stored = header.integer(ds, "BitsAllocated", 0), header.integer(ds, "BitsStored", 0)
     if bits not in (8, 16, 32) or not 0 < stored <= bits:
         return None
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    signed = header.integer(ds, "PixelRepresentation", 0) == 1
     big = ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian
     dtype = np.dtype(f"{'>' if big else '<'}{'i' if signed else 'u'}{bits // 8}")
     count = frames * rows * cols
@@ -132,49 +135,88 @@ def _native_stored(ds: Dataset, frames: int, rows: int, cols: int) -> np.ndarray
     if len(data) < count * dtype.itemsize:
         raise ValueError("pixel data shorter than the header says")
     arr = np.frombuffer(data, dtype=dtype, count=count).reshape(frames, rows, cols)
-    if stored < bits:  # unused high bits: sign-extend or mask, as pydicom does
-        shift = bits - stored
-        arr = np.right_shift(np.left_shift(arr.astype(dtype.newbyteorder("=")), shift), shift)
+    if stored < bits:  # unused high bits: sign-extend or mask, as pydicom does (only when set)
+        lo, hi = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if signed else (0, (1 << stored) - 1)
+        if arr.max() > hi or (signed and arr.min() < lo):
+            shift = bits - stored
+            arr = np.right_shift(np.left_shift(arr.astype(dtype.newbyteorder("=")), shift), shift)
     return arr
+
+
+@dataclass(frozen=True)
+class Linear:
+    """Grayscale pixels before conversion: ``stored * slope + intercept`` are the values
+    :func:`read_pixels` returns (MONOCHROME1's negation folded into slope and intercept)."""
+
+    stored: np.ndarray  # (frames, rows, cols), integer or float
+    slope: float
+    intercept: float
+
+    def values(self) -> np.ndarray:
+        """float32 modality values (MONOCHROME1 negated)."""
+        out = self.stored.astype(np.float32)
+        if self.slope != 1:
+            out *= np.float32(self.slope)
+        if self.intercept:
+            out += np.float32(self.intercept)
+        return out
+
+
+@contextmanager
+def _decoding(ds: Dataset, name: str) -> Iterator[None]:
+    """Translate any failure of a decoder into a :class:`DicomReadError` with a reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except DicomReadError:
+        raise
+    except BaseException as exc:  # Rust decoders (pylibjpeg-rle) panic with a BaseException
+        raise _decode_error(ds, name, exc) from None
+
+
+def decode_linear(ds: Dataset, name: str) -> Linear | None:
+    """Grayscale pixels with a linear modality LUT, unconverted; ``None`` for colour images and
+    Modality LUT Sequences (use :func:`decode`)."""
+    frames, rows, cols = check_image(ds, name)
+    pi = photometric(ds)
+    if pi not in ("MONOCHROME1", "MONOCHROME2") or "ModalityLUTSequence" in ds:
+        return None
+    with _decoding(ds, name):
+        stored = _native_stored(ds, frames, rows, cols)
+        if stored is None:
+            stored = ds.pixel_array
+        slope = header.number(ds, "RescaleSlope", 1.0) or 1.0
+        intercept = header.number(ds, "RescaleIntercept", 0.0) or 0.0
+        sign = -1.0 if pi == "MONOCHROME1" else 1.0
+        return Linear(stored.reshape(frames, rows, cols), sign * slope, sign * intercept)
 
 
 def decode(ds: Dataset, name: str) -> np.ndarray:
     """Pixels as float32 ``(frames, rows, cols)``: modality units or luma (see module doc)."""
+    linear = decode_linear(ds, name)
+    if linear is not None:
+        with _decoding(ds, name):
+            return linear.values()
     frames, rows, cols = check_image(ds, name)
     pi = photometric(ds)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            stored = _native_stored(ds, frames, rows, cols) if pi.startswith("MONOCHROME") else None
-            if stored is None:
-                stored = ds.pixel_array
-            if pi == "PALETTE COLOR":
-                stored = apply_color_lut(stored, ds)
-            if pi.startswith("MONOCHROME"):
-                out = _modality(stored, ds)
-                if pi == "MONOCHROME1":
-                    np.negative(out, out=out)
-            else:
-                out = stored.astype(np.float32, copy=False) @ LUMA
-            return np.ascontiguousarray(out, dtype=np.float32).reshape(frames, rows, cols)
-    except Exception as exc:
-        raise _decode_error(ds, name, exc) from None
+    with _decoding(ds, name):
+        stored = ds.pixel_array
+        if pi == "PALETTE COLOR":
+            stored = apply_color_lut(stored, ds)
+        if pi.startswith("MONOCHROME"):
+            out = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+            if pi == "MONOCHROME1":
+                np.negative(out, out=out)
+        else:
+            out = stored.astype(np.float32, copy=False) @ LUMA
+        return np.ascontiguousarray(out, dtype=np.float32).reshape(frames, rows, cols)
+    raise AssertionError("unreachable")  # pragma: no cover (the context manager re-raises)
 
 
-def _modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
-    if "ModalityLUTSequence" in ds:
-        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    out = stored.astype(np.float32)
-    if slope != 1:
-        out *= np.float32(slope)
-    if intercept:
-        out += np.float32(intercept)
-    return out
-
-
-def _decode_error(ds: Dataset, name: str, exc: Exception) -> Exception:
+def _decode_error(ds: Dataset, name: str, exc: BaseException) -> Exception:
     text = str(exc)
     if "shorter" in text or "less than expected" in text:
         return CorruptFileError(name, "pixel data shorter than the header says (truncated file?); export it again")
