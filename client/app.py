@@ -10,6 +10,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.audit_trail import RoundIds, SiteAudit
 from client.budget import REFUSED_BUDGET, plan_round
 from client.config import SiteConfig, load_site_config
 from client.models import build_model, get_arrays, pick_device, set_arrays
@@ -19,7 +20,7 @@ from privacy import egress as K
 from privacy.dp import BudgetExhausted
 from privacy.ledger import LedgerEvent, PrivacyLedger, now_utc
 from privacy.protocol import RoundRequest
-from privacy.wire import arrays_to_record, record_to_arrays
+from privacy.wire import arrays_sha256, arrays_to_record, record_to_arrays
 
 NODE_SITE_KEY = "site-workspace"
 log = logging.getLogger("medfed.site")
@@ -41,8 +42,11 @@ def resolve_site(context: Context, sim_sites: Sequence[str]) -> SiteConfig:
 
 
 def _reply(msg: Message, site: SiteConfig, metrics: Mapping[str, float | int],
-           update: Mapping[str, np.ndarray] | None = None) -> Message:
-    content = RecordDict({K.METRICS: MetricRecord(dict(metrics)), K.SITE: ConfigRecord({K.SITE_NAME: site.name})})
+           update: Mapping[str, np.ndarray] | None = None, audit_head: str | None = None) -> Message:
+    identity = ConfigRecord({K.SITE_NAME: site.name})
+    if audit_head is not None:
+        identity[K.AUDIT_HEAD] = audit_head
+    content = RecordDict({K.METRICS: MetricRecord(dict(metrics)), K.SITE: identity})
     if update is not None:
         content[K.ARRAYS] = arrays_to_record(update)
     return Message(content, reply_to=msg)
@@ -58,6 +62,13 @@ def _train(msg: Message, site: SiteConfig) -> Message:
     model = build_model()
     global_arrays = record_to_arrays(msg.content.array_records[K.ARRAYS])
     set_arrays(model, global_arrays)
+    audit = SiteAudit(site)
+    audit.join(req.run_id, {
+        "dp": policy.dp, "max_epsilon": policy.max_epsilon, "accountant": policy.accountant,
+        "data_sha256": data.train.fingerprint, "images": len(data.train.labels) + len(data.val.labels),
+        "patients": data.train.n_patients + data.val.n_patients,
+    })
+    ids = RoundIds(req.run_id, req.server_round, arrays_sha256(global_arrays))
     device = pick_device(site.device)
     metrics: dict[str, float | int] = {K.PATIENTS: patients}
     if policy.dp or req.dp:  # the site's policy wins; DP if either asks for it
@@ -69,24 +80,28 @@ def _train(msg: Message, site: SiteConfig) -> Message:
         except BudgetExhausted:
             log.warning("site %s refuses round %s: privacy budget exhausted", site.name, req.server_round)
             eps = ledger.epsilon(delta=delta, accountant=policy.accountant)
+            audit.refused(ids, reason="budget", epsilon=eps)
             return _reply(msg, site, {K.REFUSED: 1, K.REFUSAL_CODE: REFUSED_BUDGET, K.EPSILON: eps,
-                                      K.DELTA: delta, K.PATIENTS: patients})
+                                      K.DELTA: delta, K.PATIENTS: patients}, audit_head=audit.head())
         # counted before training, so an update that leaves has always been counted
-        ledger.append(LedgerEvent(
+        event = LedgerEvent(
             round=req.server_round, run_id=req.run_id, noise_multiplier=rp.noise_multiplier,
             sample_rate=rp.sample_rate, steps=rp.steps, accountant=policy.accountant,
             epsilon_after=rp.epsilon_after, delta=rp.delta, timestamp=now_utc(),
-        ))
+        )
+        ledger.append(event)
+        audit.trained(ids, event, patients=patients)
         result = train_private(model, data.train, plan, device, noise_multiplier=rp.noise_multiplier,
                                max_grad_norm=policy.max_grad_norm)
         metrics |= {K.EPSILON: rp.epsilon_after, K.DELTA: rp.delta,
                     K.NOISE_MULTIPLIER: rp.noise_multiplier, K.NOISE_OVERRIDDEN: int(rp.overridden)}
     else:
         log.warning("site %s trains WITHOUT differential privacy (policy dp = false)", site.name)
+        audit.trained(ids, None, patients=patients)
         result = train_plain(model, data.train, plan, device)
     new = get_arrays(model)
     metrics |= {K.NUM_EXAMPLES: patients, K.TRAIN_LOSS: result.train_loss}
-    return _reply(msg, site, metrics, {k: new[k] - global_arrays[k] for k in new})
+    return _reply(msg, site, metrics, {k: new[k] - global_arrays[k] for k in new}, audit_head=audit.head())
 
 
 def _evaluate(msg: Message, site: SiteConfig) -> Message:

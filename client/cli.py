@@ -114,6 +114,32 @@ def _print_report(r: dict[str, Any]) -> None:
         err.print("[red]no labelled, usable image[/]: check --labels and the data folder")
 
 
+@cli.command("export-audit")
+def export_audit(
+    workspace: Annotated[Path, typer.Option(help="site workspace (holds audit.jsonl and keys/)")],
+    out: Annotated[Path | None, typer.Option(help="file to write (default WORKSPACE/audit-export.json)")] = None,
+) -> None:
+    """Write a signed summary of the site's audit log for the central report (nothing identifying)."""
+    from client.audit_trail import AUDIT_FILE, site_key_path
+    from privacy.audit.export import ExportError, build_export
+    from privacy.audit.keys import KeyFileError, load_private_key
+    from privacy.files import atomic_write_json
+
+    try:
+        config = load_site_config(workspace)
+        log = config.workspace / AUDIT_FILE
+        if not log.exists():
+            raise SiteDataError(f"{log} does not exist: the site has not taken part in a run yet")
+        export = build_export(log, config.name, load_private_key(site_key_path(config)))
+    except (SiteConfigError, SiteDataError, ExportError, KeyFileError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    target = out or config.workspace / "audit-export.json"
+    atomic_write_json(target, export)
+    err.print(f"wrote {target}: {export['entries']} entries, head {export['head'][:16]}…, "
+              f"{len(export['runs'])} run(s); send it to the central operator for the report")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="medfed-site")

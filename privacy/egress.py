@@ -10,7 +10,7 @@ from __future__ import annotations
 ARRAYS = "arrays"  # server -> site: global model; site -> server: update (delta)
 CONFIG = "config"  # server -> site: round configuration
 METRICS = "metrics"  # site -> server: whitelisted numeric metrics
-SITE = "site"  # site -> server: the site's public name (enrolled identity, not patient data)
+SITE = "site"  # site -> server: the site's public name and audit-log head (no patient data)
 
 # Round configuration keys (server -> site)
 SERVER_ROUND = "server-round"
@@ -30,6 +30,7 @@ TRAIN_LOSS = "train-loss"
 VAL_LOSS = "val-loss"
 VAL_AUROC = "val-auroc"
 SITE_NAME = "name"
+AUDIT_HEAD = "audit-head"  # in the SITE record: hash of the site's last audit entry (64 hex)
 EPSILON = "epsilon"
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from client.config import PrivacyPolicy, SiteConfigError
 from client.dicom import SiteDataError
+from privacy.audit.report import write_report
 from server.config import RunConfig, RunConfigError
 
 cli = typer.Typer(help="medfed central server: simulate federations, run training.",
@@ -109,11 +110,14 @@ def simulate(
         err.print(f"[red]error:[/] the run ended without writing {metrics_file}; rerun with --verbose")
         raise typer.Exit(1)
     metrics = json.loads(metrics_file.read_text())
+    report, built = write_report(out)  # verifies the server's and every site's audit log
     if as_json:
         print(json.dumps(metrics))
         return
     err.print(round_table(metrics["rounds"], len(configs)))
-    err.print(f"run directory: {out}  (metrics.json, checkpoints/, model-final.npz)")
+    verdict = "verified" if built.verdict.ok else f"[red]FAILED verification: {built.verdict.problems[0]}[/]"
+    err.print(f"audit logs: {verdict}; report: {report}")
+    err.print(f"run directory: {out}  (metrics.json, audit.jsonl, report.html, checkpoints/, model-final.npz)")
 
 
 def main() -> None:

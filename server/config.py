@@ -25,6 +25,7 @@ class RunConfig:
     seed: int = 0
     dp: bool = True
     noise_multiplier: float = 0.0  # the minimum the server asks for; sites may use more
+    audit_key: str = ""  # the server's Ed25519 audit key; "" = RUN_DIR/keys/server.key (created)
 
     def __post_init__(self) -> None:
         checks = [

@@ -17,10 +17,11 @@ from flwr.serverapp import Grid
 
 from privacy import egress as K
 from privacy.protocol import RoundRequest
-from privacy.wire import arrays_to_record, record_to_arrays
+from privacy.wire import arrays_sha256, arrays_to_record, record_to_arrays
 from server.aggregate import apply_update, weighted_mean
+from server.audit_trail import ServerAudit
 from server.config import RunConfig
-from server.rundir import RunDir, arrays_sha256
+from server.rundir import RunDir
 
 log = logging.getLogger("medfed.server")
 
@@ -39,6 +40,7 @@ class Reply:
     site: str
     metrics: dict[str, float]
     arrays: OrderedDict[str, np.ndarray] | None = None
+    audit_head: str | None = None
 
 
 @dataclass
@@ -76,11 +78,13 @@ def _exchange(grid: Grid, nodes: Iterable[int], content: RecordDict, message_typ
             outcome.failed.append(str(node))
             continue
         content_ = reply.content
-        site = str(content_[K.SITE][K.SITE_NAME]) if K.SITE in content_.config_records else str(node)
+        identity = content_.config_records.get(K.SITE)
+        site = str(identity[K.SITE_NAME]) if identity is not None else str(node)
+        head = str(identity[K.AUDIT_HEAD]) if identity is not None and K.AUDIT_HEAD in identity else None
         metrics = {k: float(v) for k, v in content_.metric_records[K.METRICS].items()}  # type: ignore[arg-type]
         has_arrays = with_arrays and K.ARRAYS in content_.array_records
         arrays = record_to_arrays(content_.array_records[K.ARRAYS]) if has_arrays else None
-        outcome.replies.append(Reply(node_id=node, site=site, metrics=metrics, arrays=arrays))
+        outcome.replies.append(Reply(node_id=node, site=site, metrics=metrics, arrays=arrays, audit_head=head))
     for node in sorted(sent - answered):
         log.warning("node %s did not reply within %.0fs", node, timeout)
         outcome.failed.append(str(node))
@@ -108,6 +112,8 @@ def run_federation(
 ) -> dict[str, Any]:
     """Run ``cfg.num_server_rounds`` rounds; write the run directory; return metrics."""
     rundir = RunDir(Path(cfg.run_dir))
+    audit = ServerAudit(cfg, run_id)
+    audit.run_start(cfg, initial)
     metrics: dict[str, Any] = {"run_id": run_id, "config": cfg.to_dict(), "rounds": []}
     arrays = initial
     last_round = 0
@@ -115,10 +121,12 @@ def run_federation(
         started = time.monotonic()
         nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
         conf = round_config(cfg, run_id, rnd)
+        audit.round_start(rnd, arrays, nodes)
         train = _exchange(grid, nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf}),
                           MessageType.TRAIN, cfg.round_timeout, with_arrays=True)
         updates = [r for r in train.replies if r.arrays is not None]
         refused = sorted(r.site for r in train.replies if r.metrics.get(K.REFUSED))
+        _audit_replies(audit, rnd, train)
         row: dict[str, Any] = {
             "round": rnd, "sites": sorted(r.site for r in updates), "refused": refused,
             "failed": train.failed,
@@ -132,7 +140,9 @@ def run_federation(
             update = weighted_mean([r.arrays for r in updates if r.arrays is not None],
                                    [r.metrics[K.NUM_EXAMPLES] for r in updates])
             arrays = apply_update(arrays, update)
-            rundir.checkpoint(rnd, arrays)
+            audit.aggregate(rnd, sorted(r.site for r in updates), arrays)
+            path = rundir.checkpoint(rnd, arrays)
+            audit.checkpoint(rnd, path.name, arrays)
             last_round = rnd
         else:
             log.warning("round %d: no site returned an update; the global model is unchanged", rnd)
@@ -146,6 +156,7 @@ def run_federation(
                                     if K.VAL_AUROC in r.metrics}
         row["seconds"] = round(time.monotonic() - started, 3)
         metrics["rounds"].append(row)
+        metrics["audit"] = audit.summary()
         rundir.write_metrics(_jsonable(metrics))
         log.info("round %d: sites=%s refused=%s train_loss=%.4f val_auroc=%.4f (%.1fs)", rnd,
                  row["sites"], refused, row["train_loss"], row["val_auroc"], row["seconds"])
@@ -157,8 +168,18 @@ def run_federation(
             break
     rundir.final(last_round, arrays)
     metrics["final_model_sha256"] = arrays_sha256(arrays)
+    audit.run_end(last_round, arrays)
+    metrics["audit"] = audit.summary()
     rundir.write_metrics(_jsonable(metrics))
     return metrics
+
+
+def _audit_replies(audit: ServerAudit, rnd: int, outcome: RoundOutcome) -> None:
+    for r in outcome.replies:
+        status = "refused" if r.metrics.get(K.REFUSED) else ("trained" if r.arrays is not None else "error")
+        audit.reply(rnd, r.site, status, site_head=r.audit_head, epsilon=r.metrics.get(K.EPSILON))
+    for node in outcome.failed:
+        audit.reply(rnd, node, "failed")
 
 
 def _jsonable(obj: Any) -> Any:

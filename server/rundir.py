@@ -12,16 +12,7 @@ from typing import Any
 import numpy as np
 
 from privacy.files import atomic_write_bytes, atomic_write_json
-
-
-def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
-    """Hash of named arrays (names, dtypes, shapes and bytes, in order)."""
-    h = hashlib.sha256()
-    for k, v in arrays.items():
-        a = np.ascontiguousarray(v)
-        h.update(f"{k}\0{a.dtype.str}\0{a.shape}\0".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+from privacy.wire import arrays_sha256
 
 
 def _save_npz(path: Path, arrays: Mapping[str, np.ndarray], meta: dict[str, Any]) -> None:

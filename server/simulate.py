@@ -9,13 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.audit_trail import site_key_path
 from client.config import DataConfig, PrivacyPolicy, SiteConfig, load_site_config, write_site_config
 from client.site import load_site_data
 from client.synth import generate_site, site_profile
+from privacy.audit.keys import load_or_create_key, public_pem
+from privacy.files import atomic_write_bytes
 from server.config import RunConfig
 from server.rounds import RoundCallback
 
 SITES_DIR = "sites"
+KEYS_DIR = "keys"
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int) -> list[Site
             configs.append(config)
     for config in configs:
         load_site_data(config, image_size=image_size, progress=True)  # validates and fills the cache
+        # the site's identity/audit key, and its public half in the run's roster of keys
+        key = load_or_create_key(site_key_path(config))
+        atomic_write_bytes(out / KEYS_DIR / f"{config.name}.pub", public_pem(key.public_key()))
     return configs
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Cohort:
     labels: np.ndarray  # (N,) float32 0/1
     patient: np.ndarray  # (N,) int64 patient index
     n_patients: int
+    fingerprint: str = ""  # sha256 over the labelled files' content hashes and labels (the whole site)
 
     def patient_images(self) -> list[np.ndarray]:
         """Image indices of each patient (the DP unit)."""
@@ -40,7 +42,7 @@ class Cohort:
         keep = np.isin(self.patient, patients)
         remap = np.full(self.n_patients, -1, dtype=np.int64)
         remap[np.sort(patients)] = np.arange(len(patients))
-        return Cohort(self.images[keep], self.labels[keep], remap[self.patient[keep]], len(patients))
+        return Cohort(self.images[keep], self.labels[keep], remap[self.patient[keep]], len(patients), self.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,9 @@ def _assemble(data: Ingested, joined: Joined) -> Cohort:
         rows.extend(range(lo, hi))
         ys.extend([label] * (hi - lo))
         pids.extend([data.records[i].patient] * (hi - lo))
+    print_ = hashlib.sha256()
+    for i, label in sorted(joined.label_of.items(), key=lambda item: data.digests[item[0]]):
+        print_.update(f"{data.digests[i]}:{label}\n".encode())
     index: dict[str, int] = {}
     for p in pids:  # patients numbered in order of first appearance (sorted paths): reproducible
         index.setdefault(p, len(index))
@@ -161,6 +166,7 @@ def _assemble(data: Ingested, joined: Joined) -> Cohort:
         np.asarray(ys, dtype=np.float32),
         np.asarray([index[p] for p in pids], dtype=np.int64),
         len(index),
+        print_.hexdigest(),
     )
 
 

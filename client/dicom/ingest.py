@@ -46,6 +46,7 @@ class Ingested:
     decoded: int  # files opened and decoded in this pass (0 = all from the cache)
     seconds: float
     key: bytes  # the site's identifier-hashing key (to match labels keyed by UID)
+    digests: list[str]  # content hash of each file (xxh3-128), in ``rels`` order
 
 
 def default_workers() -> int:
@@ -214,7 +215,8 @@ def ingest(
     for i, rel in enumerate(rels):
         if counts[i + 1]:
             frames[offsets[i] : offsets[i + 1]] = store.frames(digests[rel])
-    return Ingested(rels, records, frames, offsets, len(todo), time.perf_counter() - start, key)
+    return Ingested(rels, records, frames, offsets, len(todo), time.perf_counter() - start, key,
+                    [digests[rel] for rel in rels])
 
 
 def _decode_all(store: IngestStore, todo: list[tuple[Path, str]], pre: Preprocessing, key: bytes,

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from privacy.wire import arrays_sha256
 from server.aggregate import apply_update, weighted_mean
 from server.config import RunConfig, RunConfigError
-from server.rundir import RunDir, arrays_sha256, load_npz
+from server.rundir import RunDir, load_npz
 
 
 def test_weighted_mean_weights_by_examples() -> None:

@@ -1,0 +1,75 @@
+"""What a site writes to its own signed audit log (``<workspace>/audit.jsonl``).
+
+Each round's entry carries the run id, the round and the hash of the global model the
+site received, so the server's and the site's logs cross-check; the hash of the site's
+last entry goes back with every reply (``audit-head`` in the site record)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.config import SITE_FILE, SiteConfig
+from privacy.audit.events import E
+from privacy.audit.keys import load_or_create_key
+from privacy.audit.log import AuditLog, read_entries
+from privacy.ledger import LedgerEvent
+
+AUDIT_FILE = "audit.jsonl"
+SITE_KEY = Path("keys") / "audit.key"  # the site's Ed25519 identity key doubles as its audit key
+
+
+@dataclass(frozen=True)
+class RoundIds:
+    """What ties a site's entry to the server's: run, round, hash of the global model received."""
+
+    run_id: str
+    round: int
+    global_sha256: str
+
+    def data(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "round": self.round, "global_sha256": self.global_sha256}
+
+
+def site_key_path(site: SiteConfig) -> Path:
+    return site.workspace / SITE_KEY
+
+
+class SiteAudit:
+    """One site's audit log."""
+
+    def __init__(self, site: SiteConfig) -> None:
+        self.log = AuditLog(site.workspace / AUDIT_FILE, site.name, load_or_create_key(site_key_path(site)))
+        self._config_sha256 = hashlib.sha256((site.workspace / SITE_FILE).read_bytes()).hexdigest()
+
+    def join(self, run_id: str, facts: dict[str, Any]) -> None:
+        """First message of a run: ``run-joined`` with the site's policy and data fingerprint
+        (``facts``); ``config-changed`` when site.toml changed since the last entry."""
+        joined, last_config = False, None
+        if self.log.path.exists():
+            for e in read_entries(self.log.path):
+                if e.event == E.RUN_JOINED and e.data.get("run_id") == run_id:
+                    joined = True
+                if "config_sha256" in e.data:
+                    last_config = e.data["config_sha256"]
+        if last_config is not None and last_config != self._config_sha256:
+            self.log.append(E.CONFIG, {"config_sha256": self._config_sha256, "previous": last_config})
+        if not joined:
+            self.log.append(E.RUN_JOINED, {"run_id": run_id, "config_sha256": self._config_sha256, **facts})
+
+    def trained(self, ids: RoundIds, event: LedgerEvent | None, *, patients: int) -> None:
+        """The round is counted (DP: the ledger event) before the update leaves."""
+        data: dict[str, Any] = {**ids.data(), "patients": patients, "dp": event is not None}
+        if event is not None:
+            data |= {"noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate,
+                     "steps": event.steps, "epsilon_after": event.epsilon_after, "delta": event.delta,
+                     "accountant": event.accountant}
+        self.log.append(E.ROUND_TRAINED, data)
+
+    def refused(self, ids: RoundIds, *, reason: str, epsilon: float) -> None:
+        self.log.append(E.REFUSED, {**ids.data(), "reason": reason, "epsilon": epsilon})
+
+    def head(self) -> str:
+        return self.log.head()

@@ -1,0 +1,122 @@
+"""`medfed-audit`: verify signed audit logs and build the compliance report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from privacy.audit.report import html_to_pdf, write_report
+from privacy.audit.verify import Verdict, run_logs, segment_files, verify_paths
+
+cli = typer.Typer(help="medfed audit: verify signed logs, build the compliance report.",
+                  no_args_is_help=True, add_completion=False)
+err = Console(stderr=True, soft_wrap=True)
+EXIT_BAD_INPUT = 2
+
+
+@cli.callback()
+def _commands() -> None:
+    """medfed audit: verify signed logs, build the compliance report."""
+
+
+def collect(paths: list[Path], keys: Path | None) -> tuple[dict[str, list[Path]], Path, dict[str, Any] | None]:
+    """Logs by actor, the keys folder and the run's metrics from run dirs, workspaces or log files."""
+    logs: dict[str, list[Path]] = {}
+    metrics = None
+    keys_dir = keys
+    for path in paths:
+        if path.is_dir() and (path / "metrics.json").is_file():
+            logs |= run_logs(path)
+            metrics = json.loads((path / "metrics.json").read_text())
+            keys_dir = keys_dir or path / "keys"
+        elif path.is_dir() and (path / "audit.jsonl").exists():
+            files = segment_files(path / "audit.jsonl")
+            logs[_first_actor(files) or path.name] = files
+        elif path.is_file():
+            files = segment_files(path)
+            logs[_first_actor(files) or path.stem] = files
+        else:
+            raise FileNotFoundError(f"{path}: not a run directory, a workspace with audit.jsonl, or a log file")
+    if keys_dir is None:
+        raise FileNotFoundError("no keys: pass --keys DIR holding <actor>.pub for every log (server.pub, <site>.pub)")
+    return logs, keys_dir, metrics
+
+
+def _first_actor(files: list[Path]) -> str | None:
+    for f in files:
+        first = f.read_bytes().split(b"\n", 1)[0]
+        try:
+            return str(json.loads(first)["actor"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+@cli.command()
+def verify(
+    paths: Annotated[list[Path], typer.Argument(help="run directories, site workspaces or audit log files")],
+    keys: Annotated[Path | None, typer.Option(help="folder of <actor>.pub public keys (default: RUN_DIR/keys)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Check every chain, signature and sequence, and cross-check server and site logs of a run."""
+    try:
+        logs, keys_dir, metrics = collect(paths, keys)
+    except FileNotFoundError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    verdict = verify_paths(logs, keys_dir, metrics)
+    if as_json:
+        print(json.dumps(verdict.to_json()))
+    else:
+        _print(verdict)
+    raise typer.Exit(0 if verdict.ok else 1)
+
+
+def _print(verdict: Verdict) -> None:
+    for actor, chain in verdict.chains.items():
+        torn = " (incomplete last line from an interrupted append: ignored)" if chain.torn_tail else ""
+        err.print(f"{actor}: {len(chain.entries)} entries, head {chain.head[:16]}…{torn}")
+    if verdict.ok:
+        err.print("[green]verified[/]: every chain, signature and sequence holds; server and site logs agree")
+    else:
+        err.print(f"[red]FAILED[/]: {verdict.problems[0]}")
+        for p in verdict.problems[1:10]:
+            err.print(f"  also: {p}")
+
+
+@cli.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="the run directory (metrics.json, audit.jsonl)")],
+    site_logs: Annotated[list[Path] | None, typer.Option("--site-logs", help="a site workspace or a folder of "
+                                                          "signed site exports (repeatable)")] = None,
+    out: Annotated[Path | None, typer.Option(help="HTML file to write (default RUN_DIR/report.html)")] = None,
+    pdf: Annotated[bool, typer.Option("--pdf", help="also print it to a PDF beside the HTML (needs Chromium)")] = False,
+    keys: Annotated[Path | None, typer.Option(help="folder of <actor>.pub public keys (default RUN_DIR/keys)")] = None,
+) -> None:
+    """Build the compliance report: verdict, participants, curves, privacy, protection, fingerprints, hashes."""
+    try:
+        path, data = write_report(run_dir, out, site_logs or [], keys)
+    except FileNotFoundError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    err.print(f"report: {path} ({'verified' if data.verdict.ok else 'VERIFICATION FAILED'})")
+    if pdf:
+        try:
+            html_to_pdf(path, path.with_suffix(".pdf"))
+        except (FileNotFoundError, RuntimeError, OSError) as exc:
+            err.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        err.print(f"pdf: {path.with_suffix('.pdf')}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="medfed-audit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Names of the audit events, written by server and sites and read by verify and the report."""
+
+from __future__ import annotations
+
+SERVER_ACTOR = "server"
+
+
+class E:
+    """Event names (the ``event`` field)."""
+
+    # server
+    RUN_START = "run-start"  # run_id, config_sha256, code_sha256, versions, sites, secure_aggregation
+    SITE_ENROLLED = "site-enrolled"
+    ROUND_START = "round-start"  # run_id, round, global_sha256, sites
+    SITE_REPLY = "site-reply"  # run_id, round, site, status (trained|refused|error|timeout), site_head, epsilon
+    AGGREGATE = "aggregate-applied"  # run_id, round, sites, new_sha256
+    CHECKPOINT = "checkpoint-written"  # run_id, round, file, sha256
+    RUN_END = "run-end"  # run_id, rounds, final_sha256
+    # site
+    RUN_JOINED = "run-joined"  # run_id, config_sha256
+    CONFIG = "config-changed"  # config_sha256
+    ROUND_TRAINED = "round-trained"  # run_id, round, global_sha256, noise_multiplier, sample_rate, steps, ...
+    REFUSED = "refused"  # run_id, round, global_sha256, reason
+    EGRESS_BLOCKED = "egress-blocked"  # run_id, round, key, reason

@@ -1,0 +1,256 @@
+"""The compliance report: one self-contained HTML page (and a PDF of it) built from a run
+directory's metrics, the signed audit logs and the sites' signed exports.
+
+Every section reads its own inputs and says "not recorded" when they are absent. The
+report holds numbers, names of sites, run ids and hashes only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from privacy.audit.events import SERVER_ACTOR, E
+from privacy.audit.export import KIND, ExportError, summarize, verify_export
+from privacy.audit.keys import KeyFileError, public_key_from_pem
+from privacy.audit.log import Entry, read_entries
+from privacy.audit.svg import line_chart
+from privacy.audit.verify import Verdict, find_key, run_logs, segment_files, verify_paths
+from privacy.files import atomic_write_bytes
+
+NOT_RECORDED = '<p class="muted">not recorded</p>'
+
+
+@dataclass
+class ReportData:
+    run_dir: Path
+    metrics: dict[str, Any]
+    verdict: Verdict
+    server: list[Entry]
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> summary of this run
+    sources: dict[str, str] = field(default_factory=dict)  # site -> "signed log" | "signed export"
+    notes: list[str] = field(default_factory=list)
+
+
+def gather(run_dir: Path, site_sources: Sequence[Path] = (), keys: Path | None = None) -> ReportData:
+    """Read and verify everything the report shows."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} not found: pass the run directory that `simulate` or `run` wrote")
+    metrics = json.loads(metrics_path.read_text())
+    keys_dir = keys or run_dir / "keys"
+    logs = run_logs(run_dir)
+    exports: list[dict[str, Any]] = []
+    for src in site_sources:
+        if (src / "audit.jsonl").exists():
+            files = segment_files(src / "audit.jsonl")
+            first = read_entries(files[0])
+            logs[first[0].actor if first else src.name] = files
+        for f in sorted(src.glob("*.json")) if src.is_dir() else [src]:
+            try:
+                obj = json.loads(f.read_text())
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and obj.get("kind") == KIND:
+                exports.append(obj)
+    verdict = verify_paths(logs, keys_dir, metrics)
+    run_id = str(metrics.get("run_id"))
+    server = verdict.chains[SERVER_ACTOR].entries if SERVER_ACTOR in verdict.chains else []
+    data = ReportData(run_dir, metrics, verdict, server)
+    for actor, chain in verdict.chains.items():
+        if actor != SERVER_ACTOR and run_id in (runs := summarize(chain.entries)):
+            data.sites[actor] = runs[run_id] | {"head": chain.head, "entries": len(chain.entries)}
+            data.sources[actor] = "signed log (verified)" if not chain.problems else "signed log (FAILED verification)"
+    for exp in exports:
+        site = str(exp.get("site"))
+        pinned = find_key(keys_dir, site)
+        try:
+            verify_export(exp, pinned or public_key_from_pem(str(exp.get("public_key", "")).encode(), f"export of {site}"))
+        except (ExportError, KeyFileError) as exc:
+            data.notes.append(str(exc))
+            continue
+        if site not in data.sites and run_id in exp.get("runs", {}):
+            data.sites[site] = exp["runs"][run_id] | {"head": exp.get("head"), "entries": exp.get("entries")}
+            data.sources[site] = "signed export" + ("" if pinned else " (key not pinned: embedded key used)")
+    return data
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return escape(str(value))
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    if not rows:
+        return NOT_RECORDED
+    th = "".join(f"<th>{escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{escape(title)}</h2>{body}</section>'
+
+
+def summary_section(d: ReportData) -> str:
+    v = d.verdict
+    verdict = ('<p class="ok">Audit logs verified: every chain, signature and sequence holds, and the server and '
+               'site logs agree.</p>' if v.ok else
+               f'<p class="bad">Audit verification FAILED: {escape(str(v.problems[0]))}</p>')
+    start = next((e for e in d.server if e.event == E.RUN_START), None)
+    end = next((e for e in d.server if e.event == E.RUN_END), None)
+    rounds = d.metrics.get("rounds", [])
+    final = rounds[-1] if rounds else {}
+    rows = [["run id", d.metrics.get("run_id")], ["started", start.time if start else None],
+            ["ended", end.time if end else None], ["rounds completed", len(rounds)],
+            ["sites", len(d.sites)], ["final validation AUROC", final.get("val_auroc")],
+            ["final model sha256", d.metrics.get("final_model_sha256")],
+            ["ended early", d.metrics.get("ended_early")]]
+    notes = "".join(f'<p class="bad">{escape(n)}</p>' for n in d.notes)
+    return _section("summary", "Run summary and verdict", verdict + notes + _table(["", ""], rows))
+
+
+def participants_section(d: ReportData) -> str:
+    rows = [[r["round"], ", ".join(r.get("sites", [])) or "none", ", ".join(r.get("refused", [])) or "–",
+             ", ".join(r.get("failed", [])) or "–", str(r.get("model_sha256", ""))[:16]]
+            for r in d.metrics.get("rounds", [])]
+    return _section("participants", "Participants per round",
+                    _table(["round", "trained", "refused", "failed / no reply", "global model (sha256, first 16)"], rows))
+
+
+def training_section(d: ReportData) -> str:
+    rounds = d.metrics.get("rounds", [])
+    curves = {"train loss": [(r["round"], _num(r.get("train_loss"))) for r in rounds],
+              "validation loss": [(r["round"], _num(r.get("val_loss"))) for r in rounds]}
+    auroc = {"validation AUROC": [(r["round"], _num(r.get("val_auroc"))) for r in rounds]}
+    return _section("training", "Training curves",
+                    line_chart(curves, title="Loss", y_label="loss") + line_chart(auroc, title="AUROC", y_label="AUROC"))
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) and v is not None else math.nan
+
+
+def privacy_section(d: ReportData) -> str:
+    if not d.sites:
+        return _section("privacy", "Privacy", NOT_RECORDED)
+    series, budgets, rows = {}, {}, []
+    for site, s in sorted(d.sites.items()):
+        trained = [r for r in s["rounds"] if r.get("epsilon") is not None]
+        series[site] = [(float(r["round"]), float(r["epsilon"])) for r in trained]
+        budget = s.get("joined", {}).get("max_epsilon")
+        if budget is not None:
+            budgets[site] = float(budget)
+        sigmas = [r["noise_multiplier"] for r in s["rounds"] if r.get("noise_multiplier") is not None]
+        refusals = [str(r["round"]) for r in s["rounds"] if r["status"] == "refused"]
+        last = trained[-1] if trained else {}
+        rows.append([site, budget, last.get("epsilon"), last.get("delta"),
+                     f"{min(sigmas):.3g}–{max(sigmas):.3g}" if sigmas else None,
+                     last.get("patients") or s.get("joined", {}).get("patients"),
+                     ", ".join(refusals) or "–", d.sources.get(site)])
+    chart = line_chart(series, title="ε per site per round (dashed: the site's budget)", y_label="ε", hlines=budgets)
+    table = _table(["site", "budget ε", "ε after run", "δ", "noise multiplier σ", "patients", "refused rounds",
+                    "source"], rows)
+    return _section("privacy", "Privacy (patient-level differential privacy)", chart + table)
+
+
+def protection_section(d: ReportData) -> str:
+    rounds = d.metrics.get("rounds", [])
+    if not any("secagg" in r for r in rounds):
+        start = next((e for e in d.server if e.event == E.RUN_START), None)
+        on = start.data.get("secure_aggregation") if start else None
+        text = ("secure aggregation: off in every round of this run (the server saw each site's update)"
+                if on is False else "secure aggregation: not recorded")
+        return _section("protection", "Protection of updates", f"<p>{escape(text)}</p>")
+    rows = [[r["round"], r["secagg"].get("sites"), r["secagg"].get("dropped"), r["secagg"].get("aborted")]
+            for r in rounds if "secagg" in r]
+    return _section("protection", "Protection of updates", _table(["round", "sites", "dropped (recovered)", "aborted"], rows))
+
+
+def attacks_section(d: ReportData) -> str:
+    path = d.run_dir / "attacks.json"
+    if not path.is_file():
+        return _section("attacks", "Empirical privacy audit", NOT_RECORDED)
+    results = json.loads(path.read_text())
+    rows = [[k, v] for k, v in sorted(results.items()) if isinstance(v, int | float | str)]
+    return _section("attacks", "Empirical privacy audit", _table(["measure", "value"], rows))
+
+
+def software_section(d: ReportData) -> str:
+    start = next((e for e in d.server if e.event == E.RUN_START), None)
+    if start is None:
+        return _section("software", "Software and fingerprints", NOT_RECORDED)
+    rows = [[k, v] for k, v in sorted(start.data.get("versions", {}).items())]
+    rows += [["code sha256", start.data.get("code_sha256")], ["run config sha256", start.data.get("config_sha256")],
+             ["initial model sha256", start.data.get("initial_sha256")]]
+    for site, s in sorted(d.sites.items()):
+        j = s.get("joined", {})
+        rows.append([f"{site}: data sha256 / images / patients",
+                     f"{j.get('data_sha256', '–')} / {j.get('images', '–')} / {j.get('patients', '–')}"])
+    return _section("software", "Software and fingerprints", _table(["", ""], rows))
+
+
+def hashes_section(d: ReportData) -> str:
+    rows = [[actor, len(c.entries), c.head] for actor, c in d.verdict.chains.items()]
+    rows += [[f"{site} (export)", s.get("entries"), s.get("head")] for site, s in d.sites.items()
+             if site not in d.verdict.chains]
+    recorded = (d.metrics.get("audit") or {}).get("server_head")
+    extra = f"<p>server head recorded in metrics.json: <code>{_fmt(recorded)}</code></p>"
+    return _section("hashes", "Audit logs: final hashes", _table(["log", "entries", "head (sha256)"], rows) + extra)
+
+
+SECTIONS = (summary_section, participants_section, training_section, privacy_section, protection_section,
+            attacks_section, software_section, hashes_section)
+CSS = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1000px}h1{font-size:22px}
+h2{font-size:17px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:28px}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f2f2f2}.ok{color:#176b2c;font-weight:bold}.bad{color:#b00020;font-weight:bold}.muted{color:#777}
+code{font-size:12px}svg{display:block;margin:8px 0}"""
+
+
+def render(d: ReportData) -> str:
+    body = "".join(section(d) for section in SECTIONS)
+    title = f"medfed compliance report, run {escape(str(d.metrics.get('run_id')))}"
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{CSS}</style></head><body><h1>{title}</h1>{body}</body></html>")
+
+
+def write_report(run_dir: Path, out: Path | None = None, site_sources: Sequence[Path] = (),
+                 keys: Path | None = None) -> tuple[Path, ReportData]:
+    """Build the report of ``run_dir`` into ``out`` (default ``RUN_DIR/report.html``)."""
+    data = gather(run_dir, site_sources, keys)
+    out = out or Path(run_dir) / "report.html"
+    atomic_write_bytes(out, render(data).encode())
+    return out, data
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def html_to_pdf(html: Path, pdf: Path, timeout: float = 120) -> None:
+    """Print the report with headless Chromium (Debian: ``apt-get install chromium``)."""
+    binary = chromium()
+    if binary is None:
+        raise FileNotFoundError("the PDF needs Chromium: install it (Debian/Ubuntu: apt-get install chromium) "
+                                "and run again; the HTML report was written")
+    cmd = [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-pdf-header-footer",
+           f"--print-to-pdf={pdf}", Path(html).resolve().as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+    if not pdf.is_file() or pdf.stat().st_size == 0:
+        raise RuntimeError(f"Chromium did not write {pdf}")

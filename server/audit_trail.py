@@ -1,0 +1,59 @@
+"""What the server writes to its signed audit log during a run (``RUN_DIR/audit.jsonl``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privacy.audit.events import SERVER_ACTOR, E
+from privacy.audit.fingerprint import code_sha256, versions
+from privacy.audit.keys import load_or_create_key
+from privacy.audit.log import AuditLog, body_hash
+from privacy.wire import arrays_sha256
+from server.config import RunConfig
+
+AUDIT_FILE = "audit.jsonl"
+SERVER_KEY = Path("keys") / "server.key"
+
+
+class ServerAudit:
+    """The server's audit log for one run; every call appends one signed entry."""
+
+    def __init__(self, cfg: RunConfig, run_id: str) -> None:
+        run_dir = Path(cfg.run_dir)
+        key = load_or_create_key(Path(cfg.audit_key) if cfg.audit_key else run_dir / SERVER_KEY)
+        self.log = AuditLog(run_dir / AUDIT_FILE, SERVER_ACTOR, key)
+        self.run_id = run_id
+        self.entries = 0
+
+    def _add(self, event: str, **data: Any) -> None:
+        self.log.append(event, {"run_id": self.run_id, **data})
+        self.entries += 1
+
+    def run_start(self, cfg: RunConfig, initial: Mapping[str, np.ndarray]) -> None:
+        self._add(E.RUN_START, config_sha256=body_hash(cfg.to_dict()), code_sha256=code_sha256(),
+                  versions=versions(), initial_sha256=arrays_sha256(initial), rounds=cfg.num_server_rounds,
+                  dp=cfg.dp, secure_aggregation=False)
+
+    def round_start(self, rnd: int, arrays: Mapping[str, np.ndarray], nodes: list[int]) -> None:
+        self._add(E.ROUND_START, round=rnd, global_sha256=arrays_sha256(arrays), nodes=[str(n) for n in nodes])
+
+    def reply(self, rnd: int, site: str, status: str, site_head: str | None = None,
+              epsilon: float | None = None) -> None:
+        self._add(E.SITE_REPLY, round=rnd, site=site, status=status, site_head=site_head, epsilon=epsilon)
+
+    def aggregate(self, rnd: int, sites: list[str], arrays: Mapping[str, np.ndarray]) -> None:
+        self._add(E.AGGREGATE, round=rnd, sites=sites, new_sha256=arrays_sha256(arrays))
+
+    def checkpoint(self, rnd: int, file: str, arrays: Mapping[str, np.ndarray]) -> None:
+        self._add(E.CHECKPOINT, round=rnd, file=file, sha256=arrays_sha256(arrays))
+
+    def run_end(self, rounds: int, arrays: Mapping[str, np.ndarray]) -> None:
+        self._add(E.RUN_END, rounds=rounds, final_sha256=arrays_sha256(arrays))
+
+    def summary(self) -> dict[str, Any]:
+        """What ``metrics.json`` records so that truncating the log is detectable."""
+        return {"log": AUDIT_FILE, "server_head": self.log.head(), "entries_this_run": self.entries}
