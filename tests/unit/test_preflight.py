@@ -18,12 +18,10 @@ from client.config import DataConfig
 from client.dicom import Preprocessing, load_cohort
 from client.dicom.ingest import ingest
 from tests.conftest import make_workspace
+from tests.helpers import PLANTED, PLANTED_ID, plant_identifiers
 
 ROOT = Path(__file__).parents[2]
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
-PLANTED = {"PatientName": "ZEBRA^QUOKKA", "PatientBirthDate": "19230405", "InstitutionName": "Xylophone General",
-           "OperatorsName": "MARMADUKE^PIP", "PatientAddress": "17 Wombat Lane"}
-PLANTED_ID = "PLANT-987654"
 
 
 def _check(*args: str) -> subprocess.CompletedProcess[str]:
@@ -58,26 +56,10 @@ def test_check_reports_the_export(tmp_path: Path, small_site: Path) -> None:
     assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
 
 
-def _plant(data: Path) -> int:
-    """Plant identifying values in every file of two patients; return how many files."""
-    files = sorted((data / "P00000").glob("*.dcm")) + sorted((data / "P00001").glob("*.dcm"))
-    for i, f in enumerate(files):
-        ds = pydicom.dcmread(f)
-        for k, v in PLANTED.items():
-            setattr(ds, k, v)
-        ds.PatientID = PLANTED_ID
-        ds.ImageComments = f"scan of {PLANTED['PatientName']}"
-        if i == 0:
-            ds.BurnedInAnnotation = "YES"
-        ds.save_as(f)
-    (data / "cut.dcm").write_bytes(files[0].read_bytes()[:-300])  # an error path that read planted headers
-    return len(files)
-
-
 def test_no_identifying_value_in_outputs_or_cache(tmp_path: Path, small_site: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(small_site, data)
-    planted = _plant(data) + 1  # + the truncated copy of one (its header is intact)
+    planted = plant_identifiers(data) + 1  # + the truncated copy of one (its header is intact)
     ws = make_workspace(tmp_path, "site-a", data)
     outputs = []
     for args in (["--data", str(data), "--json"], ["--data", str(data)], ["--workspace", str(ws), "--json"],

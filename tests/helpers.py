@@ -1,0 +1,28 @@
+"""Test helpers shared by unit and end-to-end tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+
+PLANTED = {"PatientName": "ZEBRA^QUOKKA", "PatientBirthDate": "19230405", "InstitutionName": "Xylophone General",
+           "OperatorsName": "MARMADUKE^PIP", "PatientAddress": "17 Wombat Lane"}
+PLANTED_ID = "PLANT-987654"
+PLANTED_STRINGS = [*PLANTED.values(), PLANTED_ID, "ZEBRA", "QUOKKA", "Wombat", "19230405", "Xylophone", "MARMADUKE"]
+
+
+def plant_identifiers(data: Path) -> int:
+    """Plant identifying values in every file of two patients; return how many files."""
+    files = sorted((data / "P00000").glob("*.dcm")) + sorted((data / "P00001").glob("*.dcm"))
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        for k, v in PLANTED.items():
+            setattr(ds, k, v)
+        ds.PatientID = PLANTED_ID
+        ds.ImageComments = f"scan of {PLANTED['PatientName']}"
+        if i == 0:
+            ds.BurnedInAnnotation = "YES"
+        ds.save_as(f)
+    (data / "cut.dcm").write_bytes(files[0].read_bytes()[:-300])  # an error path that read planted headers
+    return len(files)
