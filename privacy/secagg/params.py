@@ -1,0 +1,105 @@
+"""Protocol parameters: neighbourhood size k, Shamir threshold, fixed-point format, graph."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+FRACTION_BITS = 24  # fixed point: resolution 2^-24 ≈ 6e-8
+MODULUS_BITS = 64  # arithmetic mod 2^64 (numpy uint64 wraps)
+
+
+class SecAggConfigError(ValueError):
+    """Invalid secure-aggregation parameters; the message names the parameter."""
+
+
+def default_k(n: int) -> int:
+    """Neighbourhood size (self included, odd): the complete graph up to 11 sites, then
+    2·⌈log2 n⌉ + 3 (Bell et al.: O(log n) neighbours keep the failure probability negligible)."""
+    if n <= 11:
+        return max(3, n if n % 2 else n + 1)
+    return min(n if n % 2 else n - 1, 2 * math.ceil(math.log2(n)) + 3)
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """Agreed for one round by every party (the server sends them, sites check them)."""
+
+    run_id: str
+    round: int
+    sites: tuple[str, ...]  # the round's participants (sorted site names)
+    k: int  # neighbourhood size, self included, odd
+    threshold: int  # shares needed to reconstruct a neighbour's secret
+    update_clip: float = 1.0  # each update element is clipped to ±update_clip before weighting
+    max_weight: int = 1 << 20  # weights (examples) above this are refused
+
+    def __post_init__(self) -> None:
+        n = len(self.sites)
+        if n < 2:
+            raise SecAggConfigError("secure aggregation needs at least 2 sites")
+        if list(self.sites) != sorted(set(self.sites)):
+            raise SecAggConfigError("sites must be unique and sorted")
+        if self.k % 2 == 0 or self.k < 3:
+            raise SecAggConfigError(f"secagg k={self.k} must be odd and >= 3 (neighbourhood size, self included)")
+        if not 1 <= self.threshold <= self.degree + 1:
+            raise SecAggConfigError(f"secagg threshold={self.threshold} must be in 1..{self.degree + 1} (a site's "
+                                    "share holders: its neighbours and itself)")
+        bound = n * self.max_weight * self.update_clip * 2**FRACTION_BITS
+        if bound >= 2 ** (MODULUS_BITS - 1):
+            raise SecAggConfigError(f"{n} sites x weight {self.max_weight} x update_clip {self.update_clip} overflow "
+                                    f"2^63 at {FRACTION_BITS} fraction bits: lower update_clip or max_weight")
+
+    @property
+    def degree(self) -> int:
+        """Neighbours per site (all other sites when k >= n)."""
+        return min(self.k - 1, len(self.sites) - 1)
+
+    @property
+    def max_dropouts(self) -> int:
+        """Sites that may drop (per neighbourhood) while every needed secret stays reconstructable."""
+        return self.degree + 1 - self.threshold
+
+    @classmethod
+    def for_sites(cls, run_id: str, round_: int, sites: list[str], k: int = 0, threshold: int = 0,
+                  **kw: float) -> SecAggParams:
+        """Defaults: k = :func:`default_k`, threshold = a majority of the neighbours."""
+        names = tuple(sorted(sites))
+        k = k or default_k(len(names))
+        holders = min(k - 1, len(names) - 1) + 1  # neighbours and the site itself
+        return cls(run_id, round_, names, k, threshold or holders // 2 + 1, **kw)  # type: ignore[arg-type]
+
+    def context(self) -> str:
+        return f"run={self.run_id}|round={self.round}"
+
+    def neighbours(self, site: str) -> list[str]:
+        """The (k-1) neighbours of ``site``: (k-1)/2 on each side on a ring ordered by a
+        public permutation derived from the run and round (the complete graph when k >= n)."""
+        n = len(self.sites)
+        if self.k >= n:
+            return [s for s in self.sites if s != site]
+        order = sorted(self.sites, key=lambda s: hashlib.sha256(f"{self.context()}|{s}".encode()).digest())
+        i = order.index(site)
+        half = (self.k - 1) // 2
+        return sorted({order[(i + d) % n] for d in range(-half, half + 1) if d})
+
+
+def encode_input(update: np.ndarray, weight: int, params: SecAggParams) -> np.ndarray:
+    """``[w·clip(x), w]`` in fixed point mod 2^64 (two's complement): what a site masks.
+
+    Error bound of the recovered weighted mean, per element, for |x| <= update_clip:
+    |mean_hat - mean| <= n_sites / (2^(FRACTION_BITS + 1) · Σw) (rounding only; no overflow
+    by construction, see :class:`SecAggParams`)."""
+    if not 0 < weight <= params.max_weight:
+        raise SecAggConfigError(f"weight {weight} outside 1..{params.max_weight}")
+    x = np.clip(update.astype(np.float64).ravel(), -params.update_clip, params.update_clip)
+    q = np.rint(x * weight * 2.0**FRACTION_BITS).astype(np.int64)
+    return np.concatenate([q, np.array([weight], dtype=np.int64)]).view(np.uint64)
+
+
+def decode_sum(total: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(Σ w·x as float64, Σ w)`` from the unmasked sum of :func:`encode_input` vectors."""
+    signed = total.view(np.int64)
+    return signed[:-1].astype(np.float64) / 2.0**FRACTION_BITS, int(signed[-1])

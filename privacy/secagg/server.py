@@ -1,0 +1,93 @@
+"""The server's side of one SecAgg+ round: relay, then recover only the sum.
+
+The server sees advertisements (public keys), sealed shares it cannot open, masked
+vectors, and in the last stage for each survivor the shares of its self-mask seed and for
+each dropped site the shares of its mask-agreement key: enough to remove the masks of
+the sum, never one site's update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from privacy.secagg.crypto import agree, combine_secret, expand_mask
+from privacy.secagg.params import SecAggParams, decode_sum
+from privacy.secagg.site import KeyAdvert, holders, pair_context, self_context
+
+
+class RoundAborted(RuntimeError):
+    """Too few sites at a stage, or a secret could not be reconstructed: no update is applied."""
+
+
+@dataclass
+class Aggregator:
+    """Server state for one round."""
+
+    params: SecAggParams
+    adverts: dict[str, KeyAdvert] = field(default_factory=dict)  # U1
+    sharers: set[str] = field(default_factory=set)  # U2
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)  # U3
+
+    def _need(self, who: set[str] | dict, stage: str) -> None:  # type: ignore[type-arg]
+        if len(who) < self.params.threshold:
+            raise RoundAborted(f"{stage}: {len(who)} site(s) left, the threshold is {self.params.threshold}")
+
+    def collect_adverts(self, adverts: dict[str, KeyAdvert]) -> dict[str, KeyAdvert]:
+        """Stage 1 replies -> what every site receives in stage 2 (all advertisements)."""
+        self.adverts = {k: v for k, v in adverts.items() if k in self.params.sites}
+        self._need(self.adverts, "advertise keys")
+        return dict(self.adverts)
+
+    def route_shares(self, outboxes: dict[str, dict[str, bytes]]) -> dict[str, dict[str, bytes]]:
+        """Stage 2 replies (``sender -> receiver -> sealed``) -> stage 3 inboxes (``receiver -> sender -> sealed``)."""
+        self.sharers = {s for s in outboxes if s in self.adverts}
+        self._need(self.sharers, "share keys")
+        inboxes: dict[str, dict[str, bytes]] = {s: {} for s in self.sharers}
+        for sender in self.sharers:
+            for receiver, sealed in outboxes[sender].items():
+                if receiver in self.sharers:
+                    inboxes[receiver][sender] = sealed
+        return inboxes
+
+    def collect_inputs(self, inputs: dict[str, np.ndarray]) -> tuple[list[str], list[str]]:
+        """Stage 3 replies -> the stage 4 request ``(survivors, dropped)``."""
+        self.inputs = {s: v for s, v in inputs.items() if s in self.sharers}
+        self._need(self.inputs, "masked input")
+        lengths = {len(v) for v in self.inputs.values()}
+        if len(lengths) != 1:
+            raise RoundAborted("masked inputs differ in length")
+        return sorted(self.inputs), sorted(self.sharers - set(self.inputs))
+
+    def finish(self, reveals: dict[str, dict[str, tuple[str, bytes]]]) -> tuple[np.ndarray, int]:
+        """Stage 4 replies -> ``(Σ w·x, Σ w)`` over the survivors."""
+        self._need(reveals, "unmask")
+        survivors, dropped = set(self.inputs), self.sharers - set(self.inputs)
+        total = np.zeros(len(next(iter(self.inputs.values()))), dtype=np.uint64)
+        for vec in self.inputs.values():
+            total += vec
+        for owner in sorted(survivors):
+            b = self._reconstruct(owner, "b", reveals)
+            total -= expand_mask(b, self_context(self.params, owner), len(total))
+        for owner in sorted(dropped):
+            c_priv = self._reconstruct(owner, "c", reveals)
+            for peer in self.params.neighbours(owner):
+                if peer not in survivors:
+                    continue
+                mask = expand_mask(agree(c_priv, self.adverts[peer].c_pub), pair_context(self.params, peer, owner),
+                                   len(total))
+                if peer < owner:  # the survivor added +mask for a higher-named peer, -mask otherwise
+                    total -= mask
+                else:
+                    total += mask
+        return decode_sum(total)
+
+    def _reconstruct(self, owner: str, kind: str, reveals: dict[str, dict[str, tuple[str, bytes]]]) -> bytes:
+        valid = set(holders(self.params, owner, set(self.adverts)))
+        shares = [share for holder, got in reveals.items() if holder in valid
+                  for o, (k, share) in got.items() if o == owner and k == kind]
+        if len(shares) < self.params.threshold:
+            raise RoundAborted(f"only {len(shares)} share(s) of {owner}'s {'self-mask seed' if kind == 'b' else 'key'}"
+                               f", {self.params.threshold} needed")
+        return combine_secret(shares[: self.params.threshold])

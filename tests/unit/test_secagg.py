@@ -1,0 +1,152 @@
+"""SecAgg+ protocol core: correct sums, dropouts at every stage, abort beyond the threshold,
+masked vectors indistinguishable from uniform, pinned mask expansion, key substitution."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from privacy.secagg.crypto import expand_mask
+from privacy.secagg.params import FRACTION_BITS, SecAggParams
+from privacy.secagg.server import Aggregator, RoundAborted
+from privacy.secagg.site import SiteSession, VerificationError
+
+
+class Federation:
+    """n sites with identity keys and pinned roster, and the server, for one round."""
+
+    def __init__(self, n: int, dim: int = 500, seed: int = 0, **kw: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.names = [f"site-{i:02d}" for i in range(n)]
+        self.ids = {s: Ed25519PrivateKey.generate() for s in self.names}
+        self.roster = {s: k.public_key() for s, k in self.ids.items()}
+        self.params = SecAggParams.for_sites("run-7", 3, self.names, **kw)
+        self.updates = {s: rng.normal(0, 0.05, dim) for s in self.names}
+        self.weights = {s: int(rng.integers(20, 2000)) for s in self.names}
+
+    def run(self, drop: dict[str, set[str]] | None = None) -> tuple[np.ndarray, int, list[str], dict]:  # type: ignore[type-arg]
+        """The four stages; ``drop[stage]`` = sites that vanish after that stage."""
+        drop = drop or {}
+        agg = Aggregator(self.params)
+        sessions, adverts = {}, {}
+        for s in self.names:
+            sessions[s], adverts[s] = SiteSession.start(self.params, s, self.ids[s])
+        alive = [s for s in self.names if s not in drop.get("advertise", set())]
+        relay = agg.collect_adverts({s: adverts[s] for s in alive})
+        outboxes = {s: sessions[s].share_keys(relay, self.roster) for s in alive}
+        alive = [s for s in alive if s not in drop.get("share", set())]
+        inboxes = agg.route_shares({s: outboxes[s] for s in alive})
+        masked = {s: sessions[s].masked_input(self.updates[s], self.weights[s], inboxes[s]) for s in alive}
+        alive = [s for s in alive if s not in drop.get("input", set())]
+        survivors, dropped = agg.collect_inputs({s: masked[s] for s in alive})
+        reveals = {s: sessions[s].unmask(survivors, dropped) for s in survivors}
+        total, weight = agg.finish(reveals)
+        return total, weight, survivors, masked
+
+    def expected(self, survivors: list[str]) -> tuple[np.ndarray, int]:
+        return sum(self.weights[s] * self.updates[s] for s in survivors), sum(self.weights[s] for s in survivors)
+
+
+@pytest.mark.parametrize("n", [3, 5, 10, 20])
+def test_unmasked_sum_equals_the_weighted_average(n: int) -> None:
+    fed = Federation(n, seed=n)
+    total, weight, survivors, _ = fed.run()
+    exp_total, exp_weight = fed.expected(fed.names)
+    assert survivors == fed.names and weight == exp_weight
+    bound = n / (2 ** (FRACTION_BITS + 1) * exp_weight)  # documented quantization bound of the mean
+    assert np.abs(total / weight - exp_total / exp_weight).max() <= bound
+    if n == 20:
+        assert fed.params.degree < n - 1  # a sparse neighbour graph, not all pairs
+
+
+@pytest.mark.parametrize("stage", ["advertise", "share", "input"])
+def test_dropouts_up_to_the_tolerance_are_recovered(stage: str) -> None:
+    fed = Federation(10, seed=1)
+    gone = set(fed.names[: fed.params.max_dropouts])
+    assert len(gone) == 4
+    total, weight, survivors, _ = fed.run({stage: gone})
+    exp_total, exp_weight = fed.expected(survivors)
+    assert set(survivors) == set(fed.names) - gone and weight == exp_weight
+    assert np.abs(total / weight - exp_total / exp_weight).max() <= 10 / (2 ** (FRACTION_BITS + 1) * exp_weight)
+
+
+def test_one_dropout_too_many_abandons_the_round() -> None:
+    fed = Federation(5, seed=2)
+    gone = set(fed.names[: fed.params.max_dropouts + 1])
+    with pytest.raises(RoundAborted, match="threshold"):
+        fed.run({"input": gone})
+
+
+def test_masked_input_is_uniform_and_uncorrelated_with_the_update() -> None:
+    fed = Federation(5, dim=20000, seed=3)
+    fed.updates["site-02"] = np.full(20000, 0.3)  # a constant, maximally structured update
+    _, _, _, masked = fed.run()
+    vec = masked["site-02"]
+    bins = np.bincount((vec >> np.uint64(60)).astype(np.int64), minlength=16)  # top 4 bits
+    expected = len(vec) / 16
+    chi2 = float(((bins - expected) ** 2 / expected).sum())
+    assert chi2 < 37.7  # 15 degrees of freedom, p = 0.001
+    low = (vec & np.uint64(0xFF)).astype(np.int64)
+    assert abs(low.mean() - 127.5) < 3
+    plain = fed.updates["site-01"][:20000]
+    as_float = masked["site-01"][:-1].astype(np.float64)
+    assert abs(np.corrcoef(plain, as_float)[0, 1]) < 0.05
+
+
+def test_mask_expansion_known_answer() -> None:
+    words = expand_mask(bytes(range(32)), "run=kat|round=1", 4)
+    assert [int(w) for w in words] == [0x626DCE3ED40F0075, 0x46F938005E4729B1, 0x1CA60A45CEF20C48, 0x4312C5CD92967844]
+    assert expand_mask(bytes(range(32)), "run=kat|round=2", 1)[0] != words[0]  # the context binds run and round
+
+
+def test_substituted_key_is_detected_by_the_other_sites() -> None:
+    fed = Federation(5, seed=4)
+    sessions, adverts = {}, {}
+    for s in fed.names:
+        sessions[s], adverts[s] = SiteSession.start(fed.params, s, fed.ids[s])
+    server_key = Ed25519PrivateKey.generate()
+    forged, _ = SiteSession.start(fed.params, "site-01", server_key)  # the server's own keys for site-01
+    relay = dict(adverts)
+    relay["site-01"] = replace(adverts["site-01"], c_pub=forged.c_pub, s_pub=forged.s_pub)
+    for s in fed.names:
+        with pytest.raises(VerificationError, match="substituted|different key advertisement"):
+            sessions[s].share_keys(relay, fed.roster)
+    # ... even when the server also relays a forged roster: sites use their pinned one
+    _, forged_advert = SiteSession.start(fed.params, "site-01", server_key)
+    relay["site-01"] = forged_advert
+    with pytest.raises(VerificationError, match="substituted"):
+        sessions["site-00"].share_keys(relay, fed.roster)
+
+
+def test_a_site_never_reveals_both_secrets_of_one_peer() -> None:
+    fed = Federation(5, seed=5)
+    agg = Aggregator(fed.params)
+    sessions, adverts = {}, {}
+    for s in fed.names:
+        sessions[s], adverts[s] = SiteSession.start(fed.params, s, fed.ids[s])
+    relay = agg.collect_adverts(adverts)
+    inboxes = agg.route_shares({s: sessions[s].share_keys(relay, fed.roster) for s in fed.names})
+    for s in fed.names:
+        sessions[s].masked_input(fed.updates[s], fed.weights[s], inboxes[s])
+    first = sessions["site-00"].unmask(fed.names, [])
+    assert {k for k, _ in first.values()} == {"b"}
+    with pytest.raises(VerificationError, match="consistency"):
+        sessions["site-00"].unmask([s for s in fed.names if s != "site-03"], ["site-03"])
+    with pytest.raises(VerificationError, match="both survived and dropped"):
+        sessions["site-01"].unmask(fed.names, ["site-02"])
+
+
+def test_parameters_refuse_overflow_and_bad_thresholds() -> None:
+    from privacy.secagg.params import SecAggConfigError
+
+    with pytest.raises(SecAggConfigError, match="overflow"):
+        SecAggParams.for_sites("r", 1, [f"s{i}" for i in range(5)], update_clip=1e9)
+    with pytest.raises(SecAggConfigError, match="odd"):
+        SecAggParams.for_sites("r", 1, ["a", "b", "c", "d"], k=4)
+    with pytest.raises(SecAggConfigError, match="threshold"):
+        SecAggParams.for_sites("r", 1, ["a", "b", "c"], threshold=4)
+    assert math.isclose(SecAggParams.for_sites("r", 1, [f"s{i}" for i in range(100)]).k, 17)
