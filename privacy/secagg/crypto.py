@@ -56,13 +56,13 @@ def split_secret(secret: bytes, threshold: int, holders: int) -> list[bytes]:
     with pycryptodome's GF(2^128) scheme; share ``i`` (1-based x = i) is 33 bytes: x || halves."""
     if len(secret) != 32:
         raise ValueError("secret must be 32 bytes")
-    lo = Shamir.split(threshold, holders, secret[:16])
-    hi = Shamir.split(threshold, holders, secret[16:])
+    lo = Shamir.split(threshold, holders, secret[:16], ssss=False)
+    hi = Shamir.split(threshold, holders, secret[16:], ssss=False)
     return [bytes([x]) + a + b for (x, a), (_, b) in zip(lo, hi, strict=True)]
 
 
 def combine_secret(shares: list[bytes]) -> bytes:
     """Inverse of :func:`split_secret` from at least ``threshold`` shares."""
-    lo = Shamir.combine([(s[0], s[1:17]) for s in shares])
-    hi = Shamir.combine([(s[0], s[17:33]) for s in shares])
+    lo = Shamir.combine([(s[0], s[1:17]) for s in shares], ssss=False)
+    hi = Shamir.combine([(s[0], s[17:33]) for s in shares], ssss=False)
     return lo + hi

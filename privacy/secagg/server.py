@@ -8,6 +8,7 @@ the sum, never one site's update.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +31,7 @@ class Aggregator:
     sharers: set[str] = field(default_factory=set)  # U2
     inputs: dict[str, np.ndarray] = field(default_factory=dict)  # U3
 
-    def _need(self, who: set[str] | dict, stage: str) -> None:  # type: ignore[type-arg]
+    def _need(self, who: Collection[str], stage: str) -> None:
         if len(who) < self.params.threshold:
             raise RoundAborted(f"{stage}: {len(who)} site(s) left, the threshold is {self.params.threshold}")
 

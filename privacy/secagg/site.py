@@ -122,8 +122,8 @@ class SiteSession:
             if holder == self.site:
                 self.own_shares = (sb, sc)
                 continue
-            key = share_key(self.params, self.s_priv, adverts[holder].s_pub, self.site, holder)
-            out[holder] = seal(key, sb + sc, share_aad(self.params, self.site, holder))
+            sealing = share_key(self.params, self.s_priv, adverts[holder].s_pub, self.site, holder)
+            out[holder] = seal(sealing, sb + sc, share_aad(self.params, self.site, holder))
         return out
 
     def masked_input(self, update: np.ndarray, weight: int, inbox: dict[str, bytes]) -> np.ndarray:
