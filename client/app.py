@@ -11,9 +11,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.audit_trail import RoundIds, SiteAudit
-from client.budget import REFUSED_BUDGET, plan_round
+from client.budget import REFUSED_BUDGET, REFUSED_POLICY, plan_round
 from client.config import SiteConfig, load_site_config
+from client.guard import egress_guard
 from client.models import build_model, get_arrays, pick_device, set_arrays
+from client.secagg_mod import secagg_mod
 from client.site import load_site_data
 from client.train import LocalPlan, evaluate, train_plain, train_private
 from privacy import egress as K
@@ -53,7 +55,8 @@ def _reply(msg: Message, site: SiteConfig, metrics: Mapping[str, float | int],
 
 
 def _train(msg: Message, site: SiteConfig) -> Message:
-    req = RoundRequest.from_record(msg.content.config_records[K.CONFIG])
+    conf = msg.content.config_records[K.CONFIG]
+    req = RoundRequest.from_record(conf)
     data = load_site_data(site, image_size=req.image_size)
     policy = site.privacy
     patients = data.train.n_patients
@@ -71,6 +74,12 @@ def _train(msg: Message, site: SiteConfig) -> Message:
     ids = RoundIds(req.run_id, req.server_round, arrays_sha256(global_arrays))
     device = pick_device(site.device)
     metrics: dict[str, float | int] = {K.PATIENTS: patients}
+    if policy.require_secure_aggregation and conf.get(K.SECAGG_STAGE) != "input":
+        log.warning("site %s refuses round %s: the update would leave unmasked and the site policy requires "
+                    "secure aggregation", site.name, req.server_round)
+        audit.refused(ids, reason="secure-aggregation-required", epsilon=0.0)
+        return _reply(msg, site, {K.REFUSED: 1, K.REFUSAL_CODE: REFUSED_POLICY, K.PATIENTS: patients},
+                      audit_head=audit.head())
     if policy.dp or req.dp:  # the site's policy wins; DP if either asks for it
         ledger = PrivacyLedger.load(site.ledger_file)
         delta = policy.delta_for(patients)
@@ -117,8 +126,15 @@ def _evaluate(msg: Message, site: SiteConfig) -> Message:
 
 
 def build_client_app(sim_sites: Sequence[str] = ()) -> ClientApp:
-    """The ClientApp; ``sim_sites`` lists virtual sites' workspaces in a simulation."""
-    client_app = ClientApp()
+    """The ClientApp; ``sim_sites`` lists virtual sites' workspaces in a simulation.
+
+    Every reply passes the egress guard (outermost mod); ``train`` messages of a secure
+    aggregation round pass the SecAgg+ client, which masks the update before it leaves."""
+
+    def resolve(context: Context) -> SiteConfig:
+        return resolve_site(context, sim_sites)
+
+    client_app = ClientApp(mods=[egress_guard(resolve), secagg_mod(resolve)])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -9,8 +9,9 @@ from client.config import PrivacyPolicy
 from privacy.dp import BudgetExhausted, GaussianSteps, calibrate_noise, epsilon
 from privacy.ledger import PrivacyLedger
 
-REFUSED_BUDGET = 1  # refusal codes sent as numbers (never free text)
-REFUSED_POLICY = 2
+# refusal codes, sent as numbers (never free text)
+REFUSED_BUDGET = 1  # this round would exceed the site's privacy budget
+REFUSED_POLICY = 2  # the update would leave unmasked and the site requires secure aggregation
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ class PrivacyPolicy:
     accountant: str = "rdp"
     max_noise_multiplier: float = 20.0
     max_grad_norm: float = 1.0
+    require_secure_aggregation: bool = True  # refuse to send an update that is not masked
 
     def delta_for(self, patients: int) -> float:
         """The δ this site accounts with: the policy's, or automatic for its patient count."""

@@ -36,7 +36,7 @@ class ServerAudit:
     def run_start(self, cfg: RunConfig, initial: Mapping[str, np.ndarray]) -> None:
         self._add(E.RUN_START, config_sha256=body_hash(cfg.to_dict()), code_sha256=code_sha256(),
                   versions=versions(), initial_sha256=arrays_sha256(initial), rounds=cfg.num_server_rounds,
-                  dp=cfg.dp, secure_aggregation=False)
+                  dp=cfg.dp, secure_aggregation=cfg.secure_aggregation)
 
     def round_start(self, rnd: int, arrays: Mapping[str, np.ndarray], nodes: list[int]) -> None:
         self._add(E.ROUND_START, round=rnd, global_sha256=arrays_sha256(arrays), nodes=[str(n) for n in nodes])
@@ -44,6 +44,10 @@ class ServerAudit:
     def reply(self, rnd: int, site: str, status: str, site_head: str | None = None,
               epsilon: float | None = None) -> None:
         self._add(E.SITE_REPLY, round=rnd, site=site, status=status, site_head=site_head, epsilon=epsilon)
+
+    def secure_aggregation(self, rnd: int, info: dict[str, Any]) -> None:
+        self._add(E.SECAGG, round=rnd, sites=info.get("sites"), dropped=info.get("dropped"),
+                  aborted=bool(info.get("aborted")), k=info.get("k"), threshold=info.get("threshold"))
 
     def aggregate(self, rnd: int, sites: list[str], arrays: Mapping[str, np.ndarray]) -> None:
         self._add(E.AGGREGATE, round=rnd, sites=sites, new_sha256=arrays_sha256(arrays))

@@ -65,6 +65,9 @@ def simulate(
     accountant: Annotated[str, typer.Option(help="virtual sites' accountant: rdp or prv")] = "rdp",
     noise_multiplier: Annotated[float, typer.Option(min=0.0, help="minimum noise the server asks for (sites may use more)")] = 0.0,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="train WITHOUT differential privacy (comparison only)")] = False,
+    no_secagg: Annotated[bool, typer.Option("--no-secagg", help="send updates UNMASKED (comparison only)")] = False,
+    secagg_k: Annotated[int, typer.Option(min=0, help="SecAgg+ neighbourhood size (odd; 0 = default)")] = 0,
+    secagg_threshold: Annotated[int, typer.Option(min=0, help="SecAgg+ Shamir threshold (0 = majority)")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print the final metrics as JSON")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower and Ray logs")] = False,
@@ -75,15 +78,22 @@ def simulate(
     if no_dp:
         err.print("[bold red]WARNING: --no-dp: sites train WITHOUT differential privacy. "
                   "Released models can leak patient data. Use only to measure DP's cost.[/]")
+    if no_secagg:
+        err.print("[bold red]WARNING: --no-secagg: the server sees every site's update in the clear. "
+                  "Gradient inversion can turn an update back into patient images. Comparison only.[/]")
     try:
-        policy = PrivacyPolicy(dp=not no_dp, max_epsilon=epsilon, delta=delta, accountant=accountant)
+        policy = PrivacyPolicy(dp=not no_dp, max_epsilon=epsilon, delta=delta, accountant=accountant,
+                               require_secure_aggregation=not no_secagg)
         cfg = RunConfig(num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size,
                         learning_rate=learning_rate, run_dir=str(out.resolve()), seed=seed, dp=not no_dp,
-                        noise_multiplier=noise_multiplier)
+                        noise_multiplier=noise_multiplier, secure_aggregation=not no_secagg, secagg_k=secagg_k,
+                        secagg_threshold=secagg_threshold)
         plan = SimulationPlan(sites=sites, patients=patients, data=tuple(data or ()),
                               sites_dir=sites_dir, data_seed=seed, policy=policy)
         with err.status("preparing site workspaces (generating DICOM, warming caches)…"):
             configs = prepare_sites(out, plan, cfg.image_size)
+        if len(configs) < 2 and cfg.secure_aggregation:
+            raise ValueError("secure aggregation needs at least 2 sites: use --sites 2 or more, or --no-secagg")
     except INPUT_ERRORS as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -6,89 +6,27 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from privacy import egress as K
 from privacy.protocol import RoundRequest
-from privacy.wire import arrays_sha256, arrays_to_record, record_to_arrays
+from privacy.wire import arrays_sha256, arrays_to_record
 from server.aggregate import apply_update, weighted_mean
 from server.audit_trail import ServerAudit
 from server.config import RunConfig
+from server.messaging import Reply, RoundOutcome, exchange, wait_for_sites
 from server.rundir import RunDir
+from server.secagg_driver import secure_train
 
 log = logging.getLogger("medfed.server")
 
 RoundCallback = Callable[[dict[str, Any]], None]
-
-
-class NotEnoughSitesError(RuntimeError):
-    """Fewer sites connected than the run's ``min-sites`` within the timeout."""
-
-
-@dataclass
-class Reply:
-    """One site's usable reply (numbers and arrays only)."""
-
-    node_id: int
-    site: str
-    metrics: dict[str, float]
-    arrays: OrderedDict[str, np.ndarray] | None = None
-    audit_head: str | None = None
-
-
-@dataclass
-class RoundOutcome:
-    replies: list[Reply] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-
-
-def wait_for_sites(grid: Grid, min_sites: int, timeout: float) -> list[int]:
-    """Node ids once at least ``min_sites`` are connected (bounded wait)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= min_sites:
-            return nodes
-        if time.monotonic() > deadline:
-            raise NotEnoughSitesError(
-                f"only {len(nodes)} site(s) connected after {timeout:.0f}s, the run needs "
-                f"{min_sites}: start more sites or lower min-sites"
-            )
-        time.sleep(1.0)
-
-
-def _exchange(grid: Grid, nodes: Iterable[int], content: RecordDict, message_type: str,
-              timeout: float, with_arrays: bool) -> RoundOutcome:
-    messages = [Message(content=content, dst_node_id=n, message_type=message_type) for n in nodes]
-    sent = {m.metadata.dst_node_id for m in messages}
-    outcome = RoundOutcome()
-    answered = set()
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        answered.add(node)
-        if reply.has_error():
-            log.warning("node %s replied with an error: %s", node, reply.error.reason)
-            outcome.failed.append(str(node))
-            continue
-        content_ = reply.content
-        identity = content_.config_records.get(K.SITE)
-        site = str(identity[K.SITE_NAME]) if identity is not None else str(node)
-        head = str(identity[K.AUDIT_HEAD]) if identity is not None and K.AUDIT_HEAD in identity else None
-        metrics = {k: float(v) for k, v in content_.metric_records[K.METRICS].items()}  # type: ignore[arg-type]
-        has_arrays = with_arrays and K.ARRAYS in content_.array_records
-        arrays = record_to_arrays(content_.array_records[K.ARRAYS]) if has_arrays else None
-        outcome.replies.append(Reply(node_id=node, site=site, metrics=metrics, arrays=arrays, audit_head=head))
-    for node in sorted(sent - answered):
-        log.warning("node %s did not reply within %.0fs", node, timeout)
-        outcome.failed.append(str(node))
-    return outcome
 
 
 def _weighted(replies: list[Reply], key: str) -> float:
@@ -122,11 +60,20 @@ def run_federation(
         nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
         conf = round_config(cfg, run_id, rnd)
         audit.round_start(rnd, arrays, nodes)
-        train = _exchange(grid, nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf}),
-                          MessageType.TRAIN, cfg.round_timeout, with_arrays=True)
-        updates = [r for r in train.replies if r.arrays is not None]
+        secure = None
+        if cfg.secure_aggregation:
+            secure = secure_train(grid, nodes, arrays, conf, run_id=run_id, round_=rnd, timeout=cfg.round_timeout,
+                                  k=cfg.secagg_k, threshold=cfg.secagg_threshold)
+            train = RoundOutcome(replies=secure.replies, failed=secure.failed)
+            updates = [r for r in train.replies if r.masked is not None] if secure.update is not None else []
+        else:
+            train = exchange(grid, dict.fromkeys(nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf})),
+                             MessageType.TRAIN, cfg.round_timeout, with_arrays=True)
+            updates = [r for r in train.replies if r.arrays is not None]
         refused = sorted(r.site for r in train.replies if r.metrics.get(K.REFUSED))
         _audit_replies(audit, rnd, train)
+        if secure is not None:
+            audit.secure_aggregation(rnd, secure.info)
         row: dict[str, Any] = {
             "round": rnd, "sites": sorted(r.site for r in updates), "refused": refused,
             "failed": train.failed,
@@ -136,9 +83,11 @@ def run_federation(
         }
         for site in refused:
             log.warning("round %d: site %s refused to train (privacy budget exhausted)", rnd, site)
+        if secure is not None:
+            row["secagg"] = secure.info
         if updates:
-            update = weighted_mean([r.arrays for r in updates if r.arrays is not None],
-                                   [r.metrics[K.NUM_EXAMPLES] for r in updates])
+            update = secure.update if secure is not None and secure.update is not None else weighted_mean(
+                [r.arrays for r in updates if r.arrays is not None], [r.metrics[K.NUM_EXAMPLES] for r in updates])
             arrays = apply_update(arrays, update)
             audit.aggregate(rnd, sorted(r.site for r in updates), arrays)
             path = rundir.checkpoint(rnd, arrays)
@@ -147,8 +96,8 @@ def run_federation(
         else:
             log.warning("round %d: no site returned an update; the global model is unchanged", rnd)
         row["model_sha256"] = arrays_sha256(arrays)
-        evaluation = _exchange(grid, nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf}),
-                               MessageType.EVALUATE, cfg.round_timeout, with_arrays=False)
+        evaluation = exchange(grid, dict.fromkeys(nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf})),
+                              MessageType.EVALUATE, cfg.round_timeout, with_arrays=False)
         row["train_loss"] = _weighted(train.replies, K.TRAIN_LOSS)
         row["val_loss"] = _weighted(evaluation.replies, K.VAL_LOSS)
         row["val_auroc"] = _weighted(evaluation.replies, K.VAL_AUROC)
@@ -176,7 +125,8 @@ def run_federation(
 
 def _audit_replies(audit: ServerAudit, rnd: int, outcome: RoundOutcome) -> None:
     for r in outcome.replies:
-        status = "refused" if r.metrics.get(K.REFUSED) else ("trained" if r.arrays is not None else "error")
+        trained = r.arrays is not None or r.masked is not None
+        status = "refused" if r.metrics.get(K.REFUSED) else ("trained" if trained else "error")
         audit.reply(rnd, r.site, status, site_head=r.audit_head, epsilon=r.metrics.get(K.EPSILON))
     for node in outcome.failed:
         audit.reply(rnd, node, "failed")

@@ -11,10 +11,11 @@ from typing import Any
 
 from client.audit_trail import site_key_path
 from client.config import DataConfig, PrivacyPolicy, SiteConfig, load_site_config, write_site_config
+from client.secagg_mod import roster_path
 from client.site import load_site_data
 from client.synth import generate_site, site_profile
 from privacy.audit.keys import load_or_create_key, public_pem
-from privacy.files import atomic_write_bytes
+from privacy.files import atomic_write_bytes, atomic_write_json
 from server.config import RunConfig
 from server.rounds import RoundCallback
 
@@ -69,6 +70,10 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int) -> list[Site
         # the site's identity/audit key, and its public half in the run's roster of keys
         key = load_or_create_key(site_key_path(config))
         atomic_write_bytes(out / KEYS_DIR / f"{config.name}.pub", public_pem(key.public_key()))
+    # the federation roster the driver pins at every virtual site (deployments: `medfed-site roster`)
+    roster = {"sites": {c.name: (out / KEYS_DIR / f"{c.name}.pub").read_text() for c in configs}}
+    for config in configs:
+        atomic_write_json(roster_path(config), roster)
     return configs
 
 

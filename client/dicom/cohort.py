@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from client.dicom.deid import fingerprint
 from client.dicom.errors import SiteDataError
 from client.dicom.ingest import Ingested, candidate_files, ingest, require_folder
 from client.dicom.preprocess import Preprocessing
+from privacy.egress import fingerprint
 
 LABEL_KEYS = ("SOPInstanceUID", "path", "StudyInstanceUID")  # accepted key columns, in this order
 

@@ -6,8 +6,6 @@ identifying values (for the egress guard) -- never the values themselves.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR
@@ -15,6 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
 from client.dicom import header
+from privacy.egress import fingerprint
 
 # Attributes of the basic profile that carry identifying values in practice: names, IDs,
 # dates of birth, addresses, phone numbers, institution and staff, free-text comments.
@@ -37,7 +36,6 @@ PHI_KEYWORDS = frozenset({
     "PersonName", "VerifyingObserverName", "ReviewerName", "TextComments",
 })
 PHI_TAGS = {Tag(kw): kw for kw in PHI_KEYWORDS}
-FINGERPRINT_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -48,12 +46,6 @@ class DeidScan:
     burned_in: bool
     identity_removed: bool
     fingerprints: tuple[str, ...]
-
-
-def fingerprint(key: bytes, value: str) -> str:
-    """Keyed fingerprint of an identifying value (HMAC-SHA256, hex, truncated)."""
-    return hmac.new(key, value.strip().upper().encode("utf-8", "replace"), hashlib.sha256).hexdigest()[
-        : 2 * FINGERPRINT_BYTES]
 
 
 def scan(ds: Dataset, key: bytes) -> DeidScan:

@@ -22,11 +22,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from threadpoolctl import threadpool_limits
 
 from client.dicom import header
-from client.dicom.deid import DeidScan, fingerprint, scan
+from client.dicom.deid import DeidScan, scan
 from client.dicom.errors import DicomReadError, SiteDataError
 from client.dicom.preprocess import Preprocessing, prepare, prepare_linear, select_frames, window_for
 from client.dicom.reader import decode, decode_linear, parse, syntax_name
 from client.dicom.store import FileRecord, IngestStore, Processed
+from privacy.egress import fingerprint
 from privacy.files import atomic_write_bytes
 
 KEY_FILE = "identifier.key"
@@ -236,3 +237,20 @@ def _decode_all(store: IngestStore, todo: list[tuple[Path, str]], pre: Preproces
             digests.update((p.rel, p.digest) for p in chunk)
         if pending:
             store.commit(pending)
+
+
+def identifying_fingerprints(cache_dir: Path) -> tuple[frozenset[str], bytes | None]:
+    """Keyed fingerprints of every identifying header value the site's ingests saw, and the key.
+
+    Read from the ingest journals in ``cache_dir`` (the preflight's de-identification scan):
+    the list of values the egress guard never lets out.
+    """
+    cache_dir = Path(cache_dir)
+    key_file = cache_dir / KEY_FILE
+    if not key_file.is_file():
+        return frozenset(), None
+    prints: set[str] = set()
+    for store_dir in sorted(cache_dir.glob("ingest-*")):
+        for record in IngestStore(store_dir).records.values():
+            prints.update(record.fingerprints)
+    return frozenset(prints), key_file.read_bytes()

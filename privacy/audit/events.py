@@ -13,6 +13,7 @@ class E:
     SITE_ENROLLED = "site-enrolled"
     ROUND_START = "round-start"  # run_id, round, global_sha256, sites
     SITE_REPLY = "site-reply"  # run_id, round, site, status (trained|refused|error|timeout), site_head, epsilon
+    SECAGG = "secure-aggregation"  # run_id, round, sites, dropped, aborted, k, threshold
     AGGREGATE = "aggregate-applied"  # run_id, round, sites, new_sha256
     CHECKPOINT = "checkpoint-written"  # run_id, round, file, sha256
     RUN_END = "run-end"  # run_id, rounds, final_sha256

@@ -12,6 +12,11 @@ FRACTION_BITS = 24  # fixed point: resolution 2^-24 ≈ 6e-8
 MODULUS_BITS = 64  # arithmetic mod 2^64 (numpy uint64 wraps)
 
 
+def round_context(run_id: str, round_: int) -> str:
+    """What binds keys, masks and shares to one round of one run."""
+    return f"run={run_id}|round={round_}"
+
+
 class SecAggConfigError(ValueError):
     """Invalid secure-aggregation parameters; the message names the parameter."""
 
@@ -72,7 +77,7 @@ class SecAggParams:
         return cls(run_id, round_, names, k, threshold or holders // 2 + 1, **kw)  # type: ignore[arg-type]
 
     def context(self) -> str:
-        return f"run={self.run_id}|round={self.round}"
+        return round_context(self.run_id, self.round)
 
     def neighbours(self, site: str) -> list[str]:
         """The (k-1) neighbours of ``site``: (k-1)/2 on each side on a ring ordered by a

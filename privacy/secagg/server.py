@@ -9,7 +9,7 @@ the sum, never one site's update.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -24,7 +24,8 @@ class RoundAborted(RuntimeError):
 
 @dataclass
 class Aggregator:
-    """Server state for one round."""
+    """Server state for one round. ``params`` are provisional (k, threshold, bounds) until
+    stage 1 fixes the round's sites: those that advertised."""
 
     params: SecAggParams
     adverts: dict[str, KeyAdvert] = field(default_factory=dict)  # U1
@@ -35,11 +36,15 @@ class Aggregator:
         if len(who) < self.params.threshold:
             raise RoundAborted(f"{stage}: {len(who)} site(s) left, the threshold is {self.params.threshold}")
 
-    def collect_adverts(self, adverts: dict[str, KeyAdvert]) -> dict[str, KeyAdvert]:
-        """Stage 1 replies -> what every site receives in stage 2 (all advertisements)."""
-        self.adverts = {k: v for k, v in adverts.items() if k in self.params.sites}
+    def collect_adverts(self, adverts: dict[str, KeyAdvert]) -> tuple[SecAggParams, dict[str, KeyAdvert]]:
+        """Stage 1 replies -> what every site receives in stage 2: the round's parameters (its
+        sites are those that advertised) and all advertisements."""
+        self.adverts = {k: v for k, v in adverts.items() if k == v.site}
         self._need(self.adverts, "advertise keys")
-        return dict(self.adverts)
+        if len(self.adverts) < 2:
+            raise RoundAborted("advertise keys: secure aggregation needs at least 2 sites")
+        self.params = replace(self.params, sites=tuple(sorted(self.adverts)))
+        return self.params, dict(self.adverts)
 
     def route_shares(self, outboxes: dict[str, dict[str, bytes]]) -> dict[str, dict[str, bytes]]:
         """Stage 2 replies (``sender -> receiver -> sealed``) -> stage 3 inboxes (``receiver -> sender -> sealed``)."""

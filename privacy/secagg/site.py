@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from privacy.secagg.crypto import agree, expand_mask, hkdf, new_x25519, open_sealed, seal, split_secret
-from privacy.secagg.params import SecAggParams, encode_input
+from privacy.secagg.params import SecAggParams, encode_input, round_context
 
 
 class VerificationError(RuntimeError):
@@ -39,12 +39,12 @@ class KeyAdvert:
     sig: bytes
 
     @staticmethod
-    def message(params: SecAggParams, site: str, c_pub: bytes, s_pub: bytes) -> bytes:
-        return f"medfed-secagg-advert|{params.context()}|{site}|".encode() + c_pub + s_pub
+    def message(context: str, site: str, c_pub: bytes, s_pub: bytes) -> bytes:
+        return f"medfed-secagg-advert|{context}|{site}|".encode() + c_pub + s_pub
 
     def verify(self, params: SecAggParams, key: Ed25519PublicKey) -> None:
         try:
-            key.verify(self.sig, self.message(params, self.site, self.c_pub, self.s_pub))
+            key.verify(self.sig, self.message(params.context(), self.site, self.c_pub, self.s_pub))
         except InvalidSignature:
             raise VerificationError(f"the key advertisement of {self.site} is not signed by its enrolled identity "
                                     "key: keys were substituted; round aborted") from None
@@ -76,7 +76,8 @@ def holders(params: SecAggParams, site: str, present: set[str]) -> list[str]:
 class SiteSession:
     """One site's state for one round (kept in the ClientApp's ``context.state`` between stages)."""
 
-    params: SecAggParams
+    run_id: str
+    round: int
     site: str
     c_priv: bytes
     c_pub: bytes
@@ -87,19 +88,31 @@ class SiteSession:
     own_shares: tuple[bytes, bytes] = (b"", b"")  # this site's own share of (b, c_priv)
     shares: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # owner -> (b share, c share)
     revealed: dict[str, str] = field(default_factory=dict)  # owner -> "b" | "c"
+    params_: SecAggParams | None = None  # fixed by the server in stage 2 (the sites that advertised)
+
+    @property
+    def params(self) -> SecAggParams:
+        if self.params_ is None:
+            raise VerificationError("protocol stage out of order: no share-keys stage for this round")
+        return self.params_
 
     @classmethod
-    def start(cls, params: SecAggParams, site: str, identity: Ed25519PrivateKey) -> tuple[SiteSession, KeyAdvert]:
+    def start(cls, run_id: str, round_: int, site: str, identity: Ed25519PrivateKey) -> tuple[SiteSession, KeyAdvert]:
         """Stage 1: fresh keys and the signed advertisement."""
-        if site not in params.sites:
-            raise VerificationError(f"{site} is not among this round's sites")
         c_priv, c_pub = new_x25519()
         s_priv, s_pub = new_x25519()
-        advert = KeyAdvert(site, c_pub, s_pub, identity.sign(KeyAdvert.message(params, site, c_pub, s_pub)))
-        return cls(params, site, c_priv, c_pub, s_priv, s_pub), advert
+        sig = identity.sign(KeyAdvert.message(round_context(run_id, round_), site, c_pub, s_pub))
+        return cls(run_id, round_, site, c_priv, c_pub, s_priv, s_pub), KeyAdvert(site, c_pub, s_pub, sig)
 
-    def share_keys(self, adverts: dict[str, KeyAdvert], roster: dict[str, Ed25519PublicKey]) -> dict[str, bytes]:
-        """Stage 2: verify the advertisements, then sealed shares for each holder (``receiver -> bytes``)."""
+    def share_keys(self, params: SecAggParams, adverts: dict[str, KeyAdvert],
+                   roster: dict[str, Ed25519PublicKey]) -> dict[str, bytes]:
+        """Stage 2: check the round's parameters and every advertisement, then sealed shares for
+        each holder (``receiver -> bytes``)."""
+        if (params.run_id, params.round) != (self.run_id, self.round) or self.site not in params.sites:
+            raise VerificationError("the round parameters do not match this site's round; round aborted")
+        if set(adverts) != set(params.sites):
+            raise VerificationError("the advertised sites differ from the round's sites; round aborted")
+        self.params_ = params
         mine = adverts.get(self.site)
         if mine is None or (mine.c_pub, mine.s_pub) != (self.c_pub, self.s_pub):
             raise VerificationError("the server relayed a different key advertisement for this site; round aborted")

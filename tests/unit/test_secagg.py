@@ -34,10 +34,10 @@ class Federation:
         agg = Aggregator(self.params)
         sessions, adverts = {}, {}
         for s in self.names:
-            sessions[s], adverts[s] = SiteSession.start(self.params, s, self.ids[s])
+            sessions[s], adverts[s] = SiteSession.start("run-7", 3, s, self.ids[s])
         alive = [s for s in self.names if s not in drop.get("advertise", set())]
-        relay = agg.collect_adverts({s: adverts[s] for s in alive})
-        outboxes = {s: sessions[s].share_keys(relay, self.roster) for s in alive}
+        round_params, relay = agg.collect_adverts({s: adverts[s] for s in alive})
+        outboxes = {s: sessions[s].share_keys(round_params, relay, self.roster) for s in alive}
         alive = [s for s in alive if s not in drop.get("share", set())]
         inboxes = agg.route_shares({s: outboxes[s] for s in alive})
         masked = {s: sessions[s].masked_input(self.updates[s], self.weights[s], inboxes[s]) for s in alive}
@@ -107,19 +107,19 @@ def test_substituted_key_is_detected_by_the_other_sites() -> None:
     fed = Federation(5, seed=4)
     sessions, adverts = {}, {}
     for s in fed.names:
-        sessions[s], adverts[s] = SiteSession.start(fed.params, s, fed.ids[s])
+        sessions[s], adverts[s] = SiteSession.start("run-7", 3, s, fed.ids[s])
     server_key = Ed25519PrivateKey.generate()
-    forged, _ = SiteSession.start(fed.params, "site-01", server_key)  # the server's own keys for site-01
+    forged, _ = SiteSession.start("run-7", 3, "site-01", server_key)  # the server's own keys for site-01
     relay = dict(adverts)
     relay["site-01"] = replace(adverts["site-01"], c_pub=forged.c_pub, s_pub=forged.s_pub)
     for s in fed.names:
         with pytest.raises(VerificationError, match="substituted|different key advertisement"):
-            sessions[s].share_keys(relay, fed.roster)
+            sessions[s].share_keys(fed.params, relay, fed.roster)
     # ... even when the server also relays a forged roster: sites use their pinned one
-    _, forged_advert = SiteSession.start(fed.params, "site-01", server_key)
+    _, forged_advert = SiteSession.start("run-7", 3, "site-01", server_key)
     relay["site-01"] = forged_advert
     with pytest.raises(VerificationError, match="substituted"):
-        sessions["site-00"].share_keys(relay, fed.roster)
+        sessions["site-00"].share_keys(fed.params, relay, fed.roster)
 
 
 def test_a_site_never_reveals_both_secrets_of_one_peer() -> None:
@@ -127,9 +127,9 @@ def test_a_site_never_reveals_both_secrets_of_one_peer() -> None:
     agg = Aggregator(fed.params)
     sessions, adverts = {}, {}
     for s in fed.names:
-        sessions[s], adverts[s] = SiteSession.start(fed.params, s, fed.ids[s])
-    relay = agg.collect_adverts(adverts)
-    inboxes = agg.route_shares({s: sessions[s].share_keys(relay, fed.roster) for s in fed.names})
+        sessions[s], adverts[s] = SiteSession.start("run-7", 3, s, fed.ids[s])
+    round_params, relay = agg.collect_adverts(adverts)
+    inboxes = agg.route_shares({s: sessions[s].share_keys(round_params, relay, fed.roster) for s in fed.names})
     for s in fed.names:
         sessions[s].masked_input(fed.updates[s], fed.weights[s], inboxes[s])
     first = sessions["site-00"].unmask(fed.names, [])
@@ -150,3 +150,13 @@ def test_parameters_refuse_overflow_and_bad_thresholds() -> None:
     with pytest.raises(SecAggConfigError, match="threshold"):
         SecAggParams.for_sites("r", 1, ["a", "b", "c"], threshold=4)
     assert math.isclose(SecAggParams.for_sites("r", 1, [f"s{i}" for i in range(100)]).k, 17)
+
+
+def test_sparse_graph_recovers_dropped_sites_masks() -> None:
+    fed = Federation(20, seed=9)
+    assert fed.params.degree < 19
+    gone = {"site-03", "site-11", "site-17"}
+    total, weight, survivors, _ = fed.run({"input": gone})
+    exp_total, exp_weight = fed.expected(survivors)
+    assert len(survivors) == 17 and weight == exp_weight
+    assert np.abs(total / weight - exp_total / exp_weight).max() <= 20 / (2 ** (FRACTION_BITS + 1) * exp_weight)

@@ -1,0 +1,147 @@
+"""The site's secure-aggregation client: a ClientApp mod that runs the four SecAgg+ stages
+(``privacy.secagg``) on ``train`` messages carrying a ``secagg-stage``.
+
+Protocol state stays in ``context.state`` between stages. Only the ``input`` stage calls
+the wrapped ``train`` handler; its update (the delta) is flattened, weighted and masked
+before it leaves. Any verification failure (a substituted key, a changed roster, an
+inconsistent request) is refused with an error reply and written to the site's audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+from client.audit_trail import SiteAudit, site_key_path
+from client.config import SiteConfig
+from privacy import egress as K
+from privacy.audit.events import E
+from privacy.audit.keys import KeyFileError, load_private_key
+from privacy.secagg.site import SiteSession, VerificationError
+from privacy.secagg.wire import (
+    adverts_from_bytes,
+    adverts_to_bytes,
+    boxes_from_bytes,
+    boxes_to_bytes,
+    load_roster,
+    params_from_json,
+    reveals_to_bytes,
+    session_from_bytes,
+    session_to_bytes,
+)
+from privacy.wire import record_to_arrays
+
+STATE = "secagg"
+ROSTER_FILE = Path("trust") / "roster.json"
+SECAGG_REFUSED = 452  # error code of a round the site refused for a protocol check
+log = logging.getLogger("medfed.site")
+
+
+def roster_path(site: SiteConfig) -> Path:
+    return site.workspace / ROSTER_FILE
+
+
+def secagg_mod(resolve: Callable[[Context], SiteConfig]) -> Mod:
+    """The mod; ``resolve`` finds the site's configuration from the node context."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        conf = msg.content.config_records.get(K.CONFIG) if msg.metadata.message_type == MessageType.TRAIN else None
+        if conf is None or K.SECAGG_STAGE not in conf:
+            return call_next(msg, context)
+        site = resolve(context)
+        stage = str(conf[K.SECAGG_STAGE])
+        try:
+            return _stage(stage, msg, context, call_next, site, conf)
+        except (VerificationError, KeyFileError, KeyError, ValueError) as exc:
+            reason = str(exc) if isinstance(exc, VerificationError | KeyFileError) else f"malformed {stage} request"
+            log.warning("site %s refuses secure-aggregation stage %s: %s", site.name, stage, reason)
+            SiteAudit(site).log.append(E.REFUSED, {"run_id": str(conf.get(K.RUN_ID, "")), "round": _int(conf, K.SERVER_ROUND),
+                                                   "reason": "secagg-verification", "stage": stage})
+            return Message(Error(code=SECAGG_REFUSED, reason=f"secure aggregation refused at {stage}: {reason}"),
+                           reply_to=msg)
+
+    return mod
+
+
+def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCallable, site: SiteConfig,
+           conf: ConfigRecord) -> Message:
+    if stage == "advertise":
+        session, advert = SiteSession.start(_str(conf, K.RUN_ID), _int(conf, K.SERVER_ROUND), site.name,
+                                            load_private_key(site_key_path(site)))
+        _save(context, session)
+        return _reply(msg, site, {K.ADVERT: adverts_to_bytes({site.name: advert})})
+    session = _load(context)
+    if stage == "share":
+        params = params_from_json(json.loads(_str(conf, K.SECAGG_PARAMS)))
+        outbox = session.share_keys(params, adverts_from_bytes(_bytes(conf, K.SECAGG_ADVERTS)),
+                                    load_roster(roster_path(site)))
+        _save(context, session)
+        return _reply(msg, site, {K.OUTBOX: boxes_to_bytes(outbox)})
+    if stage == "input":
+        reply = call_next(msg, context)
+        if reply.has_error() or K.ARRAYS not in reply.content.array_records:
+            return reply  # a refusal: the site drops out of this round; its masks are recovered
+        update = record_to_arrays(reply.content.array_records[K.ARRAYS])
+        flat = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in update.values()])
+        weight = _int(reply.content.metric_records[K.METRICS], K.NUM_EXAMPLES)
+        masked = session.masked_input(flat, weight, boxes_from_bytes(_bytes(conf, K.SECAGG_INBOX)))
+        _save(context, session)
+        content = RecordDict({K.METRICS: reply.content.metric_records[K.METRICS], K.SITE: reply.content.config_records[K.SITE],
+                              K.MASKED: ArrayRecord({K.MASKED: Array(masked)})})
+        return Message(content, reply_to=msg)
+    if stage == "unmask":
+        survivors, dropped = _strs(conf, K.SECAGG_SURVIVORS), _strs(conf, K.SECAGG_DROPPED)
+        reveals = session.unmask(survivors, dropped)
+        _save(context, session)
+        return _reply(msg, site, {K.REVEALS: reveals_to_bytes(reveals)})
+    raise VerificationError(f"unknown secure-aggregation stage {stage!r}")
+
+
+def _save(context: Context, session: SiteSession) -> None:
+    context.state[STATE] = ConfigRecord({"session": session_to_bytes(session)})
+
+
+def _load(context: Context) -> SiteSession:
+    if STATE not in context.state.config_records:
+        raise VerificationError("protocol stage out of order: no key advertisement for this round")
+    return session_from_bytes(_bytes(context.state.config_records[STATE], "session"))
+
+
+def _reply(msg: Message, site: SiteConfig, secagg: dict[str, bytes]) -> Message:
+    record = ConfigRecord()
+    for k, v in secagg.items():
+        record[k] = v
+    return Message(RecordDict({K.SECAGG: record, K.SITE: ConfigRecord({K.SITE_NAME: site.name})}), reply_to=msg)
+
+
+def _value(record: Mapping[str, object], key: str, kind: Any) -> Any:
+    value = record.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{key} has the wrong type")
+    return value
+
+
+def _str(record: Mapping[str, object], key: str) -> str:
+    return str(_value(record, key, str))
+
+
+def _int(record: Mapping[str, object], key: str) -> int:
+    return int(_value(record, key, int | float))
+
+
+def _bytes(record: Mapping[str, object], key: str) -> bytes:
+    return bytes(_value(record, key, bytes))
+
+
+def _strs(record: Mapping[str, object], key: str) -> list[str]:
+    values = _value(record, key, list)
+    if not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{key} must be a list of site names")
+    return list(values)

@@ -1,0 +1,89 @@
+"""Protocol objects <-> bytes for Flower records (canonical JSON, bytes as hex), and the
+site's per-round state for ``context.state``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from privacy.audit.keys import public_key_from_pem
+from privacy.secagg.params import SecAggParams
+from privacy.secagg.site import KeyAdvert, SiteSession
+
+
+def _dump(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def adverts_to_bytes(adverts: dict[str, KeyAdvert]) -> bytes:
+    return _dump({k: {"c": a.c_pub.hex(), "s": a.s_pub.hex(), "sig": a.sig.hex()} for k, a in adverts.items()})
+
+
+def adverts_from_bytes(data: bytes) -> dict[str, KeyAdvert]:
+    raw = json.loads(data)
+    return {k: KeyAdvert(k, bytes.fromhex(v["c"]), bytes.fromhex(v["s"]), bytes.fromhex(v["sig"])) for k, v in raw.items()}
+
+
+def boxes_to_bytes(boxes: dict[str, bytes]) -> bytes:
+    return _dump({k: v.hex() for k, v in boxes.items()})
+
+
+def boxes_from_bytes(data: bytes) -> dict[str, bytes]:
+    return {k: bytes.fromhex(v) for k, v in json.loads(data).items()}
+
+
+def reveals_to_bytes(reveals: dict[str, tuple[str, bytes]]) -> bytes:
+    return _dump({k: [kind, share.hex()] for k, (kind, share) in reveals.items()})
+
+
+def reveals_from_bytes(data: bytes) -> dict[str, tuple[str, bytes]]:
+    return {k: (str(kind), bytes.fromhex(share)) for k, (kind, share) in json.loads(data).items()}
+
+
+def params_to_json(params: SecAggParams) -> dict[str, Any]:
+    return {**asdict(params), "sites": list(params.sites)}
+
+
+def params_from_json(obj: dict[str, Any]) -> SecAggParams:
+    return SecAggParams(**{**obj, "sites": tuple(obj["sites"])})
+
+
+_BYTES = ("c_priv", "c_pub", "s_priv", "s_pub", "b")
+
+
+def session_to_bytes(session: SiteSession) -> bytes:
+    """The site's secret round state (kept only in the site process's ``context.state``)."""
+    return _dump({
+        **{k: getattr(session, k).hex() for k in _BYTES},
+        "params": params_to_json(session.params_) if session.params_ else None, "site": session.site,
+        "run_id": session.run_id, "round": session.round,
+        "adverts": adverts_to_bytes(session.adverts).decode(),
+        "own_shares": [s.hex() for s in session.own_shares],
+        "shares": {k: [a.hex(), b.hex()] for k, (a, b) in session.shares.items()},
+        "revealed": session.revealed,
+    })
+
+
+def session_from_bytes(data: bytes) -> SiteSession:
+    raw = json.loads(data)
+    names = {f.name for f in fields(SiteSession)}
+    values: dict[str, Any] = {k: bytes.fromhex(raw[k]) for k in _BYTES}
+    values |= {
+        "params_": params_from_json(raw["params"]) if raw["params"] else None, "site": raw["site"],
+        "run_id": raw["run_id"], "round": raw["round"],
+        "adverts": adverts_from_bytes(raw["adverts"].encode()),
+        "own_shares": tuple(bytes.fromhex(s) for s in raw["own_shares"]),
+        "shares": {k: (bytes.fromhex(a), bytes.fromhex(b)) for k, (a, b) in raw["shares"].items()},
+        "revealed": dict(raw["revealed"]),
+    }
+    return SiteSession(**{k: v for k, v in values.items() if k in names})
+
+
+def load_roster(path: Path) -> dict[str, Ed25519PublicKey]:
+    """The pinned federation roster: ``{"sites": {name: PEM public key}}``."""
+    raw = json.loads(Path(path).read_text())
+    return {name: public_key_from_pem(pem.encode(), f"{path}: {name}") for name, pem in raw["sites"].items()}

@@ -1,0 +1,117 @@
+"""The server's SecAgg+ driver: the four stages as Message exchanges on the ``Grid``.
+
+advertise -> share -> input (sites train here) -> unmask; each with the round timeout.
+Sites that do not answer a stage are dropped; the round completes while every needed
+secret stays reconstructable, and is abandoned cleanly otherwise (no update applied).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from privacy import egress as K
+from privacy.secagg.params import SecAggConfigError, SecAggParams
+from privacy.secagg.server import Aggregator, RoundAborted
+from privacy.secagg.wire import (
+    adverts_from_bytes,
+    adverts_to_bytes,
+    boxes_from_bytes,
+    boxes_to_bytes,
+    params_to_json,
+    reveals_from_bytes,
+)
+from privacy.wire import arrays_to_record
+from server.messaging import Reply, exchange
+
+log = logging.getLogger("medfed.server")
+
+
+@dataclass
+class SecureRound:
+    """What one secure round produced: the input-stage replies (metrics, refusals), the mean
+    update (``None`` when aborted or nobody trained) and the protocol outcome."""
+
+    replies: list[Reply] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    update: OrderedDict[str, np.ndarray] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _stage_conf(conf: ConfigRecord, stage: str, **extra: Any) -> ConfigRecord:
+    out = ConfigRecord(dict(conf))
+    out[K.SECAGG_STAGE] = stage
+    for k, v in extra.items():
+        out[k] = v
+    return out
+
+
+def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray], conf: ConfigRecord, *,
+                 run_id: str, round_: int, timeout: float, k: int = 0, threshold: int = 0) -> SecureRound:
+    """Run one training round under SecAgg+; the server learns only the weighted mean update."""
+    result = SecureRound(info={"sites": 0, "dropped": 0, "aborted": False})
+    try:
+        names = [f"node-{n}" for n in nodes]  # provisional: the real names come with the advertisements
+        agg = Aggregator(SecAggParams.for_sites(run_id, round_, names, k=k, threshold=threshold))
+        adv = exchange(grid, {n: RecordDict({K.CONFIG: _stage_conf(conf, "advertise")}) for n in nodes},
+                       MessageType.TRAIN, timeout, with_arrays=False)
+        result.failed += adv.failed
+        node_of = {r.site: r.node_id for r in adv.replies if K.ADVERT in r.secagg}
+        adverts: dict[str, Any] = {}
+        for r in adv.replies:
+            adverts |= adverts_from_bytes(r.secagg.get(K.ADVERT, b"{}"))
+        params, relay = agg.collect_adverts({s: a for s, a in adverts.items() if s in node_of})
+        agg.params = SecAggParams.for_sites(run_id, round_, list(params.sites), k=k, threshold=threshold)
+        params = agg.params
+        share_conf = _stage_conf(conf, "share", **{K.SECAGG_PARAMS: json.dumps(params_to_json(params)),
+                                                   K.SECAGG_ADVERTS: adverts_to_bytes(relay)})
+        shared = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: share_conf}) for s in params.sites},
+                          MessageType.TRAIN, timeout, with_arrays=False)
+        result.failed += shared.failed
+        inboxes = agg.route_shares({r.site: boxes_from_bytes(r.secagg[K.OUTBOX]) for r in shared.replies
+                                    if K.OUTBOX in r.secagg})
+        global_record = arrays_to_record(arrays)
+        contents = {node_of[s]: RecordDict({K.ARRAYS: global_record, K.CONFIG: _stage_conf(
+            conf, "input", **{K.SECAGG_INBOX: boxes_to_bytes(inboxes[s])})}) for s in sorted(inboxes)}
+        trained = exchange(grid, contents, MessageType.TRAIN, timeout, with_arrays=True)
+        result.failed += trained.failed
+        result.replies = trained.replies
+        masked = {r.site: r.masked for r in trained.replies if r.masked is not None}
+        if not masked:
+            result.info["sites"] = 0
+            return result
+        survivors, dropped = agg.collect_inputs(masked)
+        unmask_conf = _stage_conf(conf, "unmask", **{K.SECAGG_SURVIVORS: survivors, K.SECAGG_DROPPED: dropped})
+        revealed = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: unmask_conf}) for s in survivors},
+                            MessageType.TRAIN, timeout, with_arrays=False)
+        result.failed += revealed.failed
+        total, weight = agg.finish({r.site: reveals_from_bytes(r.secagg[K.REVEALS]) for r in revealed.replies
+                                    if K.REVEALS in r.secagg})
+        result.update = _unflatten(total / weight, arrays)
+        result.info = {"sites": len(survivors), "dropped": len(nodes) - len(survivors), "aborted": False,
+                       "k": params.k, "threshold": params.threshold}
+    except (RoundAborted, SecAggConfigError) as exc:
+        log.warning("round %d: secure aggregation abandoned: %s", round_, exc)
+        result.update = None
+        result.info = {"sites": 0, "dropped": len(nodes), "aborted": True, "reason": str(exc)}
+    return result
+
+
+def _unflatten(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    pos = 0
+    for name, ref in like.items():
+        size = int(np.prod(ref.shape))
+        out[name] = flat[pos : pos + size].reshape(ref.shape).astype(ref.dtype)
+        pos += size
+    if pos != len(flat):
+        raise RoundAborted(f"unmasked vector has {len(flat)} values, the model {pos}")
+    return out
