@@ -119,6 +119,10 @@ class SiteSession:
         for name, advert in adverts.items():
             if name != advert.site or name not in self.params.sites:
                 raise VerificationError(f"advertisement for {name!r} is not from a site of this round")
+        # only the neighbours' keys are used: their advertisements are the ones to verify
+        # (per-site cost grows with k, not with the number of sites)
+        for name in holders(self.params, self.site, set(adverts)):
+            advert = adverts[name]
             key = roster.get(name)
             if key is None:
                 raise VerificationError(f"{name} is not in the pinned federation roster; round aborted")
@@ -172,7 +176,7 @@ class SiteSession:
         if len(surv) < self.params.threshold:
             raise VerificationError(f"only {len(surv)} survivors, fewer than the threshold {self.params.threshold}")
         out: dict[str, tuple[str, bytes]] = {}
-        for owner in sorted(surv | drop):
+        for owner in sorted((surv | drop) & {self.site, *self.params.neighbours(self.site)}):
             kind = "b" if owner in surv else "c"
             if owner == self.site:
                 share = self.own_shares[0] if kind == "b" else b""

@@ -1,0 +1,217 @@
+"""Secure aggregation cost: medfed SecAgg+ vs plain FedAvg rounds, and the protocol's
+per-site cost as the federation grows.
+
+Part 1 (``rounds``): the same generated sites, model and local steps (10 plain SGD steps,
+batch 16) through ``medfed-server simulate --no-dp`` with and without ``--no-secagg``, and
+through Flower's own legacy-API SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``, all
+sites as share holders, threshold n//2+1) as the peer, at 5 and 10 (and 20 without
+``--quick``) virtual sites in Flower's simulation runtime; mean seconds of rounds 2..R
+(round 1 includes the runtime's start-up on every side).
+
+Part 2 (``protocol``): the four SecAgg+ stages in one process for n sites with the default
+model's update size: per-site CPU time and bytes sent per site against float32 FedAvg, for
+the default k and for a fixed k = 5 (per-site cost follows k, not n).
+
+    python benchmarks/secagg.py [--quick]
+
+Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+
+from client.models import build_model, get_arrays  # noqa: E402
+from privacy.secagg.params import SecAggParams  # noqa: E402
+from privacy.secagg.server import Aggregator  # noqa: E402
+from privacy.secagg.site import SiteSession  # noqa: E402
+from privacy.secagg.wire import adverts_to_bytes, boxes_to_bytes, reveals_to_bytes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = 1.2  # SecAgg+ round time at 10 sites at most 1.2x plain FedAvg
+
+
+def round_seconds(sites: int, secagg: bool, rounds: int, tmp: Path) -> float:
+    out = tmp / f"run-{sites}-{int(secagg)}"
+    cmd = [sys.executable, "-m", "server.cli", "simulate", "--sites", str(sites), "--rounds", str(rounds),
+           "--patients", "60", "--local-steps", "10", "--batch-size", "16", "--seed", "0", "--out", str(out),
+           "--no-dp"]  # the same local work as the Flower peer (plain SGD steps); DP is not what is compared
+    if not secagg:
+        cmd.append("--no-secagg")
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT, timeout=7200)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return statistics.mean(r["seconds"] for r in metrics["rounds"][1:])
+
+
+FLOWER_CHILD = r"""
+import json, os, sys, time, logging
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+from pathlib import Path
+import numpy as np, torch
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.server import LegacyContext, ServerApp, ServerConfig
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.simulation import run_simulation
+from client.config import load_site_config
+from client.models import build_model, get_arrays, set_arrays
+from client.site import load_site_data
+from client.train import LocalPlan, train_plain
+
+logging.getLogger("flwr").setLevel(logging.ERROR)
+sites_dir, rounds = Path(sys.argv[1]), int(sys.argv[2])
+workspaces = sorted(p for p in sites_dir.iterdir() if (p / "site.toml").is_file())
+names = list(get_arrays(build_model()))
+marks = []
+
+
+class Site(NumPyClient):
+    def __init__(self, ws):
+        self.config = load_site_config(ws)
+
+    def fit(self, parameters, config):
+        data = load_site_data(self.config, image_size=64)
+        model = build_model()
+        set_arrays(model, dict(zip(names, parameters)))
+        train_plain(model, data.train, LocalPlan(steps=10, batch_size=16, learning_rate=2e-3, seed=0),
+                    torch.device("cpu"))
+        return list(get_arrays(model).values()), data.train.n_patients, {}
+
+    def evaluate(self, parameters, config):
+        return 0.0, 1, {}
+
+
+def client_fn(context):
+    return Site(workspaces[int(context.node_config["partition-id"])]).to_client()
+
+
+class Timed(FedAvg):
+    def configure_fit(self, server_round, parameters, client_manager):
+        marks.append(time.monotonic())
+        return super().configure_fit(server_round, parameters, client_manager)
+
+
+server = ServerApp()
+
+
+@server.main()
+def main(grid, context):
+    strategy = Timed(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=len(workspaces),
+                     min_available_clients=len(workspaces),
+                     initial_parameters=__import__("flwr").common.ndarrays_to_parameters(
+                         list(get_arrays(build_model()).values())))
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
+    n = len(workspaces)
+    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=n, reconstruction_threshold=n // 2 + 1))
+    workflow(grid, legacy)
+    marks.append(time.monotonic())
+
+
+run_simulation(server_app=server, client_app=ClientApp(client_fn=client_fn, mods=[secaggplus_mod]),
+               num_supernodes=len(workspaces),
+               backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                               "init_args": {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False}})
+print(json.dumps({"seconds_per_round": float(np.mean(np.diff(marks)[1:]))}))
+"""
+
+
+def flower_secaggplus_seconds(sites_dir: Path, rounds: int) -> float | None:
+    """Flower's own (legacy-API) SecAgg+ on the same sites, model and local steps; None if it fails."""
+    r = subprocess.run([sys.executable, "-c", FLOWER_CHILD, str(sites_dir), str(rounds)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=7200)
+    if r.returncode != 0:
+        print(f"Flower SecAgg+ peer failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return float(json.loads(r.stdout.strip().splitlines()[-1])["seconds_per_round"])
+
+
+def protocol_cost(n: int, k: int, dim: int) -> dict[str, float]:
+    names = [f"site-{i:03d}" for i in range(n)]
+    ids = {s: Ed25519PrivateKey.generate() for s in names}
+    roster = {s: key.public_key() for s, key in ids.items()}
+    rng = np.random.default_rng(0)
+    update = {s: rng.normal(0, 0.01, dim) for s in names}
+    site_s, sent = 0.0, 0
+    agg = Aggregator(SecAggParams.for_sites("bench", 1, names, k=k))
+    sessions, adverts = {}, {}
+    for s in names:
+        t = time.process_time()
+        sessions[s], adverts[s] = SiteSession.start("bench", 1, s, ids[s])
+        site_s += time.process_time() - t
+        sent += len(adverts_to_bytes({s: adverts[s]}))
+    params, relay = agg.collect_adverts(adverts)
+    outboxes = {}
+    for s in names:
+        t = time.process_time()
+        outboxes[s] = sessions[s].share_keys(params, relay, roster)
+        site_s += time.process_time() - t
+        sent += len(boxes_to_bytes(outboxes[s]))
+    inboxes = agg.route_shares(outboxes)
+    masked = {}
+    for s in names:
+        t = time.process_time()
+        masked[s] = sessions[s].masked_input(update[s], 100, inboxes[s])
+        site_s += time.process_time() - t
+        sent += masked[s].nbytes
+    survivors, dropped = agg.collect_inputs(masked)
+    reveals = {}
+    for s in survivors:
+        t = time.process_time()
+        reveals[s] = sessions[s].unmask(survivors, dropped)
+        site_s += time.process_time() - t
+        sent += len(reveals_to_bytes(reveals[s]))
+    t = time.process_time()
+    agg.finish(reveals)
+    server_s = time.process_time() - t
+    return {"n": n, "k": params.k, "degree": params.degree, "site_ms": 1000 * site_s / n, "server_ms": 1000 * server_s,
+            "bytes_per_site": sent / n, "float32_bytes": 4 * dim, "bytes_ratio": sent / n / (4 * dim)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="5 and 10 sites, 3 rounds")
+    args = parser.parse_args()
+    dim = sum(int(np.prod(v.shape)) for v in get_arrays(build_model()).values())
+    sizes = (5, 10) if args.quick else (5, 10, 20)
+    rounds = 3 if args.quick else 4
+    timing: dict[int, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="medfed-secagg-bench-") as tmp:
+        for n in sizes:
+            plain = round_seconds(n, False, rounds, Path(tmp))
+            masked = round_seconds(n, True, rounds, Path(tmp))
+            flower = flower_secaggplus_seconds(Path(tmp) / f"run-{n}-0" / "sites", rounds)
+            timing[n] = {"plain_s": plain, "secagg_s": masked, "ratio": masked / plain, "flower_secaggplus_s": flower}
+            peer = f", Flower SecAgg+ {flower:7.2f} s/round" if flower is not None else ", Flower SecAgg+ failed"
+            print(f"{n:3d} sites: FedAvg {plain:7.2f} s/round, medfed SecAgg+ {masked:7.2f} s/round "
+                  f"(ratio {masked / plain:.3f}){peer}", flush=True)
+    protocol = [protocol_cost(n, 0, dim) for n in (5, 10, 20, 40)] + [protocol_cost(n, 5, dim) for n in (10, 20, 40)]
+    print(f"\nprotocol cost per site, update of {dim} values (float32 FedAvg sends {4 * dim} bytes):")
+    print("   n   k  neighbours  site ms  server ms  bytes/site  x float32")
+    for p in protocol:
+        print(f"{p['n']:4d} {p['k']:3d} {p['degree']:10d} {p['site_ms']:8.1f} {p['server_ms']:10.1f} "
+              f"{p['bytes_per_site']:11.0f} {p['bytes_ratio']:9.2f}")
+    ratio10 = timing[10]["ratio"]
+    print(json.dumps({"benchmark": "secagg", "ratios": {"secagg_vs_fedavg_10_sites": round(ratio10, 4),
+                                                         **{f"secagg_vs_fedavg_{n}_sites": round(t["ratio"], 4)
+                                                            for n, t in timing.items()}},
+                      "targets": {"secagg_vs_fedavg_10_sites": TARGET}, "pass": ratio10 <= TARGET,
+                      "rounds": timing, "protocol": protocol}))
+
+
+if __name__ == "__main__":
+    main()
