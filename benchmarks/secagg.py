@@ -1,8 +1,10 @@
 """Secure aggregation cost: medfed SecAgg+ vs plain FedAvg rounds, and the protocol's
 per-site cost as the federation grows.
 
-Part 1 (``rounds``): the same generated sites, model and local steps (10 plain SGD steps,
-batch 16) through ``medfed-server simulate --no-dp`` with and without ``--no-secagg``, and
+Part 1 (``rounds``): the same generated sites, model and local work (default: 50 DP-SGD
+steps of batch 64, as ``simulate`` runs; ``--toy``: 10 plain SGD steps of batch 16, which
+exposes the protocol's fixed latency) through ``medfed-server simulate`` with and without
+``--no-secagg``, and
 through Flower's own legacy-API SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``, all
 sites as share holders, threshold n//2+1) as the peer, at 5 and 10 (and 20 without
 ``--quick``) virtual sites in Flower's simulation runtime; mean seconds of rounds 2..R
@@ -12,7 +14,7 @@ Part 2 (``protocol``): the four SecAgg+ stages in one process for n sites with t
 model's update size: per-site CPU time and bytes sent per site against float32 FedAvg, for
 the default k and for a fixed k = 5 (per-site cost follows k, not n).
 
-    python benchmarks/secagg.py [--quick]
+    python benchmarks/secagg.py [--quick] [--toy]
 
 Ends with one JSON line.
 """
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +47,24 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.2  # SecAgg+ round time at 10 sites at most 1.2x plain FedAvg
 
 
-def round_seconds(sites: int, secagg: bool, rounds: int, tmp: Path) -> float:
+@dataclass(frozen=True)
+class Work:
+    """The local work of a round, the same on every side."""
+
+    rounds: int
+    patients: int
+    steps: int
+    batch: int
+    dp: bool
+
+
+def round_seconds(sites: int, secagg: bool, work: Work, tmp: Path) -> float:
     out = tmp / f"run-{sites}-{int(secagg)}"
-    cmd = [sys.executable, "-m", "server.cli", "simulate", "--sites", str(sites), "--rounds", str(rounds),
-           "--patients", "60", "--local-steps", "10", "--batch-size", "16", "--seed", "0", "--out", str(out),
-           "--no-dp"]  # the same local work as the Flower peer (plain SGD steps); DP is not what is compared
+    cmd = [sys.executable, "-m", "server.cli", "simulate", "--sites", str(sites), "--rounds", str(work.rounds),
+           "--patients", str(work.patients), "--local-steps", str(work.steps), "--batch-size", str(work.batch),
+           "--seed", "0", "--out", str(out)]
+    if not work.dp:
+        cmd.append("--no-dp")
     if not secagg:
         cmd.append("--no-secagg")
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT, timeout=7200)
@@ -71,10 +87,10 @@ from flwr.simulation import run_simulation
 from client.config import load_site_config
 from client.models import build_model, get_arrays, set_arrays
 from client.site import load_site_data
-from client.train import LocalPlan, train_plain
+from client.train import LocalPlan, evaluate, train_plain, train_private
 
 logging.getLogger("flwr").setLevel(logging.ERROR)
-sites_dir, rounds = Path(sys.argv[1]), int(sys.argv[2])
+sites_dir, rounds, steps, batch, dp = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 workspaces = sorted(p for p in sites_dir.iterdir() if (p / "site.toml").is_file())
 names = list(get_arrays(build_model()))
 marks = []
@@ -88,12 +104,19 @@ class Site(NumPyClient):
         data = load_site_data(self.config, image_size=64)
         model = build_model()
         set_arrays(model, dict(zip(names, parameters)))
-        train_plain(model, data.train, LocalPlan(steps=10, batch_size=16, learning_rate=2e-3, seed=0),
-                    torch.device("cpu"))
+        plan = LocalPlan(steps=steps, batch_size=batch, learning_rate=2e-3, seed=0)
+        if dp:
+            train_private(model, data.train, plan, torch.device("cpu"), noise_multiplier=1.0, max_grad_norm=1.0)
+        else:
+            train_plain(model, data.train, plan, torch.device("cpu"))
         return list(get_arrays(model).values()), data.train.n_patients, {}
 
     def evaluate(self, parameters, config):
-        return 0.0, 1, {}
+        data = load_site_data(self.config, image_size=64)
+        model = build_model()
+        set_arrays(model, dict(zip(names, parameters)))
+        res = evaluate(model, data.val, torch.device("cpu"))
+        return float(res.loss), res.num_examples, {}
 
 
 def client_fn(context):
@@ -111,8 +134,8 @@ server = ServerApp()
 
 @server.main()
 def main(grid, context):
-    strategy = Timed(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=len(workspaces),
-                     min_available_clients=len(workspaces),
+    strategy = Timed(fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=len(workspaces),
+                     min_evaluate_clients=len(workspaces), min_available_clients=len(workspaces),
                      initial_parameters=__import__("flwr").common.ndarrays_to_parameters(
                          list(get_arrays(build_model()).values())))
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
@@ -130,10 +153,10 @@ print(json.dumps({"seconds_per_round": float(np.mean(np.diff(marks)[1:]))}))
 """
 
 
-def flower_secaggplus_seconds(sites_dir: Path, rounds: int) -> float | None:
-    """Flower's own (legacy-API) SecAgg+ on the same sites, model and local steps; None if it fails."""
-    r = subprocess.run([sys.executable, "-c", FLOWER_CHILD, str(sites_dir), str(rounds)], capture_output=True,
-                       text=True, cwd=ROOT, timeout=7200)
+def flower_secaggplus_seconds(sites_dir: Path, work: Work) -> float | None:
+    """Flower's own (legacy-API) SecAgg+ on the same sites, model and local work; None if it fails."""
+    r = subprocess.run([sys.executable, "-c", FLOWER_CHILD, str(sites_dir), str(work.rounds), str(work.steps),
+                        str(work.batch), str(int(work.dp))], capture_output=True, text=True, cwd=ROOT, timeout=7200)
     if r.returncode != 0:
         print(f"Flower SecAgg+ peer failed:\n{r.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -185,16 +208,19 @@ def protocol_cost(n: int, k: int, dim: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 and 10 sites, 3 rounds")
+    parser.add_argument("--toy", action="store_true", help="10 plain SGD steps of batch 16 instead of the default "
+                        "run (50 DP-SGD steps of batch 64): shows the protocol's latency floor")
     args = parser.parse_args()
+    work = Work(rounds=3 if args.quick else 4, patients=60 if args.toy else 200, steps=10 if args.toy else 50,
+                batch=16 if args.toy else 64, dp=not args.toy)
     dim = sum(int(np.prod(v.shape)) for v in get_arrays(build_model()).values())
     sizes = (5, 10) if args.quick else (5, 10, 20)
-    rounds = 3 if args.quick else 4
     timing: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="medfed-secagg-bench-") as tmp:
         for n in sizes:
-            plain = round_seconds(n, False, rounds, Path(tmp))
-            masked = round_seconds(n, True, rounds, Path(tmp))
-            flower = flower_secaggplus_seconds(Path(tmp) / f"run-{n}-0" / "sites", rounds)
+            plain = round_seconds(n, False, work, Path(tmp))
+            masked = round_seconds(n, True, work, Path(tmp))
+            flower = flower_secaggplus_seconds(Path(tmp) / f"run-{n}-0" / "sites", work)
             timing[n] = {"plain_s": plain, "secagg_s": masked, "ratio": masked / plain, "flower_secaggplus_s": flower}
             peer = f", Flower SecAgg+ {flower:7.2f} s/round" if flower is not None else ", Flower SecAgg+ failed"
             print(f"{n:3d} sites: FedAvg {plain:7.2f} s/round, medfed SecAgg+ {masked:7.2f} s/round "
@@ -210,7 +236,7 @@ def main() -> None:
                                                          **{f"secagg_vs_fedavg_{n}_sites": round(t["ratio"], 4)
                                                             for n, t in timing.items()}},
                       "targets": {"secagg_vs_fedavg_10_sites": TARGET}, "pass": ratio10 <= TARGET,
-                      "rounds": timing, "protocol": protocol}))
+                      "work": work.__dict__, "rounds": timing, "protocol": protocol}))
 
 
 if __name__ == "__main__":

@@ -140,6 +140,89 @@ def export_audit(
               f"{len(export['runs'])} run(s); send it to the central operator for the report")
 
 
+@cli.command()
+def init(
+    workspace: Annotated[Path, typer.Option(help="site workspace to create")],
+    server: Annotated[str, typer.Option(help="HOST:PORT of the federation's SuperLink")],
+    ca: Annotated[Path, typer.Option(help="the federation CA certificate (from the central operator)")],
+    data: Annotated[Path, typer.Option(help="folder of the site's DICOM export")],
+    labels: Annotated[Path | None, typer.Option(help="labels CSV (default DATA/labels.csv)")] = None,
+    name: Annotated[str | None, typer.Option(help="the site's name (default: the workspace folder's name)")] = None,
+) -> None:
+    """Create the site workspace (keys, trust anchor, policy), print the enrolment line, run the preflight."""
+    from client.deploy import NODE_PUB, identity_fingerprint, init_site
+
+    try:
+        config = init_site(workspace, name=name or workspace.resolve().name, server=server, ca=ca, data=data,
+                           labels=labels)
+    except SiteConfigError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    node_pub = config.workspace / NODE_PUB
+    err.print(f"site workspace {config.workspace} created (policy in site.toml: max ε "
+              f"{config.privacy.max_epsilon:g}, secure aggregation required)")
+    err.print("send these two public files to the central operator, who runs:")
+    print(f"medfed-server enroll --workspace SERVER_WORKSPACE {node_pub} --name {config.name} "
+          f"--identity {node_pub.with_name('audit.pub')}")
+    err.print(f"identity key sha256 {identity_fingerprint(config)} (compare it out of band)")
+    try:
+        report = preflight(config.dicom_dir, config.labels_file if config.labels_file.is_file() else None,
+                           config.data.preprocessing(Preprocessing().image_size), cache_dir=config.cache_dir)
+    except SiteDataError as exc:
+        err.print(f"[yellow]preflight:[/] {exc}")
+        return
+    _print_report(report)
+
+
+@cli.command()
+def start(
+    workspace: Annotated[Path, typer.Option(help="site workspace")],
+    runtime_port: Annotated[int, typer.Option(help="local port of the SuperNode's runtime API")] = 9094,
+    print_systemd: Annotated[bool, typer.Option("--print-systemd")] = False,
+) -> None:
+    """Run the site's SuperNode in the foreground (TLS pinned to the federation CA, node authentication)."""
+    from client.deploy import supernode_command
+    from privacy.services import offline_env, run_foreground, systemd_unit
+
+    try:
+        config = load_site_config(workspace)
+    except SiteConfigError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if print_systemd:
+        print(systemd_unit(f"medfed site {config.name} (Flower SuperNode)",
+                           ["-m", "client.cli", "start", "--workspace", str(config.workspace), "--runtime-port",
+                            str(runtime_port)], config.workspace))
+        return
+    raise typer.Exit(run_foreground(supernode_command(config, runtime_port), offline_env()))
+
+
+@cli.command()
+def roster(
+    workspace: Annotated[Path, typer.Option(help="site workspace")],
+    accept: Annotated[bool, typer.Option("--accept", help="pin the changed roster the server offered")] = False,
+) -> None:
+    """Show the pinned federation roster's fingerprint (and a changed one waiting); --accept pins the new one."""
+    from client.roster import PENDING, PINNED, accept_pending
+    from privacy.secagg.wire import roster_fingerprint
+
+    try:
+        config = load_site_config(workspace)
+        if accept:
+            err.print(f"accepted: roster {accept_pending(config)} is now pinned")
+            return
+    except (SiteConfigError, FileNotFoundError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    for label, rel in (("pinned", PINNED), ("offered, waiting for --accept", PENDING)):
+        path = config.workspace / rel
+        if path.exists():
+            sites = sorted(json.loads(path.read_text())["sites"])
+            print(f"{label}: sha256 {roster_fingerprint(path.read_bytes())}  sites: {', '.join(sites)}")
+    if not (config.workspace / PINNED).exists():
+        print("no roster pinned yet: the first run pins the one the server delivers")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="medfed-site")

@@ -21,6 +21,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from client.audit_trail import SiteAudit, site_key_path
 from client.config import SiteConfig
+from client.roster import PINNED, check_delivered
 from privacy import egress as K
 from privacy.audit.events import E
 from privacy.audit.keys import KeyFileError, load_private_key
@@ -39,13 +40,12 @@ from privacy.secagg.wire import (
 from privacy.wire import record_to_arrays
 
 STATE = "secagg"
-ROSTER_FILE = Path("trust") / "roster.json"
 SECAGG_REFUSED = 452  # error code of a round the site refused for a protocol check
 log = logging.getLogger("medfed.site")
 
 
 def roster_path(site: SiteConfig) -> Path:
-    return site.workspace / ROSTER_FILE
+    return site.workspace / PINNED
 
 
 def secagg_mod(resolve: Callable[[Context], SiteConfig]) -> Mod:
@@ -73,6 +73,8 @@ def secagg_mod(resolve: Callable[[Context], SiteConfig]) -> Mod:
 def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCallable, site: SiteConfig,
            conf: ConfigRecord) -> Message:
     if stage == "advertise":
+        if K.SECAGG_ROSTER in conf:
+            check_delivered(site, _bytes(conf, K.SECAGG_ROSTER))
         session, advert = SiteSession.start(_str(conf, K.RUN_ID), _int(conf, K.SERVER_ROUND), site.name,
                                             load_private_key(site_key_path(site)))
         _save(context, session)

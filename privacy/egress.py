@@ -57,6 +57,7 @@ SECAGG_STAGE = "secagg-stage"  # advertise | share | input | unmask
 SECAGG_PARAMS = "secagg-params"  # JSON: run, round, sites, k, threshold, bounds
 SECAGG_ADVERTS = "secagg-adverts"
 SECAGG_INBOX = "secagg-inbox"
+SECAGG_ROSTER = "secagg-roster"  # the enrolled sites' identity keys; each site pins it at first use
 SECAGG_SURVIVORS = "secagg-survivors"
 SECAGG_DROPPED = "secagg-dropped"
 ADVERT = "advert"

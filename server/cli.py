@@ -1,4 +1,4 @@
-"""`medfed-server`: the central operator's command (simulation now; deployment commands follow)."""
+"""`medfed-server`: the central operator's command (simulate; init, enroll, sites, start, run)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from client.config import PrivacyPolicy, SiteConfigError
 from client.dicom import SiteDataError
 from privacy.audit.report import write_report
 from server.config import RunConfig, RunConfigError
+from server.deploy_cli import register as register_deployment
 
 cli = typer.Typer(help="medfed central server: simulate federations, run training.",
                   no_args_is_help=True, add_completion=False)
@@ -73,7 +74,7 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="show Flower and Ray logs")] = False,
 ) -> None:
     """Generate (or reuse) virtual hospitals and train across them in Flower's simulation runtime."""
-    from server.simulate import SimulationPlan, prepare_sites, run_simulation_runtime
+    from server.simulate import KEYS_DIR, ROSTER_FILE, SimulationPlan, prepare_sites, run_simulation_runtime
 
     if no_dp:
         err.print("[bold red]WARNING: --no-dp: sites train WITHOUT differential privacy. "
@@ -87,7 +88,8 @@ def simulate(
         cfg = RunConfig(num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size,
                         learning_rate=learning_rate, run_dir=str(out.resolve()), seed=seed, dp=not no_dp,
                         noise_multiplier=noise_multiplier, secure_aggregation=not no_secagg, secagg_k=secagg_k,
-                        secagg_threshold=secagg_threshold)
+                        secagg_threshold=secagg_threshold,
+                        roster_file=str((out / KEYS_DIR / ROSTER_FILE).resolve()))
         plan = SimulationPlan(sites=sites, patients=patients, data=tuple(data or ()),
                               sites_dir=sites_dir, data_seed=seed, policy=policy)
         with err.status("preparing site workspaces (generating DICOM, warming caches)…"):
@@ -128,6 +130,9 @@ def simulate(
     verdict = "verified" if built.verdict.ok else f"[red]FAILED verification: {built.verdict.problems[0]}[/]"
     err.print(f"audit logs: {verdict}; report: {report}")
     err.print(f"run directory: {out}  (metrics.json, audit.jsonl, report.html, checkpoints/, model-final.npz)")
+
+
+register_deployment(cli)
 
 
 def main() -> None:

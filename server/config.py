@@ -29,6 +29,7 @@ class RunConfig:
     secagg_k: int = 0  # neighbourhood size (odd, self included); 0 = default for the site count
     secagg_threshold: int = 0  # Shamir threshold; 0 = a majority of each site's share holders
     audit_key: str = ""  # the server's Ed25519 audit key; "" = RUN_DIR/keys/server.key (created)
+    roster_file: str = ""  # {"sites": {name: Ed25519 PEM}}: the enrolled identity keys, delivered to every site
 
     def __post_init__(self) -> None:
         checks = [

@@ -55,6 +55,7 @@ def run_federation(
     metrics: dict[str, Any] = {"run_id": run_id, "config": cfg.to_dict(), "rounds": []}
     arrays = initial
     last_round = 0
+    roster = Path(cfg.roster_file).read_bytes() if cfg.roster_file else b""
     for rnd in range(1, cfg.num_server_rounds + 1):
         started = time.monotonic()
         nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
@@ -63,7 +64,7 @@ def run_federation(
         secure = None
         if cfg.secure_aggregation:
             secure = secure_train(grid, nodes, arrays, conf, run_id=run_id, round_=rnd, timeout=cfg.round_timeout,
-                                  k=cfg.secagg_k, threshold=cfg.secagg_threshold)
+                                  k=cfg.secagg_k, threshold=cfg.secagg_threshold, roster=roster)
             train = RoundOutcome(replies=secure.replies, failed=secure.failed)
             updates = [r for r in train.replies if r.masked is not None] if secure.update is not None else []
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,15 +56,19 @@ def _stage_conf(conf: ConfigRecord, stage: str, **extra: Any) -> ConfigRecord:
 
 
 def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray], conf: ConfigRecord, *,
-                 run_id: str, round_: int, timeout: float, k: int = 0, threshold: int = 0) -> SecureRound:
+                 run_id: str, round_: int, timeout: float, k: int = 0, threshold: int = 0,
+                 roster: bytes = b"") -> SecureRound:
     """Run one training round under SecAgg+; the server learns only the weighted mean update."""
     result = SecureRound(info={"sites": 0, "dropped": 0, "aborted": False})
+    clock = _Clock()
     try:
         names = [f"node-{n}" for n in nodes]  # provisional: the real names come with the advertisements
         agg = Aggregator(SecAggParams.for_sites(run_id, round_, names, k=k, threshold=threshold))
-        adv = exchange(grid, {n: RecordDict({K.CONFIG: _stage_conf(conf, "advertise")}) for n in nodes},
-                       MessageType.TRAIN, timeout, with_arrays=False)
+        advertise = _stage_conf(conf, "advertise", **({K.SECAGG_ROSTER: roster} if roster else {}))
+        adv = exchange(grid, {n: RecordDict({K.CONFIG: advertise}) for n in nodes}, MessageType.TRAIN, timeout,
+                       with_arrays=False)
         result.failed += adv.failed
+        clock.mark("advertise")
         node_of = {r.site: r.node_id for r in adv.replies if K.ADVERT in r.secagg}
         adverts: dict[str, Any] = {}
         for r in adv.replies:
@@ -76,6 +81,7 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         shared = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: share_conf}) for s in params.sites},
                           MessageType.TRAIN, timeout, with_arrays=False)
         result.failed += shared.failed
+        clock.mark("share")
         inboxes = agg.route_shares({r.site: boxes_from_bytes(r.secagg[K.OUTBOX]) for r in shared.replies
                                     if K.OUTBOX in r.secagg})
         global_record = arrays_to_record(arrays)
@@ -83,6 +89,7 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
             conf, "input", **{K.SECAGG_INBOX: boxes_to_bytes(inboxes[s])})}) for s in sorted(inboxes)}
         trained = exchange(grid, contents, MessageType.TRAIN, timeout, with_arrays=True)
         result.failed += trained.failed
+        clock.mark("input")
         result.replies = trained.replies
         masked = {r.site: r.masked for r in trained.replies if r.masked is not None}
         if not masked:
@@ -96,13 +103,25 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         total, weight = agg.finish({r.site: reveals_from_bytes(r.secagg[K.REVEALS]) for r in revealed.replies
                                     if K.REVEALS in r.secagg})
         result.update = _unflatten(total / weight, arrays)
+        clock.mark("unmask")
         result.info = {"sites": len(survivors), "dropped": len(nodes) - len(survivors), "aborted": False,
-                       "k": params.k, "threshold": params.threshold}
+                       "k": params.k, "threshold": params.threshold, "stage_seconds": clock.laps}
     except (RoundAborted, SecAggConfigError) as exc:
         log.warning("round %d: secure aggregation abandoned: %s", round_, exc)
         result.update = None
         result.info = {"sites": 0, "dropped": len(nodes), "aborted": True, "reason": str(exc)}
     return result
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.laps: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        now = time.monotonic()
+        self.laps[stage] = round(now - self.last, 3)
+        self.last = now
 
 
 def _unflatten(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:

@@ -15,12 +15,14 @@ from client.secagg_mod import roster_path
 from client.site import load_site_data
 from client.synth import generate_site, site_profile
 from privacy.audit.keys import load_or_create_key, public_pem
-from privacy.files import atomic_write_bytes, atomic_write_json
+from privacy.files import atomic_write_bytes
+from privacy.secagg.wire import roster_bytes
 from server.config import RunConfig
 from server.rounds import RoundCallback
 
 SITES_DIR = "sites"
 KEYS_DIR = "keys"
+ROSTER_FILE = "roster.json"
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,10 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int) -> list[Site
         key = load_or_create_key(site_key_path(config))
         atomic_write_bytes(out / KEYS_DIR / f"{config.name}.pub", public_pem(key.public_key()))
     # the federation roster the driver pins at every virtual site (deployments: `medfed-site roster`)
-    roster = {"sites": {c.name: (out / KEYS_DIR / f"{c.name}.pub").read_text() for c in configs}}
+    roster = roster_bytes({c.name: (out / KEYS_DIR / f"{c.name}.pub").read_text() for c in configs})
+    atomic_write_bytes(out / KEYS_DIR / ROSTER_FILE, roster)  # the server delivers it every round
     for config in configs:
-        atomic_write_json(roster_path(config), roster)
+        atomic_write_bytes(roster_path(config), roster)
     return configs
 
 

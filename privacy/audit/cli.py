@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from privacy.audit.report import html_to_pdf, write_report
-from privacy.audit.verify import Verdict, run_logs, segment_files, verify_paths
+from privacy.audit.verify import Verdict, required_sites, run_logs, segment_files, verify_paths
 
 cli = typer.Typer(help="medfed audit: verify signed logs, build the compliance report.",
                   no_args_is_help=True, add_completion=False)
@@ -23,14 +23,18 @@ def _commands() -> None:
     """medfed audit: verify signed logs, build the compliance report."""
 
 
-def collect(paths: list[Path], keys: Path | None) -> tuple[dict[str, list[Path]], Path, dict[str, Any] | None]:
-    """Logs by actor, the keys folder and the run's metrics from run dirs, workspaces or log files."""
+def collect(paths: list[Path], keys: Path | None) -> tuple[dict[str, list[Path]], Path, dict[str, Any] | None,
+                                                         set[str]]:
+    """Logs by actor, the keys folder, the run's metrics and the sites whose logs must be
+    present, from run dirs, workspaces or log files."""
     logs: dict[str, list[Path]] = {}
     metrics = None
     keys_dir = keys
+    required: set[str] = set()
     for path in paths:
         if path.is_dir() and (path / "metrics.json").is_file():
             logs |= run_logs(path)
+            required |= required_sites(path)
             metrics = json.loads((path / "metrics.json").read_text())
             keys_dir = keys_dir or path / "keys"
         elif path.is_dir() and (path / "audit.jsonl").exists():
@@ -43,7 +47,7 @@ def collect(paths: list[Path], keys: Path | None) -> tuple[dict[str, list[Path]]
             raise FileNotFoundError(f"{path}: not a run directory, a workspace with audit.jsonl, or a log file")
     if keys_dir is None:
         raise FileNotFoundError("no keys: pass --keys DIR holding <actor>.pub for every log (server.pub, <site>.pub)")
-    return logs, keys_dir, metrics
+    return logs, keys_dir, metrics, required
 
 
 def _first_actor(files: list[Path]) -> str | None:
@@ -64,11 +68,12 @@ def verify(
 ) -> None:
     """Check every chain, signature and sequence, and cross-check server and site logs of a run."""
     try:
-        logs, keys_dir, metrics = collect(paths, keys)
+        logs, keys_dir, metrics, required = collect(paths, keys)
+        required |= {actor for actor in logs if actor != "server"}
     except FileNotFoundError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    verdict = verify_paths(logs, keys_dir, metrics)
+    verdict = verify_paths(logs, keys_dir, metrics, required)
     if as_json:
         print(json.dumps(verdict.to_json()))
     else:
@@ -80,6 +85,9 @@ def _print(verdict: Verdict) -> None:
     for actor, chain in verdict.chains.items():
         torn = " (incomplete last line from an interrupted append: ignored)" if chain.torn_tail else ""
         err.print(f"{actor}: {len(chain.entries)} entries, head {chain.head[:16]}…{torn}")
+    if verdict.unchecked:
+        err.print(f"[yellow]not cross-checked[/] (their logs were not given; pass their workspaces or exports): "
+                  f"{', '.join(verdict.unchecked)}")
     if verdict.ok:
         err.print("[green]verified[/]: every chain, signature and sequence holds; server and site logs agree")
     else:

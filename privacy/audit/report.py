@@ -22,7 +22,7 @@ from privacy.audit.export import KIND, ExportError, summarize, verify_export
 from privacy.audit.keys import KeyFileError, public_key_from_pem
 from privacy.audit.log import Entry, read_entries
 from privacy.audit.svg import line_chart
-from privacy.audit.verify import Verdict, find_key, run_logs, segment_files, verify_paths
+from privacy.audit.verify import Verdict, find_key, required_sites, run_logs, segment_files, verify_paths
 from privacy.files import atomic_write_bytes
 
 NOT_RECORDED = '<p class="muted">not recorded</p>'
@@ -61,7 +61,7 @@ def gather(run_dir: Path, site_sources: Sequence[Path] = (), keys: Path | None =
                 continue
             if isinstance(obj, dict) and obj.get("kind") == KIND:
                 exports.append(obj)
-    verdict = verify_paths(logs, keys_dir, metrics)
+    verdict = verify_paths(logs, keys_dir, metrics, required_sites(run_dir) | {a for a in logs if a != SERVER_ACTOR})
     run_id = str(metrics.get("run_id"))
     server = verdict.chains[SERVER_ACTOR].entries if SERVER_ACTOR in verdict.chains else []
     data = ReportData(run_dir, metrics, verdict, server)
@@ -118,6 +118,9 @@ def summary_section(d: ReportData) -> str:
             ["final model sha256", d.metrics.get("final_model_sha256")],
             ["ended early", d.metrics.get("ended_early")]]
     notes = "".join(f'<p class="bad">{escape(n)}</p>' for n in d.notes)
+    if v.unchecked:
+        notes += (f'<p class="muted">Not cross-checked (their logs or exports were not given): '
+                  f'{escape(", ".join(v.unchecked))}</p>')
     return _section("summary", "Run summary and verdict", verdict + notes + _table(["", ""], rows))
 
 

@@ -113,8 +113,11 @@ def _seq(obj: dict[str, Any], fallback: int) -> int:
 
 
 def cross_check(server: Chain, sites: dict[str, Chain], metrics: dict[str, Any] | None,
-                server_file: str, run_id: str | None = None) -> list[Problem]:
-    """Server and site logs of a run must tell the same story, both ways."""
+                server_file: str, run_id: str | None = None, required: set[str] | None = None,
+                unchecked: set[str] | None = None) -> list[Problem]:
+    """Server and site logs of a run must tell the same story, both ways. A site whose log
+    was not given is a problem when it is ``required`` (``None``: every site), else it is
+    added to ``unchecked``."""
     problems: list[Problem] = []
     runs = {e.data.get("run_id") for e in server.entries if e.event == E.RUN_START}
     if run_id is not None:
@@ -132,7 +135,11 @@ def cross_check(server: Chain, sites: dict[str, Chain], metrics: dict[str, Any] 
             continue
         chain = sites.get(site)
         if chain is None:
-            problems.append(Problem(server_file, e.seq, f"site {site} took part in round {rnd} but its log was not given"))
+            if required is None or site in required:
+                problems.append(Problem(server_file, e.seq, f"site {site} took part in round {rnd} but its log was "
+                                                            "not given"))
+            elif unchecked is not None:
+                unchecked.add(site)
             continue
         file = chain.files[-1] if chain.files else site
         mine = [s for s in chain.entries if s.event in (E.ROUND_TRAINED, E.REFUSED)
@@ -173,11 +180,12 @@ class Verdict:
     ok: bool
     chains: dict[str, Chain]
     problems: list[Problem]
+    unchecked: list[str] = field(default_factory=list)  # sites the server names whose logs were not given
 
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
-            "problems": [asdict(p) for p in self.problems],
+            "problems": [asdict(p) for p in self.problems], "unchecked_sites": self.unchecked,
             "logs": {a: {"files": c.files, "entries": len(c.entries), "head": c.head, "torn_tail": c.torn_tail}
                      for a, c in self.chains.items()},
         }
@@ -193,15 +201,26 @@ def find_key(keys_dir: Path, actor: str) -> Ed25519PublicKey | None:
         return None
 
 
-def verify_paths(logs: dict[str, list[Path]], keys_dir: Path, metrics: dict[str, Any] | None = None) -> Verdict:
-    """Verify each actor's segments (``{actor: files}``, the server's under ``server``) and cross-check."""
+def verify_paths(logs: dict[str, list[Path]], keys_dir: Path, metrics: dict[str, Any] | None = None,
+                 required: set[str] | None = None) -> Verdict:
+    """Verify each actor's segments (``{actor: files}``, the server's under ``server``) and cross-check.
+
+    ``required``: sites whose logs must be among ``logs`` (``None``: every site the server names)."""
     chains = {actor: check_chain(files, find_key(keys_dir, actor), actor) for actor, files in logs.items()}
     problems = [p for c in chains.values() for p in c.problems]
+    unchecked: set[str] = set()
     if not problems and SERVER_ACTOR in chains:
         server = chains[SERVER_ACTOR]
         sites = {a: c for a, c in chains.items() if a != SERVER_ACTOR}
-        problems += cross_check(server, sites, metrics, server.files[-1] if server.files else SERVER_ACTOR)
-    return Verdict(ok=not problems, chains=chains, problems=problems)
+        problems += cross_check(server, sites, metrics, server.files[-1] if server.files else SERVER_ACTOR,
+                                required=required, unchecked=unchecked)
+    return Verdict(ok=not problems, chains=chains, problems=problems, unchecked=sorted(unchecked))
+
+
+def required_sites(run_dir: Path) -> set[str]:
+    """Sites whose logs a run directory must hold: every workspace under ``sites/`` (a simulation)."""
+    sites_dir = run_dir / "sites"
+    return {p.name for p in sites_dir.iterdir() if p.is_dir()} if sites_dir.is_dir() else set()
 
 
 def run_logs(run_dir: Path) -> dict[str, list[Path]]:

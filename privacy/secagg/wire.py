@@ -3,6 +3,7 @@ site's per-round state for ``context.state``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -81,6 +82,24 @@ def session_from_bytes(data: bytes) -> SiteSession:
         "revealed": dict(raw["revealed"]),
     }
     return SiteSession(**{k: v for k, v in values.items() if k in names})
+
+
+def roster_bytes(sites: dict[str, str]) -> bytes:
+    """The canonical federation roster ``{"sites": {name: Ed25519 PEM}}``; its SHA-256 is the
+    fingerprint operators compare out of band."""
+    return _dump({"sites": dict(sorted(sites.items()))})
+
+
+def canonical_roster(data: bytes) -> bytes:
+    """Re-encode a roster document canonically (raises ValueError when it is not one)."""
+    raw = json.loads(data)
+    if not isinstance(raw, dict) or not isinstance(raw.get("sites"), dict):
+        raise ValueError("a roster is {\"sites\": {name: PEM}}")
+    return roster_bytes({str(k): str(v) for k, v in raw["sites"].items()})
+
+
+def roster_fingerprint(data: bytes) -> str:
+    return hashlib.sha256(canonical_roster(data)).hexdigest()
 
 
 def load_roster(path: Path) -> dict[str, Ed25519PublicKey]:

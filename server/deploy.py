@@ -1,0 +1,111 @@
+"""The central server as a service: the SuperLink (TLS, SuperNode authentication, persisted
+state, no runtime dependency installation), enrolment of sites, and runs submitted with
+``flwr run`` against it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from privacy.audit.keys import load_or_create_key, public_fingerprint, public_key_from_pem, public_pem
+from privacy.audit.log import AuditLog
+from privacy.files import atomic_write_bytes
+from privacy.services import offline_env
+from server.pki import fingerprint
+from server.workspace import CONNECTION, ServerWorkspace, WorkspaceError, record_site
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the repository root is the Flower App (pyproject [tool.flwr.app])
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class EnrolError(RuntimeError):
+    """Enrolment failed; the message says why and what to do."""
+
+
+def superlink_command(ws: ServerWorkspace) -> list[str]:
+    return [str(Path(sys.executable).parent / "flower-superlink"),
+            "--ssl-ca-certfile", str(ws.ca_cert), "--ssl-certfile", str(ws.tls_cert), "--ssl-keyfile", str(ws.tls_key),
+            "--enable-supernode-auth", "--database", str(ws.database), "--disable-runtime-dependency-installation",
+            "--host", ws.host, "--port", str(ws.port)]
+
+
+def flwr_env(ws: ServerWorkspace) -> dict[str, str]:
+    return offline_env(FLWR_HOME=str(ws.flwr_home))
+
+
+def _flwr(ws: ServerWorkspace, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], capture_output=True, text=True,
+                          env=flwr_env(ws), timeout=timeout)
+
+
+def enrol(ws: ServerWorkspace, node_pub: Path, name: str, identity_pub: Path) -> dict[str, Any]:
+    """Register the site's SuperNode key with the SuperLink and record its identity key."""
+    if not _NAME.match(name):
+        raise EnrolError(f"site name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    if name in ws.enrolled():
+        raise EnrolError(f"site {name} is already enrolled ({ws.sites_dir / (name + '.json')})")
+    node_key = Path(node_pub).read_bytes()
+    if not node_key.startswith(b"ecdsa-sha2-nistp256 "):
+        raise EnrolError(f"{node_pub}: not the site's SuperNode public key (OpenSSH ecdsa-sha2-nistp256); use "
+                         "keys/node.pub from the site workspace")
+    identity = public_key_from_pem(Path(identity_pub).read_bytes(), str(identity_pub))
+    r = _flwr(ws, "supernode", "register", str(node_pub), CONNECTION)
+    out = r.stdout + r.stderr
+    found = re.search(r"SuperNode (\d+) registered", out)
+    if r.returncode != 0 or found is None:
+        reason = "the SuperLink is not running (start it with `medfed-server start`)" if "unavailable" in out \
+            else out.strip().splitlines()[-1] if out.strip() else f"exit code {r.returncode}"
+        raise EnrolError(f"registering {name} failed: {reason}")
+    record = {"name": name, "node_id": found.group(1), "node_key": node_key.decode().strip(),
+              "node_key_sha256": fingerprint(node_key), "identity_pem": public_pem(identity).decode(),
+              "identity_sha256": public_fingerprint(identity),
+              "enrolled_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    record_site(ws, name, record)
+    AuditLog(ws.audit_log, "server", load_or_create_key(ws.audit_key)).append(
+        "site-enrolled", {"site": name, "node_id": record["node_id"], "node_key_sha256": record["node_key_sha256"],
+                          "identity_sha256": record["identity_sha256"]})
+    return record
+
+
+def node_status(ws: ServerWorkspace) -> dict[str, dict[str, Any]]:
+    """The SuperLink's view of the registered nodes (node id -> status fields), empty when unreachable."""
+    r = _flwr(ws, "supernode", "list", CONNECTION, "--format", "json", timeout=60)
+    try:
+        doc = json.loads(r.stdout)
+    except ValueError:
+        return {}
+    nodes = doc.get("nodes", doc) if isinstance(doc, dict) else doc
+    out: dict[str, dict[str, Any]] = {}
+    for node in nodes if isinstance(nodes, list) else []:
+        if isinstance(node, dict):
+            out[str(node.get("node-id", node.get("node_id", "")))] = node
+    return out
+
+
+def run_command(ws: ServerWorkspace, run_config: dict[str, Any]) -> list[str]:
+    """``flwr run`` of the medfed app against this SuperLink, with run-config overrides."""
+    pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    return [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", pairs,
+            "--stream"]
+
+
+def prepare_run_dir(ws: ServerWorkspace, run_dir: Path) -> None:
+    """The public keys a run directory needs for `medfed-audit verify RUN_DIR`."""
+    keys = run_dir / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(keys / "server.pub", public_pem(load_or_create_key(ws.audit_key).public_key()))
+    for name, site in ws.enrolled().items():
+        atomic_write_bytes(keys / f"{name}.pub", site["identity_pem"].encode())
+
+
+def new_run_dir(ws: ServerWorkspace) -> Path:
+    return ws.runs / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+__all__ = ["EnrolError", "WorkspaceError", "enrol", "node_status", "prepare_run_dir", "run_command",
+           "superlink_command"]

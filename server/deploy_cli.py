@@ -1,0 +1,145 @@
+"""`medfed-server init | enroll | sites | start | run`: the central server as a service."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from privacy.services import run_foreground, systemd_unit
+from server.deploy import EnrolError, enrol, flwr_env, new_run_dir, node_status, prepare_run_dir, run_command, superlink_command
+from server.pki import KeyExistsError, fingerprint
+from server.workspace import WorkspaceError, init_workspace, load_workspace
+
+err = Console(stderr=True, soft_wrap=True)
+EXIT_BAD_INPUT = 2
+Workspace = Annotated[Path, typer.Option(help="the server workspace")]
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"[red]error:[/] {exc}")
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def register(cli: typer.Typer) -> None:
+    """Add the deployment commands to ``medfed-server``."""
+
+    @cli.command()
+    def init(workspace: Workspace, host: Annotated[str, typer.Option(help="name or IP address sites connect to")],
+             port: Annotated[int, typer.Option(min=1, max=65535)] = 8000) -> None:
+        """Create the server workspace: CA, SuperLink TLS certificate, audit key, server.toml."""
+        try:
+            ws = init_workspace(workspace, host, port)
+        except (WorkspaceError, KeyExistsError) as exc:
+            raise _fail(exc) from None
+        ca = ws.ca_cert.read_bytes()
+        err.print(f"server workspace {ws.root}: SuperLink at {ws.address}\n"
+                  f"give every site the CA certificate {ws.ca_cert}\n  (sha256 {fingerprint(ca)}: they compare it "
+                  "out of band)\nthen start the SuperLink: medfed-server start --workspace " + str(ws.root))
+
+    @cli.command()
+    def enroll(workspace: Workspace, site_public_key: Annotated[Path, typer.Argument(help="the site's keys/node.pub")],
+               name: Annotated[str, typer.Option(help="the site's name")],
+               identity: Annotated[Path | None, typer.Option(help="the site's keys/audit.pub (default: beside "
+                                                                   "SITE_PUBLIC_KEY)")] = None) -> None:
+        """Register a site with the SuperLink and record its identity key in the federation roster."""
+        try:
+            ws = load_workspace(workspace)
+            record = enrol(ws, site_public_key, name, identity or site_public_key.with_name("audit.pub"))
+        except (WorkspaceError, EnrolError, FileNotFoundError, ValueError) as exc:
+            raise _fail(exc) from None
+        err.print(f"enrolled {name}: node {record['node_id']}, identity key sha256 {record['identity_sha256']}; "
+                  f"roster sha256 {fingerprint(ws.roster.read_bytes())}")
+
+    @cli.command()
+    def sites(workspace: Workspace, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+        """The enrolled sites and what the SuperLink last saw of each."""
+        try:
+            ws = load_workspace(workspace)
+        except WorkspaceError as exc:
+            raise _fail(exc) from None
+        status = node_status(ws)
+        rows = []
+        for n, s in ws.enrolled().items():
+            node = status.get(s["node_id"], {})
+            state = str(node.get("status", "unknown (SuperLink not reachable)"))
+            seen = node.get("offline-at") if state == "offline" else node.get("online-at")
+            rows.append({"site": n, "node_id": s["node_id"], "enrolled_at": s["enrolled_at"], "status": state,
+                         "last_seen": seen if seen not in (None, "N/A") else "never"})
+        if as_json:
+            print(json.dumps(rows))
+            return
+        table = Table("site", "node", "enrolled", "status", "last seen")
+        for r in rows:
+            table.add_row(r["site"], r["node_id"], r["enrolled_at"], str(r["status"]), str(r["last_seen"]))
+        err.print(table)
+
+    @cli.command()
+    def start(workspace: Workspace, print_systemd: Annotated[bool, typer.Option("--print-systemd")] = False) -> None:
+        """Run the SuperLink in the foreground (TLS, SuperNode authentication, persisted state)."""
+        try:
+            ws = load_workspace(workspace)
+        except WorkspaceError as exc:
+            raise _fail(exc) from None
+        if print_systemd:
+            print(systemd_unit("medfed central server (Flower SuperLink)", ["-m", "server.cli", "start",
+                                                                              "--workspace", str(ws.root)], ws.root))
+            return
+        raise typer.Exit(run_foreground(superlink_command(ws), flwr_env(ws)))
+
+    @cli.command()
+    def run(workspace: Workspace, rounds: Annotated[int, typer.Option(min=1)] = 3,
+            out: Annotated[Path | None, typer.Option(help="run directory (default WORKSPACE/runs/<time>)")] = None,
+            local_steps: Annotated[int, typer.Option(min=1)] = 50, batch_size: Annotated[int, typer.Option(min=1)] = 64,
+            min_sites: Annotated[int, typer.Option(min=0, help="sites to wait for (0 = all enrolled)")] = 0,
+            no_secagg: Annotated[bool, typer.Option("--no-secagg")] = False,
+            round_timeout: Annotated[float, typer.Option(min=1.0)] = 600.0) -> None:
+        """Submit a training run to the SuperLink, stream it, and leave the run directory."""
+        try:
+            ws = load_workspace(workspace)
+        except WorkspaceError as exc:
+            raise _fail(exc) from None
+        enrolled = ws.enrolled()
+        if not enrolled:
+            raise _fail(WorkspaceError("no site is enrolled: `medfed-server enroll` first"))
+        run_dir = (out or new_run_dir(ws)).resolve()
+        prepare_run_dir(ws, run_dir)
+        config: dict[str, Any] = {
+            "num-server-rounds": rounds, "local-steps": local_steps, "batch-size": batch_size,
+            "min-sites": min_sites or len(enrolled), "round-timeout": round_timeout, "run-dir": str(run_dir),
+            "audit-key": str(ws.audit_key), "roster-file": str(ws.roster), "secure-aggregation": not no_secagg,
+        }
+        started = time.monotonic()
+        proc = subprocess.run(run_command(ws, config), env=flwr_env(ws), check=False)
+        metrics = run_dir / "metrics.json"
+        if not metrics.is_file() or not _finished(metrics, rounds):
+            err.print(f"[red]error:[/] the run did not finish (flwr exit {proc.returncode}); see the SuperLink log")
+            raise typer.Exit(1)
+        from privacy.audit.report import write_report
+        from server.cli import round_table
+
+        report, built = write_report(run_dir)
+        err.print(round_table(json.loads(metrics.read_text())["rounds"], len(enrolled)))
+        verdict = "verified" if built.verdict.ok else f"[red]FAILED: {built.verdict.problems[0]}[/]"
+        err.print(f"audit logs: {verdict}; report: {report}\nrun directory: {run_dir} "
+                  f"({time.monotonic() - started:.0f} s)")
+
+
+def _finished(metrics: Path, rounds: int, wait: float = 60.0) -> bool:
+    """The ServerApp writes metrics.json last; wait briefly for it after ``flwr run`` returns."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            m = json.loads(metrics.read_text())
+            if "final_model_sha256" in m:
+                return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(1.0)
+    return False
