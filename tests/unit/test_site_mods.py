@@ -137,3 +137,26 @@ def test_secagg_mod_refuses_a_substituted_key_and_logs_it(tmp_path: Path, small_
         assert out.has_error() and out.error.code == SECAGG_REFUSED and "substituted" in out.error.reason
         log = read_entries(SiteAudit(next(c for c in configs if c.name == name)).log.path)
         assert log[-1].event == "refused" and log[-1].data["reason"] == "secagg-verification"
+
+
+def test_roster_is_pinned_at_first_use_and_a_changed_one_waits_for_the_operator(tmp_path: Path,
+                                                                                small_site: Path) -> None:
+    from client.roster import PENDING, PINNED, accept_pending, check_delivered
+    from privacy.secagg.site import VerificationError
+    from privacy.secagg.wire import roster_bytes, roster_fingerprint
+
+    config = load_site_config(make_workspace(tmp_path, "site-a", small_site))
+    keys = {n: public_pem(Ed25519PrivateKey.generate().public_key()).decode() for n in ("site-a", "site-b")}
+    first = roster_bytes(keys)
+    check_delivered(config, first)
+    assert (config.workspace / PINNED).read_bytes() == first
+    check_delivered(config, json.dumps({"sites": dict(reversed(list(keys.items())))}).encode())  # same, other order
+    changed = roster_bytes({**keys, "site-b": public_pem(Ed25519PrivateKey.generate().public_key()).decode()})
+    with pytest.raises(VerificationError, match="roster changed") as info:
+        check_delivered(config, changed)
+    assert roster_fingerprint(changed)[:16] in str(info.value) and "--accept" in str(info.value)
+    assert (config.workspace / PINNED).read_bytes() == first and (config.workspace / PENDING).is_file()
+    assert accept_pending(config) == roster_fingerprint(changed)
+    check_delivered(config, changed)  # now pinned
+    events = [e.event for e in read_entries(config.workspace / "audit.jsonl")]
+    assert events == ["roster-pinned", "roster-accepted"]
