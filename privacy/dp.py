@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.accountant import IAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 ACCOUNTANTS = ("rdp", "prv")
 

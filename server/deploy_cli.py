@@ -118,7 +118,7 @@ def register(cli: typer.Typer) -> None:
         started = time.monotonic()
         proc = subprocess.run(run_command(ws, config), env=flwr_env(ws), check=False)
         metrics = run_dir / "metrics.json"
-        if not metrics.is_file() or not _finished(metrics, rounds):
+        if not _finished(metrics):
             err.print(f"[red]error:[/] the run did not finish (flwr exit {proc.returncode}); see the SuperLink log")
             raise typer.Exit(1)
         from privacy.audit.report import write_report
@@ -131,7 +131,7 @@ def register(cli: typer.Typer) -> None:
                   f"({time.monotonic() - started:.0f} s)")
 
 
-def _finished(metrics: Path, rounds: int, wait: float = 60.0) -> bool:
+def _finished(metrics: Path, wait: float = 60.0) -> bool:
     """The ServerApp writes metrics.json last; wait briefly for it after ``flwr run`` returns."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
