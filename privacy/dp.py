@@ -7,10 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -56,18 +54,8 @@ def calibrate_noise(
         When even ``max_noise_multiplier`` would exceed the target (the budget that
         remains cannot pay for the plan within the site's policy).
     """
-    if accountant == "rdp":
-        # The search evaluates ε ~15 times: at Opacus' integer RDP orders only (30x faster
-        # than its fractional ones). That bound is valid and never below the full-order ε
-        # the ledger reports, so the σ found keeps the reported ε within the target too.
-        prior_rdp = sum((_rdp(e, _INT_ORDERS) for e in prior if e.steps > 0), np.zeros(len(_INT_ORDERS)))
-
-        def eps_at(sigma: float) -> float:
-            total = prior_rdp + _rdp(GaussianSteps(sigma, sample_rate, steps), _INT_ORDERS)
-            return float(get_privacy_spent(orders=_INT_ORDERS, rdp=total, delta=delta)[0])
-    else:
-        def eps_at(sigma: float) -> float:
-            return epsilon([*prior, GaussianSteps(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+    def eps_at(sigma: float) -> float:
+        return epsilon([*prior, GaussianSteps(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
 
     if eps_at(max_noise_multiplier) > target_epsilon:
         spent = epsilon(prior, delta=delta, accountant=accountant)
@@ -83,14 +71,6 @@ def calibrate_noise(
         else:
             lo = mid
     return hi
-
-
-_INT_ORDERS = [float(a) for a in RDPAccountant.DEFAULT_ALPHAS if float(a).is_integer()]
-
-
-def _rdp(event: GaussianSteps, orders: list[float]) -> np.ndarray:
-    return np.asarray(compute_rdp(q=event.sample_rate, noise_multiplier=event.noise_multiplier, steps=event.steps,
-                                  orders=orders), dtype=np.float64)
 
 
 def auto_delta(patients: int) -> float:

@@ -30,7 +30,9 @@ def run_foreground(cmd: Sequence[str], env: dict[str, str]) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return proc.wait()
+        code = proc.wait()
+        # stopped by the SIGTERM/SIGINT a service manager sends: a clean shutdown, exit 0
+        return 0 if code in (-signal.SIGTERM, -signal.SIGINT) else code
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

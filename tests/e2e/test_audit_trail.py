@@ -77,7 +77,8 @@ def test_run_logs_verify(run: tuple[Path, str]) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["ok"] and out["problems"] == []
-    assert out["logs"]["server"]["entries"] == 1 + 2 * 5 + 1  # run-start, per round 5 entries, run-end
+    # run-start; per round: round-start, 2 site-replies, secure-aggregation, aggregate, checkpoint; run-end
+    assert out["logs"]["server"]["entries"] == 1 + 2 * 6 + 1
     assert out["logs"]["site-1"]["entries"] == out["logs"]["site-2"]["entries"] == 3  # joined + 2 rounds
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["audit"]["server_head"] == out["logs"]["server"]["head"]
