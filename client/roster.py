@@ -8,6 +8,7 @@ from pathlib import Path
 
 from client.audit_trail import SiteAudit
 from client.config import SiteConfig
+from privacy.audit.events import E
 from privacy.files import atomic_write_bytes
 from privacy.secagg.site import VerificationError
 from privacy.secagg.wire import canonical_roster, roster_fingerprint
@@ -22,7 +23,7 @@ def check_delivered(site: SiteConfig, delivered: bytes) -> None:
     pinned_path, pending_path = site.workspace / PINNED, site.workspace / PENDING
     if not pinned_path.exists():
         atomic_write_bytes(pinned_path, offered)
-        SiteAudit(site).log.append("roster-pinned", {"roster_sha256": roster_fingerprint(offered)})
+        SiteAudit(site).log.append(E.ROSTER_PINNED, {"roster_sha256": roster_fingerprint(offered)})
         return
     pinned = canonical_roster(pinned_path.read_bytes())
     if pinned == offered:
@@ -43,5 +44,5 @@ def accept_pending(site: SiteConfig) -> str:
     atomic_write_bytes(site.workspace / PINNED, offered)
     pending_path.unlink()
     fp = roster_fingerprint(offered)
-    SiteAudit(site).log.append("roster-accepted", {"roster_sha256": fp})
+    SiteAudit(site).log.append(E.ROSTER_ACCEPTED, {"roster_sha256": fp})
     return fp

@@ -251,6 +251,6 @@ def identifying_fingerprints(cache_dir: Path) -> tuple[frozenset[str], bytes | N
         return frozenset(), None
     prints: set[str] = set()
     for store_dir in sorted(cache_dir.glob("ingest-*")):
-        for record in IngestStore(store_dir).records.values():
+        for record in IngestStore.read_only(store_dir).records.values():
             prints.update(record.fingerprints)
     return frozenset(prints), key_file.read_bytes()

@@ -88,21 +88,33 @@ class IngestStore:
         if self.root is None:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        journal = self.root / JOURNAL
+        self._good = self._replay(self.root / JOURNAL)
+        shards = {shard for shard, _ in self.location.values()}
+        for path in self.root.iterdir():  # shards of batches whose journal line never landed
+            if path.name.startswith(("shard-", ".shard-")) and path.name not in shards:
+                path.unlink(missing_ok=True)
+
+    @classmethod
+    def read_only(cls, root: Path) -> IngestStore:
+        """The journal's records without touching the folder (no cleanup): for readers
+        that may run while an ingest commits."""
+        store = cls(None)
+        store._replay(Path(root) / JOURNAL)
+        return store
+
+    def _replay(self, journal: Path) -> int:
+        """Apply the journal's complete lines; returns the offset after the last good one."""
+        good = 0
         if journal.is_file():
-            data = journal.read_bytes()
-            for line in data.splitlines(keepends=True):
+            for line in journal.read_bytes().splitlines(keepends=True):
                 if not line.endswith(b"\n"):
                     break  # torn last line of a crashed append
                 try:
                     self._apply(json.loads(line))
                 except (ValueError, TypeError, KeyError):
                     break
-                self._good += len(line)
-        shards = {shard for shard, _ in self.location.values()}
-        for path in self.root.iterdir():  # shards of batches whose journal line never landed
-            if path.name.startswith(("shard-", ".shard-")) and path.name not in shards:
-                path.unlink(missing_ok=True)
+                good += len(line)
+        return good
 
     def _apply(self, obj: dict) -> None:
         for digest, rec in obj["records"].items():

@@ -22,4 +22,6 @@ class E:
     CONFIG = "config-changed"  # config_sha256
     ROUND_TRAINED = "round-trained"  # run_id, round, global_sha256, noise_multiplier, sample_rate, steps, ...
     REFUSED = "refused"  # run_id, round, global_sha256, reason
-    EGRESS_BLOCKED = "egress-blocked"  # run_id, round, key, reason
+    EGRESS_BLOCKED = "egress-blocked"
+    ROSTER_PINNED = "roster-pinned"  # roster_sha256
+    ROSTER_ACCEPTED = "roster-accepted"  # roster_sha256  # run_id, round, key, reason
