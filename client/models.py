@@ -11,7 +11,14 @@ from torch import nn
 
 
 def _block(cin: int, cout: int, groups: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.ReLU()]
+    """Conv, GroupNorm, ReLU; neither the conv nor the norm has per-channel bias or scale.
+
+    DP-SGD computes a per-patient gradient for every trained tensor; Opacus' GroupNorm
+    sampler recomputes the normalisation to get one. Dropping those few parameters (224
+    scales and shifts, 112 biases, 1.4% of the model) removes that work from every step,
+    and the next conv layer can still scale and mix the normalised channels.
+    """
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout, affine=False), nn.ReLU()]
 
 
 def _gaussian_1d(sigma: float, radius: int) -> torch.Tensor:

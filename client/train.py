@@ -87,11 +87,15 @@ def _cycle(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def run_steps(
     model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, steps: int,
-    device: torch.device,
+    device: torch.device, summed: bool = False,
 ) -> TrainResult:
-    """Run ``steps`` optimizer steps over ``loader`` (cycled); mean loss over examples."""
+    """Run ``steps`` optimizer steps over ``loader`` (cycled); mean loss over examples.
+
+    ``summed``: backpropagate the batch's summed loss (what :func:`privacy.dp.make_private`
+    expects; its optimizer divides by the expected batch size).
+    """
     model.train()
-    loss_fn = nn.BCEWithLogitsLoss(reduction="mean")
+    loss_fn = nn.BCEWithLogitsLoss(reduction="sum" if summed else "mean")
     total, count = 0.0, 0
     batches = _cycle(loader)
     for _ in range(steps):
@@ -104,7 +108,7 @@ def run_steps(
         loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach()) * len(y)
+        total += float(loss.detach()) * (1 if summed else len(y))
         count += len(y)
     return TrainResult(train_loss=total / max(count, 1), num_examples=count, steps=steps)
 
@@ -130,7 +134,7 @@ def train_private(
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
     )
-    result = run_steps(dp_model, dp_optimizer, dp_loader, steps=plan.steps, device=device)
+    result = run_steps(dp_model, dp_optimizer, dp_loader, steps=plan.steps, device=device, summed=True)
     dp_model._close()  # remove Opacus hooks; the caller's module is trained in place
     return result
 

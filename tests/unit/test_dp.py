@@ -107,3 +107,24 @@ def test_auto_delta_is_below_one_over_patients() -> None:
     for n in (10, 99, 1000, 123456):
         assert auto_delta(n) < 1.0 / n
     assert auto_delta(100) == 1e-5
+
+
+@pytest.mark.parametrize("q, steps, prior", [
+    (0.25, 150, ()),
+    (0.32, 250, (GaussianSteps(3.0, 0.32, 50), GaussianSteps(3.0, 0.32, 50))),
+    (0.01, 1000, ()),
+])
+def test_fast_calibration_matches_bisection_on_opacus_epsilon(q: float, steps: int, prior: tuple) -> None:
+    """The bracketed search finds the same σ as plain bisection on Opacus' own accountant."""
+    def opacus_eps(sigma: float) -> float:
+        acc = RDPAccountant()
+        acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in prior] + [(sigma, q, steps)]
+        return acc.get_epsilon(delta=1e-5)
+
+    lo, hi = 0.0, 50.0
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if opacus_eps(mid) <= 8.0 else (mid, hi)
+    sigma = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=q, steps=steps, prior=prior)
+    assert opacus_eps(sigma) <= 8.0
+    assert hi <= sigma <= hi * 1.01

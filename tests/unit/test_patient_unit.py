@@ -46,7 +46,7 @@ def _update_norm(cohort: Cohort, clip: float) -> tuple[float, float]:
     torch.manual_seed(0)
     x, y = next(b for b in dp_loader if len(b[1]))
     assert len(y) <= cohort.n_patients  # never more records than patients
-    loss = nn.BCEWithLogitsLoss()(dp_model(x[:, None] if x.dim() == 3 else x), y)
+    loss = nn.BCEWithLogitsLoss(reduction="sum")(dp_model(x[:, None] if x.dim() == 3 else x), y)
     loss.backward()
     raw = max(float(torch.cat([p.grad_sample[i].flatten() for p in dp_model.parameters()]).norm())
               for i in range(len(y)))
