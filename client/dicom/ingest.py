@@ -66,16 +66,23 @@ def candidate_files(folder: Path, exclude: Iterable[Path] = ()) -> list[tuple[st
         if real.startswith(root + os.sep):
             skip.add(os.path.relpath(real, root).replace(os.sep, "/"))
     found: list[tuple[str, os.stat_result]] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        prefix = os.path.relpath(dirpath, folder).replace(os.sep, "/")
-        prefix = "" if prefix == "." else prefix + "/"
-        for name in filenames:
-            if name.startswith(".") or prefix + name in skip:
+    stack = [(str(folder), "")]
+    while stack:  # scandir walk: relative paths built by prefix, not by relpath/join per file
+        path, prefix = stack.pop()
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            continue  # an unreadable sub-folder is passed over, as os.walk does
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
-            st = os.stat(os.path.join(dirpath, name))
-            if stat.S_ISREG(st.st_mode):
-                found.append((prefix + name, st))
+            rel = prefix + entry.name
+            if entry.is_dir(follow_symlinks=False):  # like os.walk: no loops through linked folders
+                stack.append((entry.path, rel + "/"))
+            elif rel not in skip:
+                st = entry.stat()
+                if stat.S_ISREG(st.st_mode):
+                    found.append((rel, st))
     found.sort(key=lambda item: item[0])
     return found
 
@@ -212,10 +219,8 @@ def ingest(
     records = [store.records[digests[rel]] for rel in rels]
     counts = np.array([0] + [r.frames if r.status == "image" else 0 for r in records])
     offsets = np.cumsum(counts)
-    frames = np.empty((int(offsets[-1]), pre.image_size, pre.image_size), dtype=np.float32)
-    for i, rel in enumerate(rels):
-        if counts[i + 1]:
-            frames[offsets[i] : offsets[i + 1]] = store.frames(digests[rel])
+    frames = store.gather([digests[rel] for rel, n in zip(rels, counts[1:], strict=True) if n],
+                          (pre.image_size, pre.image_size))
     return Ingested(rels, records, frames, offsets, len(todo), time.perf_counter() - start, key,
                     [digests[rel] for rel in rels])
 

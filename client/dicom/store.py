@@ -161,12 +161,34 @@ class IngestStore:
             self._good += len(line)
         self._apply(entry)
 
+    def gather(self, digests: list[str], shape: tuple[int, ...]) -> np.ndarray:
+        """The stored frames of these image records, concatenated in order (one copy per shard)."""
+        counts = [self.records[d].frames for d in digests]
+        out = np.empty((sum(counts), *shape), dtype=np.float32)
+        rows: dict[str, tuple[list[int], list[int]]] = {}  # shard -> (destination rows, source rows)
+        at = 0
+        for digest, n in zip(digests, counts, strict=True):
+            if digest in self._memory or self.root is None:
+                out[at : at + n] = self.frames(digest)
+            else:
+                shard, row = self.location[digest]
+                dst, src = rows.setdefault(shard, ([], []))
+                dst.extend(range(at, at + n))
+                src.extend(range(row, row + n))
+            at += n
+        for shard, (dst, src) in rows.items():
+            out[np.asarray(dst)] = self._map(shard)[np.asarray(src)]
+        return out
+
+    def _map(self, shard: str) -> np.ndarray:
+        if shard not in self._maps:
+            assert self.root is not None
+            self._maps[shard] = np.load(self.root / shard, mmap_mode="r")
+        return self._maps[shard]
+
     def frames(self, digest: str) -> np.ndarray:
         """The stored frames of an image record."""
         if digest in self._memory:
             return self._memory[digest]
         shard, row = self.location[digest]
-        if shard not in self._maps:
-            assert self.root is not None
-            self._maps[shard] = np.load(self.root / shard, mmap_mode="r")
-        return self._maps[shard][row : row + self.records[digest].frames]
+        return self._map(shard)[row : row + self.records[digest].frames]
