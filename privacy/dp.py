@@ -60,17 +60,14 @@ def _rdp_total(events: Sequence[GaussianSteps], orders: tuple[float, ...]) -> np
     return sum([_rdp_per_step(e.sample_rate, e.noise_multiplier, orders) * e.steps for e in events if e.steps > 0])
 
 
-def _rdp_spent(rdp: np.ndarray, delta: float, orders: tuple[float, ...]) -> tuple[float, float]:
-    """(ε, best order); over a subset of Opacus' orders the optimum may sit at its edge (no warning)."""
+def _rdp_spent(rdp: np.ndarray, delta: float, orders: tuple[float, ...], *, quiet: bool = True) -> tuple[float, float]:
+    """(ε, best order). ``quiet``: over a subset of Opacus' orders the optimum may sit at the
+    subset's edge, and Opacus' warning about that is noise there."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        if quiet:
+            warnings.simplefilter("ignore", UserWarning)
         eps, alpha = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
     return float(eps), float(alpha)
-
-
-def _rdp_epsilon(rdp: np.ndarray, delta: float, orders: tuple[float, ...]) -> float:
-    eps, _ = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
-    return float(eps)
 
 
 def _rdp_curve(prior: Sequence[GaussianSteps], sample_rate: float, steps: int, delta: float,
@@ -95,7 +92,7 @@ def epsilon(events: Sequence[GaussianSteps], *, delta: float, accountant: str = 
     if not any(e.steps > 0 for e in events):
         return 0.0
     if accountant == "rdp":
-        return _rdp_epsilon(_rdp_total(events, _ORDERS), delta, _ORDERS)
+        return _rdp_spent(_rdp_total(events, _ORDERS), delta, _ORDERS, quiet=False)[0]
     return float(_accountant(accountant, events).get_epsilon(delta=delta))
 
 
