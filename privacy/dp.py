@@ -30,9 +30,13 @@ class BudgetExhausted(Exception):
     """The remaining budget cannot pay for the requested training within the site policy."""
 
 
-def _accountant(name: str, events: Sequence[GaussianSteps]) -> IAccountant:
+def _require_accountant(name: str) -> None:
     if name not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {name!r}")
+
+
+def _accountant(name: str, events: Sequence[GaussianSteps]) -> IAccountant:
+    _require_accountant(name)
     acc: IAccountant = RDPAccountant() if name == "rdp" else PRVAccountant()
     acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0]
     return acc
@@ -115,8 +119,7 @@ def calibrate_noise(
         When even ``max_noise_multiplier`` would exceed the target (the budget that
         remains cannot pay for the plan within the site's policy).
     """
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    _require_accountant(accountant)
     if accountant == "rdp":
         exact = _rdp_curve(prior, sample_rate, steps, delta, _ORDERS)
 

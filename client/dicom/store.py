@@ -168,7 +168,7 @@ class IngestStore:
         rows: dict[str, tuple[list[int], list[int]]] = {}  # shard -> (destination rows, source rows)
         at = 0
         for digest, n in zip(digests, counts, strict=True):
-            if digest in self._memory or self.root is None:
+            if digest in self._memory:
                 out[at : at + n] = self.frames(digest)
             else:
                 shard, row = self.location[digest]
