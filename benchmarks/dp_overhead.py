@@ -1,11 +1,11 @@
 """Training throughput (images/s) of medfed's model: non-private vs DP-SGD (Opacus modes).
 
-Same model, same batch size, same data, same process. Each trial runs every mode back to
-back; the ratio of a mode is the median over trials of its speed divided by plain's speed in
-the same trial (this machine's speed drifts by +-20% between trials; a trial's modes share
-the drift). Measured at 1 CPU thread (how a simulated site trains: one CPU each) and at
-torch's default thread count. Peak memory per mode from a child process each. Ends with one
-JSON line.
+Same model, same batch size, same data, same process. In each trial the modes take turns of
+two steps each; the ratio of a mode is the median over trials of its speed divided by plain's
+speed in the same trial (this machine's speed drifts by +-20% within seconds; modes that
+alternate every two steps share the drift). Measured at 1 CPU thread (how a simulated site
+trains: one CPU each) and at torch's default thread count. Peak memory per mode from a child
+process each. Ends with one JSON line.
 
     python benchmarks/dp_overhead.py [--quick] [--device cpu|cuda] [--threads 1,2]
 """
@@ -35,6 +35,7 @@ from privacy.dp import make_private  # noqa: E402
 
 TARGET = 0.8  # DP throughput / non-private throughput
 MODES = ("plain", "hooks", "functorch")
+BLOCK = 2  # steps per turn when modes alternate inside a trial
 
 
 def _cohort(patients: int, size: int = 64) -> Cohort:
@@ -50,47 +51,61 @@ def _rss_mib() -> float:
         return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _throughput(mode: str, cohort: Cohort, batch: int, steps: int, device: torch.device,
-                samples: list[float] | None = None) -> float:
-    model = build_model(seed=0).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loader = DataLoader(PatientImages(cohort, seed=0), batch_size=batch, shuffle=True, drop_last=mode == "plain")
-    if mode != "plain":
-        model, opt, loader = make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
-                                          max_grad_norm=1.0, grad_sample_mode=mode)
-    loss_fn = nn.BCEWithLogitsLoss(reduction="mean" if mode == "plain" else "sum")  # make_private wants sums
-    images, done, it = 0, 0, iter(loader)
-    start = 0.0
-    while done < steps + 2:  # two warm-up steps are not timed
+class _Trainer:
+    """One mode's model, optimizer and loader; ``steps(k)`` trains k steps and times them."""
+
+    def __init__(self, mode: str, cohort: Cohort, batch: int, device: torch.device) -> None:
+        model = build_model(seed=0).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loader = DataLoader(PatientImages(cohort, seed=0), batch_size=batch, shuffle=True, drop_last=mode == "plain")
+        if mode != "plain":
+            model, opt, loader = make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+                                              max_grad_norm=1.0, grad_sample_mode=mode)
+        self.model, self.opt, self.loader, self.device = model, opt, loader, device
+        self.loss_fn = nn.BCEWithLogitsLoss(reduction="mean" if mode == "plain" else "sum")  # make_private: sums
+        self.batches = iter(loader)
+        self.images, self.seconds = 0, 0.0
+
+    def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            x, y = next(it)
+            return next(self.batches)
         except StopIteration:
-            it = iter(loader)
-            continue
-        if done == 2:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        x, y = x.to(device), y.to(device)
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()
-        if done >= 2:
-            images += len(y)
-        if samples is not None:
-            samples.append(_rss_mib())
-        done += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return images / (time.perf_counter() - start)
+            self.batches = iter(self.loader)
+            return next(self.batches)
+
+    def steps(self, k: int, *, timed: bool = True, samples: list[float] | None = None) -> None:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for _ in range(k):
+            x, y = self._next()
+            x, y = x.to(self.device), y.to(self.device)
+            self.opt.zero_grad(set_to_none=True)
+            self.loss_fn(self.model(x), y).backward()
+            self.opt.step()
+            self.images += len(y) if timed else 0
+            if samples is not None:
+                samples.append(_rss_mib())
+        sync()
+        self.seconds += time.perf_counter() - start if timed else 0.0
 
 
 def _trials(cohort: Cohort, batch: int, steps: int, trials: int, device: torch.device) -> dict[str, list[float]]:
-    """images/s of every mode in each trial; modes run back to back inside a trial."""
+    """images/s of every mode in each trial.
+
+    Inside a trial the modes take turns in blocks of ``BLOCK`` steps until each has run
+    ``steps`` timed steps, so the machine's drift falls on all modes alike.
+    """
     speeds: dict[str, list[float]] = {m: [] for m in MODES}
     for _ in range(trials):
-        for mode in MODES:
-            speeds[mode].append(_throughput(mode, cohort, batch, steps, device))
+        trainers = {m: _Trainer(m, cohort, batch, device) for m in MODES}
+        for t in trainers.values():
+            t.steps(2, timed=False)  # warm-up
+        for _ in range(0, steps, BLOCK):
+            for t in trainers.values():
+                t.steps(BLOCK)
+        for m, t in trainers.items():
+            speeds[m].append(t.images / t.seconds)
     return speeds
 
 
@@ -104,7 +119,9 @@ def main() -> None:
     parser.add_argument("--child", choices=MODES)
     args = parser.parse_args()
     device = torch.device(args.device)
-    cohort = _cohort(600)
+    # 10 batches of patients: Opacus' Poisson rate 1/len(loader) then gives DP steps the same
+    # expected batch as the plain ones (600 patients gave DP batches of 60 against 64)
+    cohort = _cohort(10 * args.batch)
     steps = 20 if args.quick else 40
     if args.child:  # memory used by training itself: peak while training minus the baseline before it
         baseline = _rss_mib()
@@ -112,7 +129,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             baseline = torch.cuda.memory_allocated() / 2**20
         samples: list[float] = []
-        _throughput(args.child, cohort, args.batch, 10, device, samples)
+        _Trainer(args.child, cohort, args.batch, device).steps(10, samples=samples)
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else max(samples)
         print(json.dumps({"peak_mib": peak - baseline}))
         return

@@ -4,18 +4,28 @@ Opacus' sampler builds each sample's im2col matrix (``unfold2d``: batch × C·k�
 copied) and multiplies it with the backprops. The same per-sample gradients are the
 weight gradient of one convolution whose groups are the samples: input reshaped to
 (1, B·C, H, W), backprops to (1, B·O, H, W), ``groups = B``. ATen's
-``convolution_backward`` computes that directly (oneDNN on CPU), without the im2col
-copy: 2.2-2.4x faster than Opacus' sampler for layers with 16 or 32 input channels on
-this 2-core CPU, slower below 8 input channels (benchmarks/dp_overhead.py).
+``convolution_backward`` computes that directly (oneDNN on CPU, cuDNN on CUDA), without
+the im2col copy: 2.2-2.4x faster than Opacus' sampler for layers with 16 or 32 input
+channels on this 2-core CPU, slower below 8 input channels; 1.7-2.1x faster for every layer
+of SliceNet on an H200 (benchmarks/README.md). On CUDA, cuDNN convolutions use TF32 unless
+``torch.backends.cudnn.allow_tf32`` is off, as the model's own convolutions do; clipping
+bounds the per-sample gradients as computed, so the privacy guarantee is unchanged.
 
 Registered with Opacus' own extension point (``register_grad_sampler``) for
-``nn.Conv2d``; every case it does not cover (fewer than 8 input channels, grouped or
-string-padded convolutions, an empty batch, a GPU) goes to Opacus' sampler unchanged.
+``nn.Conv2d``; every case it does not cover (fewer than 8 input channels on CPU, grouped
+or string-padded convolutions, an empty batch) goes to Opacus' sampler unchanged.
+
+Under DP every trained layer's weight gradient comes from these per-sample gradients, so
+:func:`skip_summed_weight_grads` spares autograd the summed one it would also compute.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
@@ -24,9 +34,9 @@ MIN_IN_CHANNELS = 8  # below this Opacus' im2col product is faster (measured)
 
 
 def covered(layer: nn.Conv2d, activations: torch.Tensor) -> bool:
-    """Whether the grouped-backward path applies to this layer and batch."""
-    return (layer.groups == 1 and not isinstance(layer.padding, str) and layer.in_channels >= MIN_IN_CHANNELS
-            and activations.device.type == "cpu" and activations.shape[0] > 0 and activations.dim() == 4)
+    """Whether the grouped-backward path applies to this layer and batch (on CUDA: any channel count)."""
+    return (layer.groups == 1 and not isinstance(layer.padding, str) and activations.shape[0] > 0
+            and activations.dim() == 4 and (layer.in_channels >= MIN_IN_CHANNELS or activations.is_cuda))
 
 
 @register_grad_sampler(nn.Conv2d)
@@ -41,7 +51,7 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor],
     out = backprops.shape[1]
     ret: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        shape_only = torch.empty((n * out, c, *layer.kernel_size), dtype=x.dtype)
+        shape_only = torch.empty((n * out, c, *layer.kernel_size), dtype=x.dtype, device=x.device)
         _, grad_weight, _ = torch.ops.aten.convolution_backward(
             backprops.reshape(1, n * out, *backprops.shape[2:]), x.reshape(1, n * c, h, w), shape_only, None,
             list(layer.stride), list(layer.padding), list(layer.dilation), False, [0, 0], n, [False, True, False],
@@ -50,3 +60,55 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor],
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = backprops.sum(dim=(2, 3))
     return ret
+
+
+class _InputGradOnlyConv2d(torch.autograd.Function):
+    """``F.conv2d`` whose backward computes the input gradient only (when one is needed).
+
+    Under Opacus' hooks every trained layer's weight gradient comes from the per-sample
+    gradients; the summed one autograd would also compute is overwritten by the optimizer.
+    The weight still requires grad, so the output does and Opacus' backward hook fires.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, stride: tuple, padding: tuple,
+                dilation: tuple) -> torch.Tensor:
+        return F.conv2d(x, weight, None, stride, padding, dilation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        x, weight, ctx.stride, ctx.padding, ctx.dilation = inputs
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, ctx.stride, ctx.padding, ctx.dilation)
+        return grad_x, None, None, None, None
+
+
+def _forward_input_grad_only(layer: nn.Conv2d, active: Callable[[], bool], x: torch.Tensor) -> torch.Tensor:
+    if not (active() and torch.is_grad_enabled() and layer.weight.requires_grad):
+        return nn.Conv2d.forward(layer, x)
+    return _InputGradOnlyConv2d.apply(x, layer.weight, layer.stride, layer.padding, layer.dilation)
+
+
+def skip_summed_weight_grads(module: nn.Module, active: Callable[[], bool]) -> Callable[[], None]:
+    """While ``active()``, plain bias-free Conv2d layers of ``module`` skip autograd's weight gradient.
+
+    For Opacus' hook mode only (functorch re-runs each layer's forward under ``vmap``).
+    Their ``.grad`` stays ``None`` after ``backward``; ``DPOptimizer`` sets it from the
+    clipped, noised per-sample gradients. Returns the function that restores the layers.
+    """
+    layers = [m for m in module.modules() if type(m) is nn.Conv2d and m.bias is None and m.groups == 1
+              and m.padding_mode == "zeros" and not isinstance(m.padding, str)]
+    for layer in layers:
+        layer.forward = functools.partial(_forward_input_grad_only, layer, active)
+
+    def restore() -> None:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+    return restore

@@ -54,3 +54,42 @@ def test_grad_sample_module_matches_per_sample_autograd() -> None:
         for i in range(len(x)):
             torch.testing.assert_close(p.grad_sample[i], expected[i][j], rtol=1e-4, atol=1e-5)
     gsm._close()
+
+
+def test_make_private_skips_summed_conv_weight_grads_and_restores_them() -> None:
+    """Under DP (hooks), bias-free convs compute no summed weight gradient; per-sample ones stay exact."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from privacy.dp import make_private
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, bias=False),
+                          nn.GroupNorm(4, 16, affine=False), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, bias=False),
+                          nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, 1))
+    skipped = [model[2], model[5]]
+    x = torch.randn(5, 1, 10, 10)
+    expected = []
+    for i in range(len(x)):
+        model.zero_grad()
+        model(x[i : i + 1]).sum().backward()
+        expected.append([p.grad.clone() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    loader = DataLoader(TensorDataset(x, torch.zeros(5)), batch_size=5)
+    gsm, _, _ = make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                             data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    assert all("forward" in layer.__dict__ for layer in skipped)
+    gsm(x).sum().backward()
+    for j, p in enumerate(model.parameters()):
+        for i in range(len(x)):
+            torch.testing.assert_close(p.grad_sample[i], expected[i][j], rtol=1e-4, atol=1e-5)
+    assert all(layer.weight.grad is None for layer in skipped)  # the wasted sum was not computed
+    assert model[0].weight.grad is not None and model[8].weight.grad is not None  # layers with bias: unchanged
+
+    gsm.disable_hooks()  # Opacus' hooks off: autograd's own weight gradients again
+    gsm(x).sum().backward()
+    torch.testing.assert_close(model[2].weight.grad, sum(e[2] for e in expected), rtol=1e-4, atol=1e-5)
+    gsm._close()
+    assert not any("forward" in layer.__dict__ for layer in skipped)
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    torch.testing.assert_close(model[5].weight.grad, sum(e[3] for e in expected), rtol=1e-4, atol=1e-5)
