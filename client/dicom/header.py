@@ -27,9 +27,9 @@ def _tag(keyword: str) -> int:
 def _raw(ds: Dataset, keyword: str) -> tuple[str, bytes, bool] | object | None:
     """``(VR, bytes, little_endian)`` of a raw element, the converted value, or ``None``."""
     tag = _tag(keyword)
-    if tag not in ds:
+    elem = ds.get_item(tag, keep_deferred=True)  # None when absent (one dictionary lookup)
+    if elem is None:
         return None
-    elem = ds.get_item(tag)
     if isinstance(elem, DataElement):
         return elem.value  # already converted
     vr = elem.VR or dictionary_VR(tag)

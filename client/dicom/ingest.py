@@ -182,10 +182,9 @@ def _one_thread() -> None:
 
 def _run(todo: list[tuple[Path, str]], pre: Preprocessing, key: bytes, workers: int) -> Iterator[list[Processed]]:
     if workers <= 1 or len(todo) < MIN_PARALLEL:
-        for i in range(0, len(todo), CHUNK):
-            with threadpool_limits(1):  # tiny matrices: BLAS threads cost more than they give
-                chunk = _process_chunk(todo[i : i + CHUNK], pre, key)
-            yield chunk
+        with threadpool_limits(1):  # tiny matrices: BLAS threads cost more than they give (~1 ms to set)
+            for i in range(0, len(todo), CHUNK):
+                yield _process_chunk(todo[i : i + CHUNK], pre, key)
         return
     # fork is fast; but never fork a process that has loaded torch (its thread pools do not survive it)
     ctx = multiprocessing.get_context("spawn" if "torch" in sys.modules else "fork")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 from pydicom.uid import (
@@ -45,6 +46,8 @@ PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 MAX_SAMPLES = 1 << 30  # refuse headers that claim more than 1 Gi samples (corrupt or hostile)
+DEFER_BYTES = 16384  # values larger than this stay in the parsed bytes until used (Pixel Data)
+PIXEL_DATA_TAG = 0x7FE00010
 
 # pydicom logs and warns with the offending header value ("Invalid value for VR PN: ...");
 # a site process must never write a header value anywhere, so its value validation is off
@@ -64,7 +67,9 @@ def parse(source: str | Path | bytes, name: str) -> Dataset:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(raw), force=True)
+            ds = pydicom.dcmread(io.BytesIO(raw), force=True, defer_size=DEFER_BYTES)
+            if _syntax(ds) == DeflatedExplicitVRLittleEndian:  # deferred offsets would point into the
+                ds = pydicom.dcmread(io.BytesIO(raw), force=True)  # inflated copy, not ``raw``
     except Exception as exc:  # pydicom raises many types for malformed input
         if has_preamble:
             raise CorruptFileError(name, f"header cannot be parsed ({type(exc).__name__}); "
@@ -74,6 +79,11 @@ def parse(source: str | Path | bytes, name: str) -> Dataset:
         raise NotAnImageError(name, "not a DICOM file")
     _fill_transfer_syntax(ds)
     return ds
+
+
+def _syntax(ds: Dataset) -> str:
+    meta = ds.file_meta if hasattr(ds, "file_meta") else None
+    return str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
 
 
 def _fill_transfer_syntax(ds: Dataset) -> None:
@@ -131,7 +141,7 @@ def _native_stored(ds: Dataset, frames: int, rows: int, cols: int) -> np.ndarray
     big = ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian
     dtype = np.dtype(f"{'>' if big else '<'}{'i' if signed else 'u'}{bits // 8}")
     count = frames * rows * cols
-    data = ds.PixelData
+    data = _pixel_bytes(ds)
     if len(data) < count * dtype.itemsize:
         raise ValueError("pixel data shorter than the header says")
     arr = np.frombuffer(data, dtype=dtype, count=count).reshape(frames, rows, cols)
@@ -141,6 +151,18 @@ def _native_stored(ds: Dataset, frames: int, rows: int, cols: int) -> np.ndarray
             shift = bits - stored
             arr = np.right_shift(np.left_shift(arr.astype(dtype.newbyteorder("=")), shift), shift)
     return arr
+
+
+def _pixel_bytes(ds: Dataset) -> bytes | memoryview:
+    """Native Pixel Data. A deferred element is a view of the bytes :func:`parse` read
+    (no copy), cut at the element's own length or at the end of the file if shorter."""
+    elem = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
+    buffer = getattr(ds, "buffer", None)
+    if (isinstance(elem, RawDataElement) and elem.value is None and elem.value_tell is not None
+            and isinstance(buffer, io.BytesIO)):
+        start = elem.value_tell
+        return memoryview(buffer.getvalue())[start : start + elem.length]  # BytesIO shares the parsed bytes
+    return ds.PixelData
 
 
 @dataclass(frozen=True)

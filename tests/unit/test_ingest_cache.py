@@ -132,3 +132,23 @@ def test_killed_mid_ingest_leaves_a_usable_cache(tmp_path: Path, small_site: Pat
     clean = ingest(data, pre, cache_dir=None, workers=1)
     np.testing.assert_array_equal(resumed.frames, clean.frames)
     assert [r.status for r in resumed.records] == [r.status for r in clean.records]
+
+
+def test_commit_state_equals_journal_replay(tmp_path: Path) -> None:
+    """What a commit puts in memory is exactly what replaying its journal line gives."""
+    from client.dicom.store import FileRecord, IngestStore, Processed
+
+    img = FileRecord("image", frames=2, total_frames=3, sop="s1", study="t", patient="p", modality="CT",
+                     syntax="Explicit VR Little Endian", phi=("PatientName",), fingerprints=("f1", "f2"))
+    batch = [Processed("a/1.dcm", 10, 111, "d1", img, np.ones((2, 4, 4), np.float32)),
+             Processed("a/2.dcm", 11, 112, "d2", FileRecord("skipped", "not a DICOM file")),
+             Processed("b/3.dcm", 12, 113, "d3", FileRecord("image", frames=1, total_frames=1),
+                       np.full((1, 4, 4), 2.0, np.float32))]
+    store = IngestStore(tmp_path / "store")
+    store.commit(batch)
+    replayed = IngestStore.read_only(tmp_path / "store")
+    assert store.records == replayed.records and store.location == replayed.location
+    assert store.files == replayed.files == {"a/1.dcm": (10, 111, "d1"), "a/2.dcm": (11, 112, "d2"),
+                                             "b/3.dcm": (12, 113, "d3")}
+    assert replayed.records["d1"].phi == ("PatientName",) and replayed.location["d3"][1] == 2
+    np.testing.assert_array_equal(IngestStore(tmp_path / "store").gather(["d3", "d1"], (4, 4))[0], 2.0)
