@@ -32,6 +32,22 @@ def test_equals_opacus_sampler(cin: int, cout: int, size: int, kwargs: dict) -> 
     assert covered(layer, x) == (cin >= 8 and kwargs.get("groups", 1) == 1)
 
 
+def _per_sample_grads(model: nn.Module, x: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Each sample's own gradient (its own backward pass), per parameter."""
+    expected = []
+    for i in range(len(x)):
+        model.zero_grad()
+        model(x[i : i + 1]).sum().backward()
+        expected.append([p.grad.clone() for p in model.parameters()])
+    return expected
+
+
+def _assert_grad_samples(model: nn.Module, expected: list[list[torch.Tensor]]) -> None:
+    for j, p in enumerate(model.parameters()):
+        for i in range(len(expected)):
+            torch.testing.assert_close(p.grad_sample[i], expected[i][j], rtol=1e-4, atol=1e-5)
+
+
 def test_grad_sample_module_matches_per_sample_autograd() -> None:
     """Through Opacus' hooks, each sample's gradient equals that sample's own backward pass."""
     from opacus import GradSampleModule
@@ -43,16 +59,10 @@ def test_grad_sample_module_matches_per_sample_autograd() -> None:
                           nn.GroupNorm(4, 16, affine=False), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
                           nn.Linear(16, 1))
     x = torch.randn(6, 1, 10, 10)
-    expected = []
-    for i in range(len(x)):
-        model.zero_grad()
-        model(x[i : i + 1]).sum().backward()
-        expected.append([p.grad.clone() for p in model.parameters()])
+    expected = _per_sample_grads(model, x)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     gsm(x).sum().backward()
-    for j, p in enumerate(model.parameters()):
-        for i in range(len(x)):
-            torch.testing.assert_close(p.grad_sample[i], expected[i][j], rtol=1e-4, atol=1e-5)
+    _assert_grad_samples(model, expected)
     gsm._close()
 
 
@@ -68,20 +78,14 @@ def test_make_private_skips_summed_conv_weight_grads_and_restores_them() -> None
                           nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, 1))
     skipped = [model[2], model[5]]
     x = torch.randn(5, 1, 10, 10)
-    expected = []
-    for i in range(len(x)):
-        model.zero_grad()
-        model(x[i : i + 1]).sum().backward()
-        expected.append([p.grad.clone() for p in model.parameters()])
+    expected = _per_sample_grads(model, x)
     model.zero_grad(set_to_none=True)
     loader = DataLoader(TensorDataset(x, torch.zeros(5)), batch_size=5)
     gsm, _, _ = make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                              data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
     assert all("forward" in layer.__dict__ for layer in skipped)
     gsm(x).sum().backward()
-    for j, p in enumerate(model.parameters()):
-        for i in range(len(x)):
-            torch.testing.assert_close(p.grad_sample[i], expected[i][j], rtol=1e-4, atol=1e-5)
+    _assert_grad_samples(model, expected)
     assert all(layer.weight.grad is None for layer in skipped)  # the wasted sum was not computed
     assert model[0].weight.grad is not None and model[8].weight.grad is not None  # layers with bias: unchanged
 
