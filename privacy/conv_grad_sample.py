@@ -90,13 +90,14 @@ class _InputGradOnlyConv2d(torch.autograd.Function):
 
 
 def _forward_input_grad_only(layer: nn.Conv2d, active: Callable[[], bool], x: torch.Tensor) -> torch.Tensor:
-    if not (active() and torch.is_grad_enabled() and layer.weight.requires_grad):
+    if not (active() and layer.training and torch.is_grad_enabled() and layer.weight.requires_grad):
         return nn.Conv2d.forward(layer, x)
     return _InputGradOnlyConv2d.apply(x, layer.weight, layer.stride, layer.padding, layer.dilation)
 
 
 def skip_summed_weight_grads(module: nn.Module, active: Callable[[], bool]) -> Callable[[], None]:
-    """While ``active()``, plain bias-free Conv2d layers of ``module`` skip autograd's weight gradient.
+    """While ``active()`` and training (when Opacus' hooks compute per-sample gradients), plain
+    bias-free Conv2d layers of ``module`` skip autograd's weight gradient.
 
     For Opacus' hook mode only (functorch re-runs each layer's forward under ``vmap``).
     Their ``.grad`` stays ``None`` after ``backward``; ``DPOptimizer`` sets it from the

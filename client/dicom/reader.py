@@ -99,7 +99,7 @@ def _fill_transfer_syntax(ds: Dataset) -> None:
 
 def syntax_name(ds: Dataset) -> str:
     """Human name of the dataset's transfer syntax."""
-    uid = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))) if hasattr(ds, "file_meta") else UID("")
+    uid = UID(_syntax(ds))
     return uid.name if uid.is_valid else "unknown"
 
 
