@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,8 @@ from threadpoolctl import threadpool_limits
 from client.dicom import header
 from client.dicom.deid import DeidScan, scan
 from client.dicom.errors import DicomReadError, SiteDataError
-from client.dicom.preprocess import Preprocessing, prepare, prepare_linear, select_frames, window_for
-from client.dicom.reader import decode, decode_linear, parse, syntax_name
+from client.dicom.preprocess import Preprocessing, frame_index, prepare, prepare_linear, window_for
+from client.dicom.reader import check_image, decode, decode_linear, parse, syntax_name
 from client.dicom.store import FileRecord, IngestStore, Processed
 from privacy.egress import fingerprint
 from privacy.files import atomic_write_bytes
@@ -138,14 +138,15 @@ def process_file(path: Path, rel: str, pre: Preprocessing, key: bytes) -> Proces
 
 
 def _preprocess(ds: Dataset, rel: str, pre: Preprocessing) -> tuple[np.ndarray, int]:
-    """Model inputs of one dataset and its frame count (linear grayscale: the fast path)."""
+    """Model inputs of one dataset and its frame count. Only the frames the multi-frame
+    policy keeps are decoded; linear grayscale takes the fast path."""
+    total = check_image(ds, rel)[0]
+    index = frame_index(total, pre.frames, rel)
     window = window_for(ds, pre)
-    linear = decode_linear(ds, rel)
+    linear = decode_linear(ds, rel, index)
     if linear is not None:
-        picked = replace(linear, stored=select_frames(linear.stored, pre.frames, rel))
-        return prepare_linear(picked, window, pre.image_size), len(linear.stored)
-    pixels = decode(ds, rel)
-    return prepare(select_frames(pixels, pre.frames, rel), window, pre.image_size), len(pixels)
+        return prepare_linear(linear, window, pre.image_size), total
+    return prepare(decode(ds, rel, index), window, pre.image_size), total
 
 
 def _safe_scan(ds: Dataset, key: bytes) -> DeidScan:
@@ -210,11 +211,15 @@ def ingest(
     for rel, st in listing:
         hit = store.lookup(rel, st.st_size, st.st_mtime_ns)
         if hit is None:
-            todo.append((folder / rel, rel))
+            todo.append((st.st_size, folder / rel, rel))
         else:
             digests[rel] = hit
     if todo:
-        _decode_all(store, todo, pre, key, workers or default_workers(), progress, digests)
+        # largest files first: the costly ones start early and small ones fill the workers'
+        # last gaps, instead of a multi-frame or JPEG 2000 file sorted last decoding alone
+        todo.sort(key=lambda item: -item[0])
+        _decode_all(store, [item[1:] for item in todo], pre, key, workers or default_workers(), progress,
+                    digests)
     records = [store.records[digests[rel]] for rel in rels]
     counts = np.array([0] + [r.frames if r.status == "image" else 0 for r in records])
     offsets = np.cumsum(counts)

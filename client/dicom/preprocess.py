@@ -53,15 +53,15 @@ class Preprocessing:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def select_frames(pixels: np.ndarray, policy: str, name: str) -> np.ndarray:
-    """Apply the multi-frame policy to ``(frames, rows, cols)``."""
-    if pixels.shape[0] == 1 or policy == "all":
-        return pixels
+def frame_index(frames: int, policy: str, name: str) -> int | None:
+    """The one frame to decode under the multi-frame ``policy`` (0-based), or ``None`` for
+    every frame; raises when the policy rejects the object."""
+    if frames == 1 or policy == "all":
+        return None
     if policy == "reject":
-        raise NotAnImageError(name, f"multi-frame object ({pixels.shape[0]} frames) rejected by the site "
+        raise NotAnImageError(name, f"multi-frame object ({frames} frames) rejected by the site "
                               "policy data.frames = 'reject'")
-    mid = pixels.shape[0] // 2
-    return pixels[mid : mid + 1]
+    return frames // 2
 
 
 def window_for(ds: Dataset, pre: Preprocessing) -> tuple[float, float] | None:
