@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
 PLANTED = {"PatientName": "ZEBRA^QUOKKA", "PatientBirthDate": "19230405", "InstitutionName": "Xylophone General",
            "OperatorsName": "MARMADUKE^PIP", "PatientAddress": "17 Wombat Lane"}
 PLANTED_ID = "PLANT-987654"
-PLANTED_STRINGS = [*PLANTED.values(), PLANTED_ID, "ZEBRA", "QUOKKA", "Wombat", "19230405", "Xylophone", "MARMADUKE"]
+PLANTED_NESTED = "OKAPI^NESTOR"  # RequestingPhysician inside a RequestAttributesSequence item
+PLANTED_STRINGS = [*PLANTED.values(), PLANTED_ID, "ZEBRA", "QUOKKA", "Wombat", "19230405", "Xylophone", "MARMADUKE",
+                   PLANTED_NESTED, "OKAPI", "NESTOR"]
 
 
 def plant_identifiers(data: Path) -> int:
@@ -21,6 +25,9 @@ def plant_identifiers(data: Path) -> int:
             setattr(ds, k, v)
         ds.PatientID = PLANTED_ID
         ds.ImageComments = f"scan of {PLANTED['PatientName']}"
+        request = Dataset()
+        request.RequestingPhysician = PLANTED_NESTED
+        ds.RequestAttributesSequence = Sequence([request])
         if i == 0:
             ds.BurnedInAnnotation = "YES"
         ds.save_as(f)

@@ -76,7 +76,7 @@ def _scan(ds: Dataset, key: bytes, found: set[str], prints: set[str]) -> None:
             if texts:
                 found.add(PHI_TAGS[tag])
                 prints.update(fingerprint(key, t) for t in texts)
-        elif _SEQUENCE_VR.get(tag, "") in ("SQ", None) and tag.group != 0x7FE0 and _is_sequence(ds, tag):
+        elif _SEQUENCE_VR[tag] in ("SQ", None) and tag.group != 0x7FE0 and _is_sequence(ds, tag):
             for item in ds[tag].value:
                 _scan(item, key, found, prints)
 

@@ -140,13 +140,13 @@ def process_file(path: Path, rel: str, pre: Preprocessing, key: bytes) -> Proces
 def _preprocess(ds: Dataset, rel: str, pre: Preprocessing) -> tuple[np.ndarray, int]:
     """Model inputs of one dataset and its frame count. Only the frames the multi-frame
     policy keeps are decoded; linear grayscale takes the fast path."""
-    total = check_image(ds, rel)[0]
-    index = frame_index(total, pre.frames, rel)
+    geometry = check_image(ds, rel)
+    index = frame_index(geometry[0], pre.frames, rel)
     window = window_for(ds, pre)
-    linear = decode_linear(ds, rel, index)
+    linear = decode_linear(ds, rel, index, geometry)
     if linear is not None:
-        return prepare_linear(linear, window, pre.image_size), total
-    return prepare(decode(ds, rel, index), window, pre.image_size), total
+        return prepare_linear(linear, window, pre.image_size), geometry[0]
+    return prepare(decode(ds, rel, index, geometry), window, pre.image_size), geometry[0]
 
 
 def _safe_scan(ds: Dataset, key: bytes) -> DeidScan:

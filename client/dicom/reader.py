@@ -247,11 +247,16 @@ def _decoding(ds: Dataset, name: str) -> Iterator[None]:
         raise _decode_error(ds, name, exc) from None
 
 
-def decode_linear(ds: Dataset, name: str, index: int | None = None) -> Linear | None:
+Geometry = tuple[int, int, int]  # (frames, rows, cols), as :func:`check_image` returns it
+
+
+def decode_linear(ds: Dataset, name: str, index: int | None = None, geometry: Geometry | None = None
+                  ) -> Linear | None:
     """Grayscale pixels with a linear modality LUT, unconverted; ``None`` for colour images and
     Modality LUT Sequences (use :func:`decode`). ``index``: only that frame (0-based) is
-    decoded, as a ``(1, rows, cols)`` array; ``None``: every frame."""
-    frames, rows, cols = check_image(ds, name)
+    decoded, as a ``(1, rows, cols)`` array; ``None``: every frame. ``geometry``: the
+    dataset's :func:`check_image` result when the caller already has it."""
+    frames, rows, cols = geometry or check_image(ds, name)
     _check_index(index, frames, name)
     pi = photometric(ds)
     if pi not in ("MONOCHROME1", "MONOCHROME2") or "ModalityLUTSequence" in ds:
@@ -279,14 +284,15 @@ def _decoded(ds: Dataset, index: int | None) -> np.ndarray:
     return ds.pixel_array if index is None else pixel_array(ds, index=index)
 
 
-def decode(ds: Dataset, name: str, index: int | None = None) -> np.ndarray:
+def decode(ds: Dataset, name: str, index: int | None = None, geometry: Geometry | None = None) -> np.ndarray:
     """Pixels as float32 ``(frames, rows, cols)``: modality units or luma (see module doc).
-    ``index``: only that frame, as ``(1, rows, cols)``."""
-    linear = decode_linear(ds, name, index)
+    ``index`` and ``geometry`` as for :func:`decode_linear`."""
+    geometry = geometry or check_image(ds, name)
+    linear = decode_linear(ds, name, index, geometry)
     if linear is not None:
         with _decoding(ds, name):
             return linear.values()
-    frames, rows, cols = check_image(ds, name)
+    frames, rows, cols = geometry
     pi = photometric(ds)
     with _decoding(ds, name):
         stored = _decoded(ds, index)

@@ -16,9 +16,10 @@ import pytest
 
 from client.config import DataConfig
 from client.dicom import Preprocessing, load_cohort
-from client.dicom.ingest import ingest
+from client.dicom.ingest import identifying_fingerprints, ingest
+from privacy.egress import fingerprint
 from tests.conftest import make_workspace
-from tests.helpers import PLANTED, PLANTED_ID, plant_identifiers
+from tests.helpers import PLANTED, PLANTED_ID, PLANTED_NESTED, plant_identifiers
 
 ROOT = Path(__file__).parents[2]
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -70,9 +71,12 @@ def test_no_identifying_value_in_outputs_or_cache(tmp_path: Path, small_site: Pa
     report = json.loads(outputs[0])
     assert report["phi_tags"]["PatientName"] == planted and report["phi_tags"]["PatientBirthDate"] == planted
     assert report["phi_tags"]["ImageComments"] == planted and report["burned_in"] == 2
+    assert report["phi_tags"]["RequestingPhysician"] == planted  # only inside a sequence item
+    prints, key = identifying_fingerprints(ws / "cache")
+    assert key is not None and fingerprint(key, PLANTED_NESTED) in prints and fingerprint(key, PLANTED_ID) in prints
     assert "identifying attributes present" in outputs[1] and f"PatientAddress {planted}" in outputs[1]
     cached = b"".join(p.read_bytes() for p in (ws / "cache").rglob("*") if p.is_file())
-    for value in [*PLANTED.values(), PLANTED_ID, "ZEBRA", "QUOKKA", "Wombat", "19230405"]:
+    for value in [*PLANTED.values(), PLANTED_ID, PLANTED_NESTED, "ZEBRA", "QUOKKA", "Wombat", "19230405"]:
         for out in outputs:
             assert value not in out
         assert value.encode() not in cached
