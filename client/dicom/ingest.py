@@ -31,9 +31,14 @@ from privacy.egress import fingerprint
 from privacy.files import atomic_write_bytes
 
 KEY_FILE = "identifier.key"
-CHUNK = 8  # files per task sent to a worker (small: compressed files take 10x longer)
-BATCH = 512  # files per cache commit (shard + journal line)
+CHUNK = 8  # files per task at the end of a parallel pass, and per step of a serial one
+GUIDED = 4  # a parallel task takes 1/(GUIDED * workers) of the files not yet handed out
+BATCH = 512  # at most this many files per cache commit (shard + journal line)
+MIN_BATCH = 64  # ...and at least this many, else an eighth of the pass (a short last commit)
 MIN_PARALLEL = 64  # below this many files to decode, worker start-up costs more than it saves
+# What a cached record holds; a new version is a new store, so no record is reused that an
+# older scan made (2: identifying values inside sequence items are scanned as well).
+RECORD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,11 @@ def require_folder(folder: Path) -> Path:
         raise SiteDataError(f"data folder {folder} does not exist or is not a folder: point --data at the "
                             "folder of the site's DICOM export")
     return folder
+
+
+def store_dir(cache_dir: Path, pre: Preprocessing) -> Path:
+    """The cache folder of one preprocessing (and record version) under ``cache_dir``."""
+    return cache_dir / f"ingest-{pre.key()}-v{RECORD_VERSION}"
 
 
 def identifier_key(cache_dir: Path | None) -> bytes:
@@ -190,9 +200,21 @@ def _run(todo: list[tuple[Path, str]], pre: Preprocessing, key: bytes, workers: 
     # fork is fast; but never fork a process that has loaded torch (its thread pools do not survive it)
     ctx = multiprocessing.get_context("spawn" if "torch" in sys.modules else "fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_one_thread) as pool:
-        futures = [pool.submit(_process_chunk, todo[i : i + CHUNK], pre, key) for i in range(0, len(todo), CHUNK)]
+        futures = [pool.submit(_process_chunk, todo[i:j], pre, key) for i, j in guided_chunks(len(todo), workers)]
         for fut in as_completed(futures):
             yield fut.result()
+
+
+def guided_chunks(n: int, workers: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of each task over ``n`` files (guided self-scheduling): a task takes
+    1/(GUIDED * workers) of the files not yet handed out, at least CHUNK. Early tasks are
+    large, so that hand-offs (each ~0.7 ms of the parent's time) are few; late ones are
+    small, so that the workers finish together."""
+    start = 0
+    while start < n:
+        stop = min(n, start + max(CHUNK, (n - start) // (GUIDED * workers)))
+        yield start, stop
+        start = stop
 
 
 def ingest(
@@ -203,7 +225,7 @@ def ingest(
     start = time.perf_counter()
     folder = Path(folder)
     listing = candidate_files(folder, exclude)
-    store = IngestStore(None if cache_dir is None else Path(cache_dir) / f"ingest-{pre.key()}")
+    store = IngestStore(None if cache_dir is None else store_dir(Path(cache_dir), pre))
     key = identifier_key(cache_dir)
     rels = [rel for rel, _ in listing]
     digests: dict[str, str] = {}
@@ -235,12 +257,13 @@ def _decode_all(store: IngestStore, todo: list[tuple[Path, str]], pre: Preproces
     bar = Progress(TextColumn("decoding DICOM"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=console, transient=True, disable=not (progress and console.is_terminal))
     pending: list[Processed] = []
+    batch = min(BATCH, max(MIN_BATCH, len(todo) // 8))  # the last commit, which no decoding overlaps, stays short
     with bar:
         task = bar.add_task("decode", total=len(todo))
         for chunk in _run(todo, pre, key, workers):
             pending.extend(chunk)
             bar.advance(task, len(chunk))
-            if len(pending) >= BATCH:
+            if len(pending) >= batch:
                 store.commit(pending)
                 pending = []
             digests.update((p.rel, p.digest) for p in chunk)

@@ -1,6 +1,6 @@
 """The ingest cache: preprocessed frames stored once per (file content hash, preprocessing).
 
-Layout under ``<workspace>/cache/ingest-<preprocessing key>/``:
+Layout under ``<workspace>/cache/ingest-<preprocessing key>-v<record version>/``:
 
 - ``shard-<id>.npy``: float32 ``(M, size, size)`` frames of one ingest batch, written
   atomically (temp, fsync, rename) and read memory-mapped;

@@ -17,7 +17,7 @@ import pytest
 
 import client.dicom.ingest as ingest_mod
 from client.dicom import Preprocessing
-from client.dicom.ingest import ingest
+from client.dicom.ingest import ingest, store_dir
 from client.dicom.store import JOURNAL
 
 _OPENED: list[str] = []
@@ -47,6 +47,11 @@ def test_warm_pass_opens_no_dicom_file_and_returns_identical_arrays(
     n = len(list(data.rglob("*.dcm")))
     first = ingest(data, pre, cache_dir=cache, workers=2)  # > MIN_PARALLEL files: worker processes
     assert n >= ingest_mod.MIN_PARALLEL and first.decoded == n + 2  # + synth.json and labels.csv (skipped: not DICOM)
+    (tmp_path / "serial").mkdir()  # same identifier key: same keyed hashes in the records
+    shutil.copy(cache / ingest_mod.KEY_FILE, tmp_path / "serial" / ingest_mod.KEY_FILE)
+    serial = ingest(data, pre, cache_dir=tmp_path / "serial", workers=1)  # file order, one process
+    np.testing.assert_array_equal(first.frames, serial.frames)
+    assert first.records == serial.records and first.digests == serial.digests
 
     def no_dicom(*_: object, **__: object) -> None:
         raise AssertionError("pydicom was called although the cache is warm")
@@ -79,11 +84,31 @@ def test_warm_pass_opens_no_dicom_file_and_returns_identical_arrays(
     assert ingest(data, Preprocessing(image_size=8), cache_dir=cache, workers=1).decoded == n + 2
 
 
+def test_guided_chunks_cover_every_file_once_large_first() -> None:
+    for n, workers in ((993, 2), (64, 2), (10_000, 8), (7, 3)):
+        chunks = list(ingest_mod.guided_chunks(n, workers))
+        assert [i for i, _ in chunks] == [0] + [j for _, j in chunks[:-1]] and chunks[-1][1] == n
+        sizes = [j - i for i, j in chunks]
+        assert sizes == sorted(sizes, reverse=True) and min(sizes[:-1], default=ingest_mod.CHUNK) >= ingest_mod.CHUNK
+        assert sizes[0] == max(ingest_mod.CHUNK, n // (ingest_mod.GUIDED * workers)) or n < ingest_mod.CHUNK
+    assert len(list(ingest_mod.guided_chunks(993, 2))) == 29  # instead of 125 tasks of 8
+
+
+def test_a_store_of_an_older_record_version_is_not_reused(tmp_path: Path, small_site: Path) -> None:
+    data, cache = _copy(small_site, tmp_path / "data"), tmp_path / "cache"
+    pre = Preprocessing(image_size=16)
+    first = ingest(data, pre, cache_dir=cache, workers=1)
+    store_dir(cache, pre).rename(cache / f"ingest-{pre.key()}")  # as version 1 named its store
+    again = ingest(data, pre, cache_dir=cache, workers=1)
+    assert again.decoded == first.decoded == len(first.rels)  # every file scanned anew
+    np.testing.assert_array_equal(again.frames, first.frames)
+
+
 def test_torn_journal_line_and_orphan_shard_are_ignored_and_repaired(tmp_path: Path, small_site: Path) -> None:
     data, cache = _copy(small_site, tmp_path / "data"), tmp_path / "cache"
     pre = Preprocessing(image_size=16)
     first = ingest(data, pre, cache_dir=cache, workers=1)
-    store = cache / f"ingest-{pre.key()}"
+    store = store_dir(cache, pre)
     good = (store / JOURNAL).read_bytes()
     with open(store / JOURNAL, "ab") as fh:
         fh.write(b'{"shard":"shard-dead.npy","records":{"ab')  # crash mid-append
@@ -107,7 +132,7 @@ def test_killed_mid_ingest_leaves_a_usable_cache(tmp_path: Path, small_site: Pat
         for f in (data / f"copy{i}").rglob("*.dcm"):
             f.write_bytes(f.read_bytes() + bytes([i + 1]) * 2)  # distinct content (trailing padding)
     pre = Preprocessing(image_size=16)
-    journal = cache / f"ingest-{pre.key()}" / JOURNAL
+    journal = store_dir(cache, pre) / JOURNAL
     child = (
         "import sys, time, client.dicom.ingest as m\n"
         "from client.dicom import Preprocessing\n"
