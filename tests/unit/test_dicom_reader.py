@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from client.dicom import CorruptFileError, DicomReadError, NotAnImageError, read_pixels
-from client.dicom.reader import DEFER_BYTES, LUMA, _parse_plain, decode, parse
+from client.dicom.reader import DEFER_BYTES, LUMA, _palette_luma, _parse_plain, decode, parse
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 ALL_FILES = sorted(p for p in TEST_FILES.rglob("*") if p.is_file())
@@ -138,6 +138,22 @@ def test_one_frame_decodes_to_that_frame_of_the_whole_object() -> None:
         assert name in checked, name
     with pytest.raises(ValueError, match="frame index 2 outside"):
         decode(parse(TEST_FILES / "SC_rgb_rle_2frame.dcm", "x"), "x", 2)
+
+
+def test_palette_luma_by_table_equals_luma_of_the_expanded_palette() -> None:
+    path = TEST_FILES / "examples_palette.dcm"
+    ds = pydicom.dcmread(path)
+    expected = apply_color_lut(ds.pixel_array, ds).astype(np.float32) @ LUMA
+    np.testing.assert_allclose(read_pixels(path)[0], expected, rtol=1e-6)  # float32 sums of 3 terms, in any order
+    rng = np.random.default_rng(3)
+    for dtype, first_map in ((np.uint8, 0), (np.uint16, 0), (np.uint16, 40), (np.int16, -100), (np.uint32, 0)):
+        desc = list(ds.RedPaletteColorLookupTableDescriptor)
+        for colour in ("Red", "Green", "Blue"):
+            setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [desc[0], first_map, desc[2]])
+        info = np.iinfo(dtype)
+        stored = rng.integers(max(info.min, -300), min(info.max, 70_000), (2, 9, 11), endpoint=True).astype(dtype)
+        expected = apply_color_lut(stored, ds).astype(np.float32) @ LUMA  # includes values beyond the palette
+        np.testing.assert_allclose(_palette_luma(stored, ds), expected, rtol=1e-6, err_msg=str(dtype))
 
 
 def test_truncated_and_non_image_files_say_why() -> None:
