@@ -6,6 +6,8 @@ identifying values (for the egress guard) -- never the values themselves.
 
 from __future__ import annotations
 
+import re
+import struct
 from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR
@@ -13,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
 from client.dicom import header
+from client.dicom.reader import raw_bytes
 from privacy.egress import fingerprint
 
 # Attributes of the basic profile that carry identifying values in practice: names, IDs,
@@ -36,6 +39,10 @@ PHI_KEYWORDS = frozenset({
     "PersonName", "VerifyingObserverName", "ReviewerName", "TextComments",
 })
 PHI_TAGS = {Tag(kw): kw for kw in PHI_KEYWORDS}
+# Any of those tags as encoded in a file (little or big endian): a sequence whose encoded
+# bytes hold none of them has no such attribute in any item at any depth, and is not parsed.
+_ENCODED_PHI_TAG = re.compile(b"|".join(
+    re.escape(struct.pack(f"{order}HH", tag >> 16, tag & 0xFFFF)) for tag in PHI_TAGS for order in "<>"))
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,8 @@ def _scan(ds: Dataset, key: bytes, found: set[str], prints: set[str]) -> None:
             if texts:
                 found.add(PHI_TAGS[tag])
                 prints.update(fingerprint(key, t) for t in texts)
-        elif _SEQUENCE_VR[tag] in ("SQ", None) and tag.group != 0x7FE0 and _is_sequence(ds, tag):
+        elif (_SEQUENCE_VR[tag] in ("SQ", None) and tag.group != 0x7FE0 and _is_sequence(ds, tag)
+              and _may_hold_phi(ds, tag)):
             for item in ds[tag].value:
                 _scan(item, key, found, prints)
 
@@ -94,6 +102,13 @@ class _DictionaryVR(dict[int, str | None]):
 
 
 _SEQUENCE_VR = _DictionaryVR()
+
+
+def _may_hold_phi(ds: Dataset, tag: BaseTag) -> bool:
+    """False when the sequence is still encoded and its bytes contain no profile tag
+    (enhanced multi-frame objects carry thousands of items that would otherwise be parsed)."""
+    data = raw_bytes(ds, ds.get_item(tag, keep_deferred=True))
+    return data is None or _ENCODED_PHI_TAG.search(data) is not None
 
 
 def _is_sequence(ds: Dataset, tag: BaseTag) -> bool:

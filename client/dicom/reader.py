@@ -202,15 +202,23 @@ def _native_stored(ds: Dataset, frames: int, rows: int, cols: int) -> np.ndarray
 
 
 def _pixel_bytes(ds: Dataset) -> bytes | memoryview:
-    """Native Pixel Data. A deferred element is a view of the bytes :func:`parse` read
-    (no copy), cut at the element's own length or at the end of the file if shorter."""
-    elem = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
+    """Native Pixel Data, without a copy when it is still in the parsed bytes."""
+    data = raw_bytes(ds, ds.get_item(PIXEL_DATA_TAG, keep_deferred=True))
+    return ds.PixelData if data is None else data
+
+
+def raw_bytes(ds: Dataset, elem: object) -> bytes | memoryview | None:
+    """The encoded value of a raw element of ``ds``: its bytes, or for a deferred element a
+    view of the bytes :func:`parse` read (no copy), cut at the element's own length or at
+    the end of the file if shorter. ``None`` for a converted or unreachable element."""
+    if not isinstance(elem, RawDataElement):
+        return None
+    if elem.value is not None:
+        return elem.value
     buffer = getattr(ds, "buffer", None)
-    if (isinstance(elem, RawDataElement) and elem.value is None and elem.value_tell is not None
-            and isinstance(buffer, io.BytesIO)):
-        start = elem.value_tell
-        return memoryview(buffer.getvalue())[start : start + elem.length]  # BytesIO shares the parsed bytes
-    return ds.PixelData
+    if elem.value_tell is None or not isinstance(buffer, io.BytesIO):
+        return None
+    return memoryview(buffer.getvalue())[elem.value_tell : elem.value_tell + elem.length]  # BytesIO shares them
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,10 @@ import pydicom
 import pytest
 
 from client.config import DataConfig
-from client.dicom import Preprocessing, load_cohort
+from client.dicom import Preprocessing, deid, load_cohort
+from client.dicom.errors import DicomReadError
 from client.dicom.ingest import identifying_fingerprints, ingest
+from client.dicom.reader import parse
 from privacy.egress import fingerprint
 from tests.conftest import make_workspace
 from tests.helpers import PLANTED, PLANTED_ID, PLANTED_NESTED, plant_identifiers
@@ -83,6 +85,37 @@ def test_no_identifying_value_in_outputs_or_cache(tmp_path: Path, small_site: Pa
     # the two planted patients now share one PatientID: one patient for the DP unit
     c = load_cohort(data, data / "labels.csv", Preprocessing(image_size=16))
     assert c.n_patients == 24 - 2 + 1
+
+
+def test_sequences_without_a_profile_tag_are_skipped_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan leaves unparsed the sequences whose bytes hold no profile tag; on every
+    bundled file that finds exactly what parsing every sequence finds."""
+    skipped: list[str] = []
+    checked = deid._may_hold_phi
+
+    def recording(ds: pydicom.Dataset, tag: int) -> bool:
+        keep = checked(ds, tag)
+        if not keep:
+            skipped.append(str(tag))
+        return keep
+
+    key = b"k" * 32
+    compared = 0
+    for path in sorted(p for p in TEST_FILES.rglob("*") if p.is_file()):
+        try:
+            fast_ds, full_ds = parse(path, path.name), parse(path, path.name)
+        except DicomReadError:
+            continue
+        monkeypatch.setattr(deid, "_may_hold_phi", recording)
+        fast = deid.scan(fast_ds, key)
+        monkeypatch.setattr(deid, "_may_hold_phi", lambda ds, tag: True)
+        try:
+            full = deid.scan(full_ds, key)
+        except Exception:  # a sequence pydicom cannot parse: the fast scan may not touch it either
+            continue
+        assert fast == full, path.name
+        compared += 1
+    assert compared > 150 and len(skipped) >= 20
 
 
 def test_multiframe_policy(tmp_path: Path) -> None:
