@@ -34,7 +34,7 @@ KEY_FILE = "identifier.key"
 CHUNK = 8  # files per task at the end of a parallel pass, and per step of a serial one
 GUIDED = 4  # a parallel task takes 1/(GUIDED * workers) of the files not yet handed out
 BATCH = 512  # at most this many files per cache commit (shard + journal line)
-MIN_BATCH = 64  # ...and at least this many, else an eighth of the pass (a short last commit)
+MIN_BATCH = 64  # parallel passes: at least this many, else an eighth of the pass (a short last commit)
 MIN_PARALLEL = 64  # below this many files to decode, worker start-up costs more than it saves
 # What a cached record holds; a new version is a new store, so no record is reused that an
 # older scan made (2: identifying values inside sequence items are scanned as well).
@@ -191,8 +191,12 @@ def _one_thread() -> None:
     threadpool_limits(1)
 
 
+def _parallel(todo: list[tuple[Path, str]], workers: int) -> bool:
+    return workers > 1 and len(todo) >= MIN_PARALLEL
+
+
 def _run(todo: list[tuple[Path, str]], pre: Preprocessing, key: bytes, workers: int) -> Iterator[list[Processed]]:
-    if workers <= 1 or len(todo) < MIN_PARALLEL:
+    if not _parallel(todo, workers):
         with threadpool_limits(1):  # tiny matrices: BLAS threads cost more than they give (~1 ms to set)
             for i in range(0, len(todo), CHUNK):
                 yield _process_chunk(todo[i : i + CHUNK], pre, key)
@@ -257,7 +261,9 @@ def _decode_all(store: IngestStore, todo: list[tuple[Path, str]], pre: Preproces
     bar = Progress(TextColumn("decoding DICOM"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=console, transient=True, disable=not (progress and console.is_terminal))
     pending: list[Processed] = []
-    batch = min(BATCH, max(MIN_BATCH, len(todo) // 8))  # the last commit, which no decoding overlaps, stays short
+    batch = BATCH
+    if _parallel(todo, workers):  # the last commit, which no worker's decoding overlaps, stays short
+        batch = min(BATCH, max(MIN_BATCH, len(todo) // 8))
     with bar:
         task = bar.add_task("decode", total=len(todo))
         for chunk in _run(todo, pre, key, workers):
