@@ -63,7 +63,8 @@ def parse(source: str | Path | bytes, name: str) -> Dataset:
     """Parse a file (path or its bytes) into a dataset, classifying what is not DICOM.
 
     Files without file meta are accepted (``force``); their transfer syntax is taken
-    from the encoding pydicom detected.
+    from the encoding pydicom detected. Common Part 10 files are parsed by
+    :func:`_parse_plain` (the same dataset, in half the time), all others by ``dcmread``.
     """
     raw = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
