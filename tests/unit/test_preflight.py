@@ -109,11 +109,7 @@ def test_sequences_without_a_profile_tag_are_skipped_with_the_same_result(monkey
         monkeypatch.setattr(deid, "_may_hold_phi", recording)
         fast = deid.scan(fast_ds, key)
         monkeypatch.setattr(deid, "_may_hold_phi", lambda ds, tag: True)
-        try:
-            full = deid.scan(full_ds, key)
-        except Exception:  # a sequence pydicom cannot parse: the fast scan may not touch it either
-            continue
-        assert fast == full, path.name
+        assert fast == deid.scan(full_ds, key), path.name
         compared += 1
     assert compared > 150 and len(skipped) >= 20
 
