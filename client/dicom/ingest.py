@@ -32,7 +32,8 @@ from privacy.files import atomic_write_bytes
 
 KEY_FILE = "identifier.key"
 CHUNK = 8  # files per task at the end of a parallel pass, and per step of a serial one
-GUIDED = 4  # a parallel task takes 1/(GUIDED * workers) of the files not yet handed out
+GUIDED = 4  # a parallel task takes 1/(GUIDED * workers) of the files not yet handed out...
+MAX_CHUNK = 64  # ...but at most this many (bounds a worker's held results, e.g. all frames of cine loops)
 BATCH = 512  # at most this many files per cache commit (shard + journal line)
 MIN_BATCH = 64  # parallel passes: at least this many, else an eighth of the pass (a short last commit)
 MIN_PARALLEL = 64  # below this many files to decode, worker start-up costs more than it saves
@@ -211,12 +212,12 @@ def _run(todo: list[tuple[Path, str]], pre: Preprocessing, key: bytes, workers: 
 
 def guided_chunks(n: int, workers: int) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` of each task over ``n`` files (guided self-scheduling): a task takes
-    1/(GUIDED * workers) of the files not yet handed out, at least CHUNK. Early tasks are
-    large, so that hand-offs (each ~0.7 ms of the parent's time) are few; late ones are
-    small, so that the workers finish together."""
+    1/(GUIDED * workers) of the files not yet handed out, at least CHUNK and at most
+    MAX_CHUNK. Early tasks are large, so that hand-offs (each ~0.7 ms of the parent's time)
+    are few; late ones are small, so that the workers finish together."""
     start = 0
     while start < n:
-        stop = min(n, start + max(CHUNK, (n - start) // (GUIDED * workers)))
+        stop = min(n, start + min(MAX_CHUNK, max(CHUNK, (n - start) // (GUIDED * workers))))
         yield start, stop
         start = stop
 

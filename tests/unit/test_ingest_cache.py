@@ -90,8 +90,10 @@ def test_guided_chunks_cover_every_file_once_large_first() -> None:
         assert [i for i, _ in chunks] == [0] + [j for _, j in chunks[:-1]] and chunks[-1][1] == n
         sizes = [j - i for i, j in chunks]
         assert sizes == sorted(sizes, reverse=True) and min(sizes[:-1], default=ingest_mod.CHUNK) >= ingest_mod.CHUNK
-        assert sizes[0] == max(ingest_mod.CHUNK, n // (ingest_mod.GUIDED * workers)) or n < ingest_mod.CHUNK
-    assert len(list(ingest_mod.guided_chunks(993, 2))) == 29  # instead of 125 tasks of 8
+        assert max(sizes) <= ingest_mod.MAX_CHUNK
+        guided = max(ingest_mod.CHUNK, n // (ingest_mod.GUIDED * workers))
+        assert sizes[0] == min(ingest_mod.MAX_CHUNK, guided) or n < ingest_mod.CHUNK
+    assert len(list(ingest_mod.guided_chunks(993, 2))) == 32  # instead of 125 tasks of 8
 
 
 def test_a_store_of_an_older_record_version_is_not_reused(tmp_path: Path, small_site: Path) -> None:
