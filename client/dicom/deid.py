@@ -112,7 +112,7 @@ def _may_hold_phi(ds: Dataset, tag: BaseTag) -> bool:
 
 
 def _is_sequence(ds: Dataset, tag: BaseTag) -> bool:
-    vr = ds.get_item(tag).VR  # raw element: VR known for explicit VR files
+    vr = ds.get_item(tag, keep_deferred=True).VR  # raw element (a deferred one stays unread): VR of explicit VR files
     if vr is None:  # implicit VR: the dictionary's VR (private tags: unknown, not followed)
         try:
             vr = dictionary_VR(tag)
