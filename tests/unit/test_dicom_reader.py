@@ -103,6 +103,7 @@ def test_lossless_variants_decode_to_the_same_pixels() -> None:
     base = read_pixels(TEST_FILES / "MR_small.dcm")
     for name in ("MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm",
                  "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_expb.dcm"):
+        # exact: every lossless syntax decodes to the same integers, then the same element-wise conversion
         np.testing.assert_array_equal(read_pixels(TEST_FILES / name), base, err_msg=name)
 
 
@@ -131,8 +132,14 @@ def test_one_frame_decodes_to_that_frame_of_the_whole_object() -> None:
         if len(whole) < 2:
             continue
         ds = parse(path, path.name)
+        colour = ds.get("SamplesPerPixel", 1) > 1 or ds.get("PhotometricInterpretation") == "PALETTE COLOR"
         for index in (0, len(whole) // 2, len(whole) - 1):
-            np.testing.assert_array_equal(decode(ds, path.name, index), whole[index : index + 1], err_msg=path.name)
+            one = decode(ds, path.name, index)
+            if colour:  # luma is a 3-term float32 dot product whose summation order depends on the BLAS
+                # kernel chosen for the stack's shape and the CPU: equal to float32 rounding of 3 terms
+                np.testing.assert_allclose(one, whole[index : index + 1], rtol=1e-6, atol=0, err_msg=path.name)
+            else:  # grey: the same element-wise integer -> float32 conversion on both paths, exact everywhere
+                np.testing.assert_array_equal(one, whole[index : index + 1], err_msg=path.name)
         checked.append(path.name)
     for name in ("rtdose.dcm", "rtdose_rle.dcm", "examples_ybr_color.dcm", "SC_rgb_rle_2frame.dcm"):
         assert name in checked, name

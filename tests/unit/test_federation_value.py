@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from client.dicom import Preprocessing, load_cohort, split_patients
@@ -22,8 +24,19 @@ def _concat(parts: list[Cohort]) -> Cohort:
                   np.concatenate([c.patient + o for c, o in zip(parts, offsets, strict=False)]), int(offsets[-1]))
 
 
-def test_central_training_beats_a_single_site(tmp_path: Path) -> None:
-    torch.set_num_threads(2)
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """At most two torch threads for this test (many-core hosts), restored afterwards so that no
+    other test inherits the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_central_training_beats_a_single_site(tmp_path: Path, two_threads: None) -> None:
     train, val = [], []
     for i in range(3):
         folder = tmp_path / f"site-{i}"

@@ -50,6 +50,8 @@ def test_warm_pass_opens_no_dicom_file_and_returns_identical_arrays(
     (tmp_path / "serial").mkdir()  # same identifier key: same keyed hashes in the records
     shutil.copy(cache / ingest_mod.KEY_FILE, tmp_path / "serial" / ingest_mod.KEY_FILE)
     serial = ingest(data, pre, cache_dir=tmp_path / "serial", workers=1)  # file order, one process
+    # exact: the same process_file on the same bytes with one BLAS thread in both, i.e. the same float32
+    # operations in the same order; only the process that runs them differs
     np.testing.assert_array_equal(first.frames, serial.frames)
     assert first.records == serial.records and first.digests == serial.digests
 
@@ -63,7 +65,7 @@ def test_warm_pass_opens_no_dicom_file_and_returns_identical_arrays(
     finally:
         _WATCH.clear()
     assert _OPENED == [] and second.decoded == 0
-    np.testing.assert_array_equal(first.frames, second.frames)
+    np.testing.assert_array_equal(first.frames, second.frames)  # exact: a replay of the stored shard bytes
     assert first.records == second.records and first.rels == second.rels
     monkeypatch.undo()
 
@@ -78,7 +80,7 @@ def test_warm_pass_opens_no_dicom_file_and_returns_identical_arrays(
     assert not np.array_equal(third.frames[i], first.frames[i])
     mask = np.ones(len(first.frames), dtype=bool)
     mask[i] = False
-    np.testing.assert_array_equal(third.frames[mask], first.frames[mask])
+    np.testing.assert_array_equal(third.frames[mask], first.frames[mask])  # exact: replayed from the cache
 
     # another preprocessing config is another set of entries
     assert ingest(data, Preprocessing(image_size=8), cache_dir=cache, workers=1).decoded == n + 2
@@ -103,7 +105,7 @@ def test_a_store_of_an_older_record_version_is_not_reused(tmp_path: Path, small_
     store_dir(cache, pre).rename(cache / f"ingest-{pre.key()}")  # as version 1 named its store
     again = ingest(data, pre, cache_dir=cache, workers=1)
     assert again.decoded == first.decoded == len(first.rels)  # every file scanned anew
-    np.testing.assert_array_equal(again.frames, first.frames)
+    np.testing.assert_array_equal(again.frames, first.frames)  # exact: the same serial pass on the same bytes
 
 
 def test_torn_journal_line_and_orphan_shard_are_ignored_and_repaired(tmp_path: Path, small_site: Path) -> None:
@@ -117,7 +119,7 @@ def test_torn_journal_line_and_orphan_shard_are_ignored_and_repaired(tmp_path: P
     (store / "shard-dead.npy").write_bytes(b"\x93NUMPY partial")  # shard whose line never landed
     again = ingest(data, pre, cache_dir=cache, workers=1)
     assert again.decoded == 0
-    np.testing.assert_array_equal(again.frames, first.frames)
+    np.testing.assert_array_equal(again.frames, first.frames)  # exact: a replay of the stored shards
     assert not (store / "shard-dead.npy").exists()
     # the next append cuts the torn line off and continues the journal
     new = data / "extra.dcm"
@@ -157,6 +159,8 @@ def test_killed_mid_ingest_leaves_a_usable_cache(tmp_path: Path, small_site: Pat
     resumed = ingest(data, pre, cache_dir=cache, workers=1)
     assert 0 < resumed.decoded < total
     clean = ingest(data, pre, cache_dir=None, workers=1)
+    # exact: shards the killed child stored and frames decoded now both come from the same serial pass (one
+    # BLAS thread, same machine and environment), so the same float32 operations in the same order
     np.testing.assert_array_equal(resumed.frames, clean.frames)
     assert [r.status for r in resumed.records] == [r.status for r in clean.records]
 
