@@ -106,7 +106,8 @@ class Site(NumPyClient):
         set_arrays(model, dict(zip(names, parameters)))
         plan = LocalPlan(steps=steps, batch_size=batch, learning_rate=2e-3, seed=0)
         if dp:
-            train_private(model, data.train, plan, torch.device("cpu"), noise_multiplier=1.0, max_grad_norm=1.0)
+            train_private(model, data.train, plan, torch.device("cpu"), noise_multiplier=1.0, max_grad_norm=1.0,
+                          noise_seed=1)
         else:
             train_plain(model, data.train, plan, torch.device("cpu"))
         return list(get_arrays(model).values()), data.train.n_patients, {}

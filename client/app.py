@@ -11,15 +11,27 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.audit_trail import RoundIds, SiteAudit
-from client.budget import REFUSED_BUDGET, REFUSED_POLICY, plan_round
+from client.budget import (
+    REFUSED_BUDGET,
+    REFUSED_METRICS,
+    REFUSED_POLICY,
+    REFUSED_ROUND_CAP,
+    RoundCapReached,
+    RoundPrivacy,
+    plan_evaluation,
+    plan_round,
+)
 from client.config import SiteConfig, load_site_config
 from client.guard import egress_guard
 from client.models import build_model, get_arrays, pick_device, set_arrays
+from client.randomness import round_seeds
 from client.secagg_mod import secagg_mod
-from client.site import load_site_data
-from client.train import LocalPlan, evaluate, train_plain, train_private
+from client.site import SiteData, load_site_data
+from client.site_ledger import commit, open_ledger
+from client.train import LocalPlan, evaluate, image_losses, logits, train_plain, train_private
 from privacy import egress as K
 from privacy.dp import BudgetExhausted
+from privacy.dp_metrics import patient_sums, release
 from privacy.ledger import LedgerEvent, PrivacyLedger, now_utc
 from privacy.protocol import RoundRequest
 from privacy.wire import arrays_sha256, arrays_to_record, record_to_arrays
@@ -54,75 +66,143 @@ def _reply(msg: Message, site: SiteConfig, metrics: Mapping[str, float | int],
     return Message(content, reply_to=msg)
 
 
+def _refuse(msg: Message, site: SiteConfig, audit: SiteAudit, ids: RoundIds, *, code: int, reason: str,
+            metrics: Mapping[str, float | int]) -> Message:
+    log.warning("site %s refuses round %s: %s", site.name, ids.round, reason)
+    audit.refused(ids, reason=reason, epsilon=float(metrics.get(K.EPSILON, 0.0)))
+    return _reply(msg, site, {K.REFUSED: 1, K.REFUSAL_CODE: code, **metrics}, audit_head=audit.head())
+
+
+def _refuse_evaluation(msg: Message, site: SiteConfig, audit: SiteAudit, ids: RoundIds, *, code: int,
+                       reason: str) -> Message:
+    log.warning("site %s withholds validation metrics of round %s: %s", site.name, ids.round, reason)
+    audit.evaluation_refused(ids, reason=reason)
+    return _reply(msg, site, {K.REFUSED: 1, K.REFUSAL_CODE: code}, audit_head=audit.head())
+
+
 def _train(msg: Message, site: SiteConfig) -> Message:
     conf = msg.content.config_records[K.CONFIG]
     req = RoundRequest.from_record(conf)
     data = load_site_data(site, image_size=req.image_size)
     policy = site.privacy
     patients = data.train.n_patients
+    seeds = round_seeds(policy, site=site.name, server_round=req.server_round)  # never from the request
     plan = LocalPlan(steps=req.local_steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
-                     seed=req.seed * 1000 + req.server_round)
+                     seed=seeds.sampling)
     model = build_model()
     global_arrays = record_to_arrays(msg.content.array_records[K.ARRAYS])
     set_arrays(model, global_arrays)
     audit = SiteAudit(site)
-    audit.join(req.run_id, {
-        "dp": policy.dp, "max_epsilon": policy.max_epsilon, "accountant": policy.accountant,
-        "data_sha256": data.train.fingerprint, "images": len(data.train.labels) + len(data.val.labels),
-        "patients": data.train.n_patients + data.val.n_patients,
-    })
+    _join(audit, site, req.run_id, data)
     ids = RoundIds(req.run_id, req.server_round, arrays_sha256(global_arrays))
     device = pick_device(site.device)
     metrics: dict[str, float | int] = {K.PATIENTS: patients}
     if policy.require_secure_aggregation and conf.get(K.SECAGG_STAGE) != "input":
-        log.warning("site %s refuses round %s: the update would leave unmasked and the site policy requires "
-                    "secure aggregation", site.name, req.server_round)
-        audit.refused(ids, reason="secure-aggregation-required", epsilon=0.0)
-        return _reply(msg, site, {K.REFUSED: 1, K.REFUSAL_CODE: REFUSED_POLICY, K.PATIENTS: patients},
-                      audit_head=audit.head())
+        return _refuse(msg, site, audit, ids, code=REFUSED_POLICY, reason="secure-aggregation-required",
+                       metrics={K.PATIENTS: patients})
     if policy.dp or req.dp:  # the site's policy wins; DP if either asks for it
-        ledger = PrivacyLedger.load(site.ledger_file)
         delta = policy.delta_for(patients)
-        try:
-            rp = plan_round(policy, ledger, patients=patients, batch_size=plan.batch_size, steps=plan.steps,
-                            rounds_left=req.rounds_left, requested_noise=req.noise_multiplier)
-        except BudgetExhausted:
-            log.warning("site %s refuses round %s: privacy budget exhausted", site.name, req.server_round)
-            eps = ledger.epsilon(delta=delta, accountant=policy.accountant)
-            audit.refused(ids, reason="budget", epsilon=eps)
-            return _reply(msg, site, {K.REFUSED: 1, K.REFUSAL_CODE: REFUSED_BUDGET, K.EPSILON: eps,
-                                      K.DELTA: delta, K.PATIENTS: patients}, audit_head=audit.head())
-        # counted before training, so an update that leaves has always been counted
-        event = LedgerEvent(
-            round=req.server_round, run_id=req.run_id, noise_multiplier=rp.noise_multiplier,
-            sample_rate=rp.sample_rate, steps=rp.steps, accountant=policy.accountant,
-            epsilon_after=rp.epsilon_after, delta=rp.delta, timestamp=now_utc(),
-        )
-        ledger.append(event)
-        audit.trained(ids, event, patients=patients)
-        result = train_private(model, data.train, plan, device, noise_multiplier=rp.noise_multiplier,
-                               max_grad_norm=policy.max_grad_norm)
-        metrics |= {K.EPSILON: rp.epsilon_after, K.DELTA: rp.delta,
-                    K.NOISE_MULTIPLIER: rp.noise_multiplier, K.NOISE_OVERRIDDEN: int(rp.overridden)}
+        rp: list[RoundPrivacy] = []
+
+        def planned(ledger: PrivacyLedger) -> LedgerEvent:
+            rp[:] = [plan_round(policy, ledger, patients=patients, batch_size=plan.batch_size, steps=plan.steps,
+                                run_id=req.run_id, rounds_left=req.rounds_left, requested_noise=req.noise_multiplier)]
+            return LedgerEvent(round=req.server_round, run_id=req.run_id, noise_multiplier=rp[0].noise_multiplier,
+                               sample_rate=rp[0].sample_rate, steps=rp[0].steps, accountant=policy.accountant,
+                               epsilon_after=rp[0].epsilon_after, delta=rp[0].delta, timestamp=now_utc())
+
+        try:  # counted before training, so an update that leaves has always been counted
+            _, event = commit(site, planned)
+        except (BudgetExhausted, RoundCapReached) as exc:
+            capped = isinstance(exc, RoundCapReached)
+            eps = open_ledger(site).epsilon(delta=delta, accountant=policy.accountant)
+            return _refuse(msg, site, audit, ids, code=REFUSED_ROUND_CAP if capped else REFUSED_BUDGET,
+                           reason="round-cap" if capped else "budget",
+                           metrics={K.EPSILON: eps, K.DELTA: delta, K.PATIENTS: patients})
+        audit.trained(ids, event, patients=patients, deterministic=seeds.deterministic)
+        result = train_private(model, data.train, plan, device, noise_multiplier=event.noise_multiplier,
+                               max_grad_norm=policy.max_grad_norm, noise_seed=seeds.noise,
+                               secure_mode=policy.secure_noise)
+        metrics |= {K.EPSILON: event.epsilon_after, K.DELTA: event.delta,
+                    K.NOISE_MULTIPLIER: event.noise_multiplier, K.NOISE_OVERRIDDEN: int(rp[0].overridden)}
     else:
         log.warning("site %s trains WITHOUT differential privacy (policy dp = false)", site.name)
-        audit.trained(ids, None, patients=patients)
+        audit.trained(ids, None, patients=patients, deterministic=seeds.deterministic)
         result = train_plain(model, data.train, plan, device)
     new = get_arrays(model)
-    metrics |= {K.NUM_EXAMPLES: patients, K.TRAIN_LOSS: result.train_loss}
+    metrics[K.NUM_EXAMPLES] = patients
+    if not (policy.dp or req.dp) or policy.metrics == "exact":
+        metrics[K.TRAIN_LOSS] = result.train_loss  # not DP-protected: released only without a guarantee to keep
     return _reply(msg, site, metrics, {k: new[k] - global_arrays[k] for k in new}, audit_head=audit.head())
 
 
+def _join(audit: SiteAudit, site: SiteConfig, run_id: str, data: SiteData) -> None:
+    policy = site.privacy
+    audit.join(run_id, {
+        "dp": policy.dp, "max_epsilon": policy.max_epsilon, "accountant": policy.accountant,
+        "max_epsilon_per_round": policy.max_epsilon_per_round, "max_rounds_per_run": policy.max_rounds_per_run,
+        "metrics": policy.metrics, "secure_noise": policy.secure_noise, "deterministic_noise": policy.seed is not None,
+        "data_sha256": data.train.fingerprint, "images": len(data.train.labels) + len(data.val.labels),
+        "patients": data.train.n_patients + data.val.n_patients,
+    })
+
+
 def _evaluate(msg: Message, site: SiteConfig) -> Message:
+    """Validation metrics of the model the server sent, released as the site's policy says:
+    ``dp`` noisy and charged to the ledger (at most one evaluation per round of a run),
+    ``exact`` unmetered (warned: no guarantee), ``none`` refused."""
     req = RoundRequest.from_record(msg.content.config_records[K.CONFIG])
+    policy = site.privacy
     data = load_site_data(site, image_size=req.image_size)
+    arrays = record_to_arrays(msg.content.array_records[K.ARRAYS])
+    audit = SiteAudit(site)
+    ids = RoundIds(req.run_id, req.server_round, arrays_sha256(arrays))
+    if policy.metrics == "none":
+        return _refuse_evaluation(msg, site, audit, ids, code=REFUSED_METRICS, reason="metrics-withheld")
     model = build_model()
-    set_arrays(model, record_to_arrays(msg.content.array_records[K.ARRAYS]))
-    res = evaluate(model, data.val, pick_device(site.device))
-    metrics: dict[str, float | int] = {K.NUM_EXAMPLES: res.num_examples, K.VAL_LOSS: res.loss}
-    if res.auroc is not None:
-        metrics[K.VAL_AUROC] = res.auroc
-    return _reply(msg, site, metrics)
+    set_arrays(model, arrays)
+    device = pick_device(site.device)
+    seeds = round_seeds(policy, site=site.name, server_round=req.server_round)
+    metered = policy.dp or req.dp
+    if policy.metrics == "exact" or not metered:
+        if metered:
+            log.warning("site %s releases EXACT validation metrics (privacy.metrics = 'exact'): a crafted model can "
+                        "read its validation labels through them; use only with synthetic data", site.name)
+        audit.evaluated(ids, None, metrics="exact", deterministic=seeds.deterministic)
+        res = evaluate(model, data.val, device)
+        metrics: dict[str, float | int] = {K.NUM_EXAMPLES: res.num_examples, K.VAL_LOSS: res.loss}
+        if res.auroc is not None:
+            metrics[K.VAL_AUROC] = res.auroc
+        return _reply(msg, site, metrics, audit_head=audit.head())
+    patients = data.train.n_patients
+
+    def planned(ledger: PrivacyLedger) -> LedgerEvent:
+        if any(e.kind == "evaluate" and e.run_id == req.run_id and e.round == req.server_round for e in ledger.events):
+            raise RepeatedEvaluation
+        mech, after = plan_evaluation(policy, ledger, patients=patients)
+        return LedgerEvent(round=req.server_round, run_id=req.run_id, noise_multiplier=mech.noise_multiplier,
+                           sample_rate=mech.sample_rate, steps=mech.steps, accountant=policy.accountant,
+                           epsilon_after=after, delta=policy.delta_for(patients), timestamp=now_utc(), kind="evaluate")
+
+    try:
+        _, event = commit(site, planned)
+    except RepeatedEvaluation:
+        return _refuse_evaluation(msg, site, audit, ids, code=REFUSED_METRICS, reason="evaluated-already")
+    except BudgetExhausted:
+        return _refuse_evaluation(msg, site, audit, ids, code=REFUSED_BUDGET, reason="budget")
+    audit.evaluated(ids, event, metrics="dp", deterministic=seeds.deterministic)
+    scores = logits(model, data.val, device)
+    sums = patient_sums(1.0 / (1.0 + np.exp(-scores)), data.val.labels, image_losses(scores, data.val.labels),
+                        data.val.patient_images())
+    noisy = release(sums, noise_multiplier=event.noise_multiplier, rng=np.random.default_rng(seeds.evaluation))
+    metrics = {K.NUM_EXAMPLES: max(0, round(noisy.patients)), K.VAL_LOSS: noisy.loss, K.EPSILON: event.epsilon_after}
+    if noisy.auroc is not None:
+        metrics[K.VAL_AUROC] = noisy.auroc
+    return _reply(msg, site, metrics, audit_head=audit.head())
+
+
+class RepeatedEvaluation(Exception):
+    """The server asked for a second evaluation of the same round of a run."""
 
 
 def build_client_app(sim_sites: Sequence[str] = ()) -> ClientApp:

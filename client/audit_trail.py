@@ -59,17 +59,33 @@ class SiteAudit:
         if not joined:
             self.log.append(E.RUN_JOINED, {"run_id": run_id, "config_sha256": self._config_sha256, **facts})
 
-    def trained(self, ids: RoundIds, event: LedgerEvent | None, *, patients: int) -> None:
-        """The round is counted (DP: the ledger event) before the update leaves."""
-        data: dict[str, Any] = {**ids.data(), "patients": patients, "dp": event is not None}
-        if event is not None:
-            data |= {"noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate,
-                     "steps": event.steps, "epsilon_after": event.epsilon_after, "delta": event.delta,
-                     "accountant": event.accountant}
-        self.log.append(E.ROUND_TRAINED, data)
+    def trained(self, ids: RoundIds, event: LedgerEvent | None, *, patients: int, deterministic: bool) -> None:
+        """The round is counted (DP: the ledger event) before the update leaves.
+        ``deterministic``: the site chose reproducible noise (``privacy.seed``)."""
+        data: dict[str, Any] = {**ids.data(), "patients": patients, "dp": event is not None,
+                                "deterministic_noise": deterministic}
+        self.log.append(E.ROUND_TRAINED, data | _mechanism(event))
+
+    def evaluated(self, ids: RoundIds, event: LedgerEvent | None, *, metrics: str, deterministic: bool) -> None:
+        """Validation metrics are about to leave: metered (``event``, charged) or, by the site's
+        own choice, exact (``metrics = "exact"``, no guarantee)."""
+        data: dict[str, Any] = {**ids.data(), "metrics": metrics, "dp": event is not None,
+                                "deterministic_noise": deterministic}
+        self.log.append(E.EVALUATED, data | _mechanism(event))
+
+    def evaluation_refused(self, ids: RoundIds, *, reason: str) -> None:
+        self.log.append(E.EVALUATED, {**ids.data(), "refused": reason, "dp": False})
 
     def refused(self, ids: RoundIds, *, reason: str, epsilon: float) -> None:
         self.log.append(E.REFUSED, {**ids.data(), "reason": reason, "epsilon": epsilon})
 
     def head(self) -> str:
         return self.log.head()
+
+
+def _mechanism(event: LedgerEvent | None) -> dict[str, Any]:
+    """The ledger event's fields the audit log repeats (so a lost ledger can be rebuilt from it)."""
+    if event is None:
+        return {}
+    return {"noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate, "steps": event.steps,
+            "epsilon_after": event.epsilon_after, "delta": event.delta, "accountant": event.accountant}

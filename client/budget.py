@@ -1,4 +1,8 @@
-"""Before each round: what noise the site's budget needs, and whether it can train at all."""
+"""Before each release: what noise the site's budget and caps need, and whether it may go ahead.
+
+Every bound here comes from the site's policy; what the server's request says (rounds left,
+a minimum noise) can only make the site spend *less* per round, never more.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,12 @@ from privacy.ledger import PrivacyLedger
 # refusal codes, sent as numbers (never free text)
 REFUSED_BUDGET = 1  # this round would exceed the site's privacy budget
 REFUSED_POLICY = 2  # the update would leave unmasked and the site requires secure aggregation
+REFUSED_ROUND_CAP = 3  # the site already trained privacy.max_rounds_per_run rounds of this run
+REFUSED_METRICS = 4  # the site releases no metrics (policy), or this round was already evaluated
+
+
+class RoundCapReached(Exception):
+    """The site trained as many rounds of this run as its policy allows."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +34,7 @@ class RoundPrivacy:
     delta: float
     epsilon_after: float
     overridden: bool  # the site's own noise was higher than the server asked for
+    capped: bool  # the per-round cap (not the total budget) set the noise
 
 
 def sample_rate(patients: int, batch_size: int) -> float:
@@ -31,29 +42,70 @@ def sample_rate(patients: int, batch_size: int) -> float:
     return 1.0 / math.ceil(patients / max(1, min(batch_size, patients)))
 
 
+def evaluation_mechanism(policy: PrivacyPolicy, evaluations: int = 1) -> GaussianSteps:
+    """``evaluations`` metered releases of validation metrics (sensitivity 1, no sampling)."""
+    return GaussianSteps(policy.eval_noise_multiplier, 1.0, evaluations)
+
+
 def plan_round(
     policy: PrivacyPolicy, ledger: PrivacyLedger, *, patients: int, batch_size: int, steps: int,
-    rounds_left: int, requested_noise: float = 0.0,
+    run_id: str, rounds_left: int, requested_noise: float = 0.0,
 ) -> RoundPrivacy:
-    """Calibrate σ so that everything spent so far plus ``rounds_left`` rounds fits the budget.
+    """Calibrate σ for this round of ``run_id`` from the site's own bounds.
 
-    When the run goes to plan, every round of a run gets the same σ. The round is
-    refused (:class:`BudgetExhausted`) if even this one round cannot be paid within
-    ``policy.max_noise_multiplier`` — the site never trains on pure noise.
+    σ is the largest of: what spreads the remaining budget over the rounds still planned
+    (the request's ``rounds_left``, at most the site's ``max_rounds_per_run`` less the rounds
+    already trained in this run; the metered evaluations of those rounds are reserved too);
+    what keeps this round's ε increment, its evaluation included, within
+    ``max_epsilon_per_round``; the site's ``min_noise_multiplier``; and the server's request.
+
+    Raises
+    ------
+    BudgetExhausted
+        Even ``policy.max_noise_multiplier`` cannot pay for this one round (the site never
+        trains on pure noise).
+    RoundCapReached
+        The site already trained ``max_rounds_per_run`` rounds of this run.
     """
+    trained = sum(1 for e in ledger.events if e.kind == "train" and e.run_id == run_id)
+    if trained >= policy.max_rounds_per_run:
+        raise RoundCapReached(f"{trained} rounds of run {run_id} trained; privacy.max_rounds_per_run is "
+                              f"{policy.max_rounds_per_run}")
+    rounds = max(1, min(rounds_left, policy.max_rounds_per_run - trained))
     delta = policy.delta_for(patients)
     q = sample_rate(patients, batch_size)
     prior = ledger.mechanisms()
+    metered = policy.metrics == "dp"  # under DP (the only case this is called in) evaluations are charged
+    evals = [evaluation_mechanism(policy, rounds)] if metered else []
+
+    def calibrate(target: float, steps: int, prior: list[GaussianSteps]) -> float:
+        return calibrate_noise(target_epsilon=target, delta=delta, sample_rate=q, steps=steps, prior=prior,
+                               accountant=policy.accountant, max_noise_multiplier=policy.max_noise_multiplier)
+
     try:
-        sigma = calibrate_noise(target_epsilon=policy.max_epsilon, delta=delta, sample_rate=q,
-                                steps=steps * max(1, rounds_left), prior=prior,
-                                accountant=policy.accountant, max_noise_multiplier=policy.max_noise_multiplier)
-    except BudgetExhausted:
-        # not enough for the whole plan: is there enough for this one round?
-        sigma = calibrate_noise(target_epsilon=policy.max_epsilon, delta=delta, sample_rate=q,
-                                steps=steps, prior=prior, accountant=policy.accountant,
-                                max_noise_multiplier=policy.max_noise_multiplier)
-    used = max(sigma, requested_noise)
+        sigma = calibrate(policy.max_epsilon, steps * rounds, [*prior, *evals])
+    except BudgetExhausted:  # not enough for the whole plan: is there enough for this one round?
+        sigma = calibrate(policy.max_epsilon, steps, [*prior, *evals[:1]])
+    this_eval = [evaluation_mechanism(policy)] if metered else []
+    spent = epsilon(prior, delta=delta, accountant=policy.accountant)
+    capped = False
+    cap = spent + policy.max_epsilon_per_round
+    if epsilon([*prior, *this_eval, GaussianSteps(sigma, q, steps)], delta=delta, accountant=policy.accountant) > cap:
+        sigma = calibrate(cap, steps, [*prior, *this_eval])
+        capped = True
+    own = max(sigma, policy.min_noise_multiplier)
+    used = max(own, requested_noise)
     eps_after = epsilon([*prior, GaussianSteps(used, q, steps)], delta=delta, accountant=policy.accountant)
-    return RoundPrivacy(noise_multiplier=used, sample_rate=q, steps=steps, delta=delta,
-                        epsilon_after=eps_after, overridden=sigma > requested_noise)
+    return RoundPrivacy(noise_multiplier=used, sample_rate=q, steps=steps, delta=delta, epsilon_after=eps_after,
+                        overridden=own > requested_noise, capped=capped)
+
+
+def plan_evaluation(policy: PrivacyPolicy, ledger: PrivacyLedger, *, patients: int) -> tuple[GaussianSteps, float]:
+    """The metered evaluation's mechanism and the ε after it; raises :class:`BudgetExhausted`
+    when it would take the site past ``max_epsilon``."""
+    delta = policy.delta_for(patients)
+    mech = evaluation_mechanism(policy)
+    after = epsilon([*ledger.mechanisms(), mech], delta=delta, accountant=policy.accountant)
+    if after > policy.max_epsilon:
+        raise BudgetExhausted(f"an evaluation would take ε to {after:.3f}, above the budget {policy.max_epsilon:g}")
+    return mech, after

@@ -37,15 +37,23 @@ def synth(
 @cli.command()
 def budget(
     workspace: Annotated[Path, typer.Option(help="site workspace (holds site.toml and ledger.json)")],
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="rebuild ledger.json from the signed audit log "
+                                                            "(after it was lost or rolled back)")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show the site's privacy ledger: ε spent, budget, rounds left at the last round's cost."""
+    from client.site_ledger import open_ledger
+    from client.site_ledger import rebuild as rebuild_ledger
     from privacy.dp import auto_delta  # lazy: loads torch
-    from privacy.ledger import LedgerCorruptError, PrivacyLedger
+    from privacy.ledger import LedgerCorruptError
 
     try:
         config = load_site_config(workspace)
-        ledger = PrivacyLedger.load(config.ledger_file)
+        if rebuild:
+            ledger, restored = rebuild_ledger(config)
+            err.print(f"rebuilt {config.ledger_file} from the audit log: {len(ledger.events)} event(s), "
+                      f"{restored} restored")
+        ledger = open_ledger(config)
     except (SiteConfigError, LedgerCorruptError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -55,9 +63,11 @@ def budget(
     if as_json:
         print(json.dumps(summary))
         return
+    trained = sum(e.kind == "train" for e in ledger.events)
     err.print(f"site {config.name}: ε = {summary['epsilon']:.3f} of {policy.max_epsilon:g} "
-              f"(δ = {delta:g}, {policy.accountant.upper()} accountant), {len(ledger.events)} rounds "
-              f"recorded, about {summary['remaining_rounds_estimate']} more at the last round's cost")
+              f"(δ = {delta:g}, {policy.accountant.upper()} accountant), {trained} rounds and "
+              f"{len(ledger.events) - trained} metered evaluations recorded, about "
+              f"{summary['remaining_rounds_estimate']} more rounds at the last round's cost")
 
 
 @cli.command()

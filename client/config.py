@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,17 +22,40 @@ class SiteConfigError(ValueError):
     """``site.toml`` is missing or invalid; the message names the field and the fix."""
 
 
+METRIC_RELEASES = ("dp", "exact", "none")
+
+
+def _in_range(name: str, value: float, lo: float, hi: float, *, open_low: bool = False) -> None:
+    """Refuse a non-finite or out-of-range number, naming the field, the value and the range."""
+    ok = math.isfinite(value) and (lo < value if open_low else lo <= value) and value <= hi
+    if not ok:
+        low = "(" if open_low else "["
+        raise SiteConfigError(f"{name} = {value!r}: must be a finite number in {low}{lo:g}, {hi:g}]")
+
+
 @dataclass(frozen=True)
 class PrivacyPolicy:
-    """What the site allows. It always wins over what the server asks for."""
+    """What the site allows. It always wins over what the server asks for.
+
+    The per-round and per-run caps bound what any one request can make the site spend:
+    whatever number of rounds a request claims, a round's ε increment (its training plus
+    its metered evaluation) never exceeds ``max_epsilon_per_round``.
+    """
 
     dp: bool = True
     max_epsilon: float = 8.0
-    delta: float = 0.0  # 0 = automatic: 1 / (10 * patients)
+    delta: float = 0.0  # 0 = automatic: below 1 / (10 * patients)
     accountant: str = "rdp"
-    max_noise_multiplier: float = 20.0
+    max_epsilon_per_round: float = 4.0  # ε increment one round may cost, whatever the request says
+    max_rounds_per_run: int = 100  # rounds of one run the site trains (and plans its noise over) at most
+    min_noise_multiplier: float = 0.0  # a floor on σ beyond what the budget needs
+    max_noise_multiplier: float = 20.0  # never train on more noise than this (the round is refused)
     max_grad_norm: float = 1.0
     require_secure_aggregation: bool = True  # refuse to send an update that is not masked
+    metrics: str = "dp"  # validation metrics: "dp" (noisy, charged), "exact" (unmetered: synthetic data only), "none"
+    eval_noise_multiplier: float = 10.0  # σ of a metered evaluation release (sensitivity 1 per patient)
+    secure_noise: bool = False  # Opacus' secure_mode noise sampling (robust to floating-point attacks)
+    seed: int | None = None  # site-local seed: deterministic noise for tests and research (warned, audited)
 
     def delta_for(self, patients: int) -> float:
         """The δ this site accounts with: the policy's, or automatic for its patient count."""
@@ -38,14 +64,21 @@ class PrivacyPolicy:
         return self.delta or auto_delta(patients)
 
     def __post_init__(self) -> None:
-        if self.max_epsilon <= 0:
-            raise SiteConfigError("privacy.max_epsilon must be > 0 (e.g. 8.0)")
-        if not 0 <= self.delta < 1:
-            raise SiteConfigError("privacy.delta must be in [0, 1) (0 = automatic)")
+        _in_range("privacy.max_epsilon", self.max_epsilon, 0, 100, open_low=True)
+        if self.delta != 0:
+            _in_range("privacy.delta (0 = automatic)", self.delta, 0, 1e-3, open_low=True)
         if self.accountant not in ("rdp", "prv"):
-            raise SiteConfigError("privacy.accountant must be 'rdp' or 'prv'")
-        if self.max_grad_norm <= 0 or self.max_noise_multiplier <= 0:
-            raise SiteConfigError("privacy.max_grad_norm and max_noise_multiplier must be > 0")
+            raise SiteConfigError(f"privacy.accountant = {self.accountant!r}: must be 'rdp' or 'prv'")
+        _in_range("privacy.max_epsilon_per_round", self.max_epsilon_per_round, 0, 100, open_low=True)
+        _in_range("privacy.max_rounds_per_run", self.max_rounds_per_run, 1, 100_000)
+        _in_range("privacy.max_noise_multiplier", self.max_noise_multiplier, 0, 1000, open_low=True)
+        _in_range("privacy.min_noise_multiplier", self.min_noise_multiplier, 0, self.max_noise_multiplier)
+        _in_range("privacy.max_grad_norm", self.max_grad_norm, 0, 1000, open_low=True)
+        _in_range("privacy.eval_noise_multiplier", self.eval_noise_multiplier, 0.5, 1000)
+        if self.metrics not in METRIC_RELEASES:
+            raise SiteConfigError(f"privacy.metrics = {self.metrics!r}: must be one of {list(METRIC_RELEASES)}")
+        if self.seed is not None:
+            _in_range("privacy.seed", self.seed, 0, 2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -67,7 +100,8 @@ class DataConfig:
         if self.frames not in FRAME_POLICIES:
             raise SiteConfigError(f"data.frames must be one of {list(FRAME_POLICIES)} (got {self.frames!r})")
         object.__setattr__(self, "window", tuple(self.window))  # TOML gives a list
-        if self.window and (len(self.window) != 2 or float(self.window[1]) <= 0):
+        if self.window and (len(self.window) != 2 or not all(math.isfinite(float(v)) for v in self.window)
+                            or float(self.window[1]) <= 0):
             raise SiteConfigError("data.window must be [center, width] with width > 0, or [] for the files' own")
         if self.workers < 0:
             raise SiteConfigError("data.workers must be >= 0 (0 = one per CPU)")
@@ -122,19 +156,48 @@ class SiteConfig:
         return {
             "site": {"name": self.name, "server": self.server, "device": self.device},
             "data": {**asdict(self.data), "window": list(self.data.window)},
-            "privacy": asdict(self.privacy),
+            "privacy": {k: v for k, v in asdict(self.privacy).items() if v is not None},  # TOML has no null
         }
 
 
-def _section(doc: dict[str, Any], name: str, cls: type, path: Path) -> Any:
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a TOML value fits a field's type hint (an int is a float; a bool is neither)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, list | tuple) and all(_type_ok(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _section(doc: dict[str, Any], name: str, cls: type) -> Any:
     raw = doc.get(name, {})
+    if not isinstance(raw, dict):
+        raise SiteConfigError(f"[{name}] must be a table")
+    hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = set(raw) - known
     if unknown:
-        raise SiteConfigError(
-            f"{path}: unknown key(s) {sorted(unknown)} in [{name}]; known keys: {sorted(known)}"
-        )
-    return cls(**raw)
+        raise SiteConfigError(f"unknown key(s) {sorted(unknown)} in [{name}]; known keys: {sorted(known)}")
+    values = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if not _type_ok(value, hint):
+            expected = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise SiteConfigError(f"{name}.{key} = {value!r} has the wrong type: expected {expected}")
+        values[key] = float(value) if hint is float else value
+    return cls(**values)
 
 
 def load_site_config(workspace: Path) -> SiteConfig:
@@ -156,8 +219,8 @@ def load_site_config(workspace: Path) -> SiteConfig:
             name=str(site.get("name", "")),
             device=str(site.get("device", "auto")),
             server=str(site.get("server", "")),
-            data=_section(doc, "data", DataConfig, path),
-            privacy=_section(doc, "privacy", PrivacyPolicy, path),
+            data=_section(doc, "data", DataConfig),
+            privacy=_section(doc, "privacy", PrivacyPolicy),
         )
     except TypeError as exc:
         raise SiteConfigError(f"{path}: {exc}; fix the value types") from None

@@ -123,16 +123,22 @@ def train_plain(model: nn.Module, cohort: Cohort, plan: LocalPlan, device: torch
 
 def train_private(
     model: nn.Module, cohort: Cohort, plan: LocalPlan, device: torch.device, *,
-    noise_multiplier: float, max_grad_norm: float,
+    noise_multiplier: float, max_grad_norm: float, noise_seed: int, secure_mode: bool = False,
 ) -> TrainResult:
-    """DP-SGD (Opacus): Poisson sampling over patients, per-patient clipping, Gaussian noise."""
+    """DP-SGD (Opacus): Poisson sampling over patients, per-patient clipping, Gaussian noise.
+
+    Sampling (and each sampled patient's image) draws from ``plan.seed``, the noise from its
+    own generator on ``device`` seeded with ``noise_seed``; nothing touches torch's global
+    generator, so no other code's seeding can make the noise predictable.
+    """
     model.to(device)
     optimizer = plan.make_optimizer(model)
     loader = patient_loader(cohort, batch_size=plan.batch_size, seed=plan.seed)
-    torch.manual_seed(plan.seed)  # Poisson sampling and noise draw from torch's generator
+    noise = torch.Generator(device=device)
+    noise.manual_seed(noise_seed)
     dp_model, dp_optimizer, dp_loader = make_private(
-        module=model, optimizer=optimizer, data_loader=loader,
-        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, noise_generator=noise, secure_mode=secure_mode,
     )
     result = run_steps(dp_model, dp_optimizer, dp_loader, steps=plan.steps, device=device, summed=True)
     dp_model._close()  # remove Opacus hooks; the caller's module is trained in place
@@ -140,21 +146,25 @@ def train_private(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, cohort: Cohort, device: torch.device, *, batch: int = 256) -> EvalResult:
-    """Mean BCE loss and AUROC over every image of the given (validation) patients."""
+def logits(model: nn.Module, cohort: Cohort, device: torch.device, *, batch: int = 256) -> np.ndarray:
+    """The model's logit for every image of ``cohort`` (float64)."""
     model.to(device).eval()
-    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
-    scores, total = [], 0.0
-    for i in range(0, len(cohort.labels), batch):
-        x = torch.from_numpy(cohort.images[i : i + batch])[:, None].to(device)
-        y = torch.from_numpy(cohort.labels[i : i + batch]).to(device)
-        logits = model(x)
-        total += float(loss_fn(logits, y))
-        scores.append(logits.cpu().numpy())
+    out = [model(torch.from_numpy(cohort.images[i : i + batch])[:, None].to(device)).cpu().numpy()
+           for i in range(0, len(cohort.labels), batch)]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def image_losses(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Binary cross-entropy of each logit against its 0/1 label (numerically stable)."""
+    return np.maximum(scores, 0) - scores * labels + np.log1p(np.exp(-np.abs(scores)))
+
+
+def evaluate(model: nn.Module, cohort: Cohort, device: torch.device, *, batch: int = 256) -> EvalResult:
+    """Mean BCE loss and AUROC over every image of the given (validation) patients (exact)."""
     n = len(cohort.labels)
     if n == 0:
         return EvalResult(loss=math.nan, auroc=None, num_examples=0)
-    s = np.concatenate(scores)
+    s = logits(model, cohort, device, batch=batch)
     both = 0 < cohort.labels.sum() < n
     auroc = float(roc_auc_score(cohort.labels, s)) if both else None
-    return EvalResult(loss=total / n, auroc=auroc, num_examples=n)
+    return EvalResult(loss=float(image_losses(s, cohort.labels).mean()), auroc=auroc, num_examples=n)

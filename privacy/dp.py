@@ -209,8 +209,15 @@ class UnsupportedModelError(ValueError):
 
 
 def make_private(*, module: Any, optimizer: Any, data_loader: Any, noise_multiplier: float, max_grad_norm: float,
-                 grad_sample_mode: str = "hooks") -> tuple[Any, Any, Any]:
+                 noise_generator: Any, secure_mode: bool = False, grad_sample_mode: str = "hooks"
+                 ) -> tuple[Any, Any, Any]:
     """Wrap model, optimizer and loader with Opacus DP-SGD (Poisson sampling, per-sample clipping).
+
+    Poisson sampling draws from ``data_loader``'s generator and the noise from
+    ``noise_generator`` (a ``torch.Generator`` on the training device, seeded by the site):
+    both are required so that DP randomness never comes from torch's global generator.
+    ``secure_mode``: Opacus' noise sampling that resists floating-point attacks (four
+    Gaussian draws per coordinate instead of one).
 
     The caller backpropagates the loss **summed** over the batch: each per-sample gradient
     is then the gradient of that record's own loss, with no rescaling pass over every
@@ -238,7 +245,9 @@ def make_private(*, module: Any, optimizer: Any, data_loader: Any, noise_multipl
             "GroupNorm (opacus.validators.ModuleValidator.fix does this) and avoid layers "
             "that mix samples"
         )
-    dp_loader = DPDataLoader.from_data_loader(data_loader, distributed=False)
+    if data_loader.generator is None or noise_generator is None:
+        raise ValueError("make_private needs the site's generators: a seeded data_loader.generator and noise_generator")
+    dp_loader = DPDataLoader.from_data_loader(data_loader, distributed=False, generator=data_loader.generator)
     gs_module = GradSampleModule(module, batch_first=True, loss_reduction="sum",
                                  force_functorch=grad_sample_mode == "functorch")
     if grad_sample_mode == "hooks":  # autograd's summed conv weight gradients would be thrown away
@@ -252,5 +261,6 @@ def make_private(*, module: Any, optimizer: Any, data_loader: Any, noise_multipl
         gs_module._close = _close
     expected = max(1, round(len(data_loader.dataset) * dp_loader.sample_rate))
     dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                               expected_batch_size=expected, loss_reduction="mean")
+                               expected_batch_size=expected, loss_reduction="mean", generator=noise_generator,
+                               secure_mode=secure_mode)
     return gs_module, dp_optimizer, dp_loader

@@ -28,7 +28,6 @@ LOCAL_STEPS = "local-steps"
 BATCH_SIZE = "batch-size"
 LEARNING_RATE = "learning-rate"
 IMAGE_SIZE = "image-size"
-SEED = "seed"
 DP_ENABLED = "dp"
 NOISE_MULTIPLIER_REQUEST = "noise-multiplier"  # the server's minimum; a site may use more
 
@@ -47,10 +46,19 @@ PATIENTS = "patients"
 REFUSED = "refused"  # 1 in a refusal reply (no arrays)
 REFUSAL_CODE = "refusal-code"  # numeric reason; see client.budget
 
+# Error codes of a site's error reply (the reason is this fixed text; the detail stays in the site's log)
+SITE_ERRORS = {
+    460: "site configuration invalid",
+    461: "site privacy ledger refused",
+    462: "round request malformed or out of range",
+    463: "site data unusable",
+    469: "internal error at the site",
+}
+
 TRAIN_METRICS = frozenset({NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, NOISE_MULTIPLIER,
                            NOISE_OVERRIDDEN, PATIENTS})
 REFUSAL_METRICS = frozenset({REFUSED, REFUSAL_CODE, EPSILON, DELTA, PATIENTS})
-EVAL_METRICS = frozenset({NUM_EXAMPLES, VAL_LOSS, VAL_AUROC})
+EVAL_METRICS = frozenset({NUM_EXAMPLES, VAL_LOSS, VAL_AUROC, EPSILON})  # ε: after a metered evaluation
 
 # Secure aggregation (in CONFIG server -> site, in SECAGG site -> server)
 SECAGG_STAGE = "secagg-stage"  # advertise | share | input | unmask

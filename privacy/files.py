@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+
+class LockTimeout(TimeoutError):
+    """Another process held a lock longer than the caller would wait."""
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object], *, mode: int = 0o644) -> None:
@@ -43,3 +50,32 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
 def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o644) -> None:
     """Atomically replace ``path`` with ``obj`` as indented JSON."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), mode=mode)
+
+
+@contextmanager
+def exclusive_lock(path: Path, *, timeout: float = 120.0) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created 0600) for the ``with`` block.
+
+    Processes that write the same file take the same lock, so a read inside the block
+    sees every earlier write and no write is lost. Waits at most ``timeout`` seconds.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockTimeout(f"{path} stayed locked for {timeout:.0f} s by another process; "
+                                      "retry when it has finished") from None
+                time.sleep(0.01)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -1,27 +1,36 @@
-"""The site's privacy ledger: append-only (σ, q, steps) events persisted atomically in ledger.json."""
+"""The site's privacy ledger: append-only (σ, q, steps) events in ledger.json, signed by the
+site's identity key, appended under an exclusive lock so that no event is ever lost."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from privacy.dp import GaussianSteps, epsilon
-from privacy.files import atomic_write_json
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-LEDGER_VERSION = 1
+from privacy.audit.log import canonical
+from privacy.dp import GaussianSteps, epsilon
+from privacy.files import atomic_write_json, exclusive_lock
+
+LEDGER_VERSION = 2
+KINDS = ("train", "evaluate")  # DP-SGD of a round; a noisy release of validation metrics
 
 
 class LedgerCorruptError(Exception):
     """ledger.json cannot be trusted; the site refuses to train rather than restart at ε = 0."""
 
 
+class LedgerChangedError(Exception):
+    """Another process appended since this view was loaded: reload, re-plan, append again."""
+
+
 @dataclass(frozen=True)
 class LedgerEvent:
-    """One round of DP training that left (or was about to leave) the site."""
+    """One privacy-costing release that left (or was about to leave) the site."""
 
     round: int
     run_id: str
@@ -32,13 +41,18 @@ class LedgerEvent:
     epsilon_after: float
     delta: float
     timestamp: str
+    kind: str = "train"
 
     def mechanism(self) -> GaussianSteps:
         return GaussianSteps(self.noise_multiplier, self.sample_rate, self.steps)
 
+    def key(self) -> tuple[str, str, int, float, float, int]:
+        """What identifies the release (the audit log records the same fields)."""
+        return (self.kind, self.run_id, self.round, self.noise_multiplier, self.sample_rate, self.steps)
 
-def _digest(events: list[dict[str, Any]]) -> str:
-    return hashlib.sha256(json.dumps(events, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+def _signed_bytes(events: list[dict[str, Any]]) -> bytes:
+    return canonical({"version": LEDGER_VERSION, "events": events})
 
 
 @dataclass(frozen=True)
@@ -49,21 +63,35 @@ class PrivacyLedger:
     events: tuple[LedgerEvent, ...] = ()
 
     @classmethod
-    def load(cls, path: Path) -> PrivacyLedger:
-        """Load the ledger (empty if the file does not exist yet); refuse a damaged file."""
+    def load(cls, path: Path, key: Ed25519PublicKey) -> PrivacyLedger:
+        """Load the ledger (empty if the file does not exist yet) and check the site's signature.
+
+        Raises
+        ------
+        LedgerCorruptError
+            The file is damaged, edited or signed by another key (the message names the file
+            and the fix).
+        """
         path = Path(path)
         if not path.exists():
             return cls(path)
-        fix = ("restore it from backup; never delete it, or the site's privacy spending "
+        fix = ("restore it from backup or rebuild it from the signed audit log (`medfed-site budget "
+               "--workspace WORKSPACE --rebuild`); never delete it, or the site's privacy spending "
                "would silently restart at zero")
         try:
             doc = json.loads(path.read_text())
             raw = doc["events"]
-            if doc.get("version") != LEDGER_VERSION or doc.get("sha256") != _digest(raw):
-                raise ValueError("checksum or version mismatch")
+            if doc.get("version") != LEDGER_VERSION:
+                raise ValueError(f"version {doc.get('version')!r}, expected {LEDGER_VERSION}")
+            try:
+                key.verify(bytes.fromhex(str(doc["signature"])), _signed_bytes(raw))
+            except InvalidSignature:
+                raise ValueError("signature does not match the site's identity key (edited by hand?)") from None
             names = {f.name for f in fields(LedgerEvent)}
             events = tuple(LedgerEvent(**{k: e[k] for k in names}) for e in raw)
-        except (ValueError, KeyError, TypeError) as exc:
+            if any(e.kind not in KINDS for e in events):
+                raise ValueError("unknown event kind")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LedgerCorruptError(f"privacy ledger {path} is corrupted ({exc}): {fix}") from None
         return cls(path, events)
 
@@ -74,20 +102,41 @@ class PrivacyLedger:
         """ε spent so far, recomputed from the events (never read from a stored number)."""
         return epsilon(self.mechanisms(), delta=delta, accountant=accountant)
 
-    def append(self, event: LedgerEvent) -> PrivacyLedger:
-        """Persist the ledger with ``event`` added (atomic write), return the new view."""
-        events = [*self.events, event]
+    def append(self, event: LedgerEvent, key: Ed25519PrivateKey) -> PrivacyLedger:
+        """Persist the ledger with ``event`` added and return the new view.
+
+        Under an exclusive lock the file is read again; if another process appended since
+        this view was loaded, nothing is written and :class:`LedgerChangedError` is raised,
+        so a plan computed from stale spending is never recorded (compare-and-swap).
+        """
+        with exclusive_lock(self.lock_file):
+            current = PrivacyLedger.load(self.path, key.public_key())
+            if current.events != self.events:
+                raise LedgerChangedError(f"{self.path} changed since it was read (another run at this site)")
+            return self._write([*self.events, event], key)
+
+    def _write(self, events: list[LedgerEvent], key: Ed25519PrivateKey) -> PrivacyLedger:
         raw = [asdict(e) for e in events]
-        atomic_write_json(self.path, {"version": LEDGER_VERSION, "events": raw, "sha256": _digest(raw)},
-                          mode=0o600)
+        atomic_write_json(self.path, {"version": LEDGER_VERSION, "events": raw,
+                                      "signature": key.sign(_signed_bytes(raw)).hex()}, mode=0o600)
         return PrivacyLedger(self.path, tuple(events))
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def replaced(self, events: list[LedgerEvent], key: Ed25519PrivateKey) -> PrivacyLedger:
+        """Write ``events`` as the whole ledger (the rebuild from the audit log), under the lock."""
+        with exclusive_lock(self.lock_file):
+            return self._write(events, key)
 
     def summary(self, *, delta: float, max_epsilon: float, accountant: str = "rdp") -> dict[str, Any]:
         """The numbers `medfed-site budget` prints."""
         eps = self.epsilon(delta=delta, accountant=accountant)
         remaining = 0
-        if self.events:
-            last = self.events[-1]
+        trained = [e for e in self.events if e.kind == "train"]
+        if trained:
+            last = trained[-1]
             while remaining < 10_000:
                 more = GaussianSteps(last.noise_multiplier, last.sample_rate, last.steps * (remaining + 1))
                 nxt = epsilon([*self.mechanisms(), more], delta=delta, accountant=accountant)

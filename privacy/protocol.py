@@ -1,7 +1,15 @@
-"""The round request the server sends to every site, typed once for both sides."""
+"""The round request the server sends to every site, typed once for both sides.
+
+At the site a request is attacker input: it is parsed into this frozen dataclass, whose
+ranges are checked before any value is used. No value in it is secret or a seed: the
+site's randomness never comes from the server.
+"""
 
 from __future__ import annotations
 
+import math
+import re
+import typing
 from dataclasses import dataclass, fields
 
 from flwr.app import ConfigRecord
@@ -11,13 +19,13 @@ from privacy import egress as K
 _KEYS = {
     "server_round": K.SERVER_ROUND, "run_id": K.RUN_ID, "num_rounds": K.NUM_ROUNDS,
     "local_steps": K.LOCAL_STEPS, "batch_size": K.BATCH_SIZE, "learning_rate": K.LEARNING_RATE,
-    "image_size": K.IMAGE_SIZE, "seed": K.SEED, "dp": K.DP_ENABLED,
-    "noise_multiplier": K.NOISE_MULTIPLIER_REQUEST,
+    "image_size": K.IMAGE_SIZE, "dp": K.DP_ENABLED, "noise_multiplier": K.NOISE_MULTIPLIER_REQUEST,
 }
+_RUN_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 class RoundRequestError(ValueError):
-    """The server's round configuration is missing a key or has a wrong type."""
+    """The server's round configuration is missing a key, has a wrong type or is out of range."""
 
 
 @dataclass(frozen=True)
@@ -31,13 +39,28 @@ class RoundRequest:
     batch_size: int
     learning_rate: float
     image_size: int
-    seed: int
     dp: bool
     noise_multiplier: float  # the minimum the server asks for; a site may use more
 
+    def __post_init__(self) -> None:
+        checks = (
+            (1 <= self.server_round <= 1_000_000, K.SERVER_ROUND, "1..1000000"),
+            (_RUN_ID.match(self.run_id) is not None, K.RUN_ID, "1-64 letters, digits, '.', '_' or '-'"),
+            (1 <= self.num_rounds <= 1_000_000, K.NUM_ROUNDS, "1..1000000"),
+            (1 <= self.local_steps <= 100_000, K.LOCAL_STEPS, "1..100000"),
+            (1 <= self.batch_size <= 65_536, K.BATCH_SIZE, "1..65536"),
+            (math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 10, K.LEARNING_RATE, "(0, 10]"),
+            (8 <= self.image_size <= 1024, K.IMAGE_SIZE, "8..1024"),
+            (math.isfinite(self.noise_multiplier) and 0 <= self.noise_multiplier <= 1000,
+             K.NOISE_MULTIPLIER_REQUEST, "[0, 1000]"),
+        )
+        for ok, key, allowed in checks:
+            if not ok:
+                raise RoundRequestError(f"round config {key!r} is out of range (allowed {allowed})")
+
     @property
     def rounds_left(self) -> int:
-        """Rounds still planned, this one included."""
+        """Rounds still planned, this one included (the site caps what it plans with)."""
         return max(1, self.num_rounds - self.server_round + 1)
 
     def to_record(self) -> ConfigRecord:
@@ -45,14 +68,14 @@ class RoundRequest:
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundRequest:
+        hints = typing.get_type_hints(cls)
         values = {}
         for f in fields(cls):
-            key = _KEYS[f.name]
+            key, kind = _KEYS[f.name], hints[f.name]
             if key not in record:
                 raise RoundRequestError(f"round config lacks {key!r}: server and site versions differ")
-            caster = {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
-            try:
-                values[f.name] = caster(record[key])
-            except (TypeError, ValueError):
-                raise RoundRequestError(f"round config {key!r} is not a valid {f.type}") from None
+            value = record[key]
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+                raise RoundRequestError(f"round config {key!r} is not a valid {kind.__name__}")
+            values[f.name] = kind(value)
         return cls(**values)

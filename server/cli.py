@@ -69,7 +69,12 @@ def simulate(
     no_secagg: Annotated[bool, typer.Option("--no-secagg", help="send updates UNMASKED (comparison only)")] = False,
     secagg_k: Annotated[int, typer.Option(min=0, help="SecAgg+ neighbourhood size (odd; 0 = default)")] = 0,
     secagg_threshold: Annotated[int, typer.Option(min=0, help="SecAgg+ Shamir threshold (0 = majority)")] = 0,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="seeds the generated data and the initial model (never the sites' noise)")] = 0,
+    metrics_release: Annotated[str, typer.Option(
+        "--metrics", help="how virtual sites release validation metrics: exact (synthetic data), dp (noisy, charged "
+                          "to the ledger, as hospitals do) or none")] = "exact",
+    site_seed: Annotated[int | None, typer.Option(help="virtual sites draw DETERMINISTIC noise from this seed "
+                                                       "(reproducible research; warned and audited)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the final metrics as JSON")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower and Ray logs")] = False,
 ) -> None:
@@ -79,12 +84,18 @@ def simulate(
     if no_dp:
         err.print("[bold red]WARNING: --no-dp: sites train WITHOUT differential privacy. "
                   "Released models can leak patient data. Use only to measure DP's cost.[/]")
+    if metrics_release == "exact" and not no_dp:
+        err.print("note: virtual sites release EXACT validation metrics (generated data); hospitals meter them "
+                  "(--metrics dp: noisy, charged to each site's ledger)")
+    if site_seed is not None:
+        err.print("[bold yellow]WARNING: --site-seed: the virtual sites' DP noise is reproducible from the seed "
+                  "(research only; recorded in their audit logs).[/]")
     if no_secagg:
         err.print("[bold red]WARNING: --no-secagg: the server sees every site's update in the clear. "
                   "Gradient inversion can turn an update back into patient images. Comparison only.[/]")
     try:
         policy = PrivacyPolicy(dp=not no_dp, max_epsilon=epsilon, delta=delta, accountant=accountant,
-                               require_secure_aggregation=not no_secagg)
+                               require_secure_aggregation=not no_secagg, metrics=metrics_release, seed=site_seed)
         cfg = RunConfig(num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size,
                         learning_rate=learning_rate, run_dir=str(out.resolve()), seed=seed, dp=not no_dp,
                         noise_multiplier=noise_multiplier, secure_aggregation=not no_secagg, secagg_k=secagg_k,

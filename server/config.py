@@ -22,7 +22,7 @@ class RunConfig:
     min_sites: int = 1
     round_timeout: float = 600.0
     run_dir: str = ""
-    seed: int = 0
+    seed: int = 0  # seeds the initial global model only; sites never receive it (their randomness is their own)
     dp: bool = True
     noise_multiplier: float = 0.0  # the minimum the server asks for; sites may use more
     secure_aggregation: bool = True  # SecAgg+: the server learns only the weighted mean update

@@ -39,7 +39,7 @@ def round_config(cfg: RunConfig, run_id: str, round_: int) -> ConfigRecord:
     """What every site is told for this round."""
     return RoundRequest(
         server_round=round_, run_id=run_id, num_rounds=cfg.num_server_rounds, local_steps=cfg.local_steps,
-        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, image_size=cfg.image_size, seed=cfg.seed,
+        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, image_size=cfg.image_size,
         dp=cfg.dp, noise_multiplier=cfg.noise_multiplier,
     ).to_record()
 
@@ -104,6 +104,11 @@ def run_federation(
         row["val_auroc"] = _weighted(evaluation.replies, K.VAL_AUROC)
         row["val_auroc_by_site"] = {r.site: r.metrics[K.VAL_AUROC] for r in evaluation.replies
                                     if K.VAL_AUROC in r.metrics}
+        for r in evaluation.replies:  # a metered evaluation is charged: the site's ε after it
+            if K.EPSILON in r.metrics:
+                row["epsilon"][r.site] = r.metrics[K.EPSILON]
+            audit.reply(rnd, r.site, "evaluation-refused" if r.metrics.get(K.REFUSED) else "evaluated",
+                        site_head=r.audit_head, epsilon=r.metrics.get(K.EPSILON))
         row["seconds"] = round(time.monotonic() - started, 3)
         metrics["rounds"].append(row)
         metrics["audit"] = audit.summary()

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+
+if TYPE_CHECKING:
+    from privacy.ledger import PrivacyLedger
+
+
+def site_ledger(workspace: Path) -> PrivacyLedger:
+    """A site workspace's ledger, verified with the site's public identity key."""
+    from privacy.audit.keys import load_public_key
+    from privacy.ledger import PrivacyLedger
+
+    return PrivacyLedger.load(workspace / "ledger.json", load_public_key(workspace / "keys" / "audit.pub"))
+
 
 PLANTED = {"PatientName": "ZEBRA^QUOKKA", "PatientBirthDate": "19230405", "InstitutionName": "Xylophone General",
            "OperatorsName": "MARMADUKE^PIP", "PatientAddress": "17 Wombat Lane"}

@@ -21,6 +21,7 @@ class E:
     RUN_JOINED = "run-joined"  # run_id, config_sha256
     CONFIG = "config-changed"  # config_sha256
     ROUND_TRAINED = "round-trained"  # run_id, round, global_sha256, noise_multiplier, sample_rate, steps, ...
+    EVALUATED = "round-evaluated"  # run_id, round, global_sha256, metrics (dp|exact), dp, noise_multiplier, ...
     REFUSED = "refused"  # run_id, round, global_sha256, reason
     EGRESS_BLOCKED = "egress-blocked"
     ROSTER_PINNED = "roster-pinned"  # roster_sha256

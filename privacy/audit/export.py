@@ -31,9 +31,10 @@ def summarize(entries: list[Entry]) -> dict[str, Any]:
         slot = runs.setdefault(str(run), {"joined": {}, "rounds": []})
         if e.event == E.RUN_JOINED:
             slot["joined"] = {k: v for k, v in e.data.items() if k != "run_id"}
-        elif e.event in (E.ROUND_TRAINED, E.REFUSED):
+        elif e.event in (E.ROUND_TRAINED, E.REFUSED) or (e.event == E.EVALUATED and e.data.get("dp")):
+            status = {E.ROUND_TRAINED: "trained", E.REFUSED: "refused", E.EVALUATED: "evaluated"}[e.event]
             slot["rounds"].append({
-                "round": e.data.get("round"), "status": "trained" if e.event == E.ROUND_TRAINED else "refused",
+                "round": e.data.get("round"), "status": status,
                 "epsilon": e.data.get("epsilon_after", e.data.get("epsilon")), "delta": e.data.get("delta"),
                 "noise_multiplier": e.data.get("noise_multiplier"), "patients": e.data.get("patients"),
                 "global_sha256": e.data.get("global_sha256"), "entry": e.hash,

@@ -155,16 +155,20 @@ def privacy_section(d: ReportData) -> str:
         budget = s.get("joined", {}).get("max_epsilon")
         if budget is not None:
             budgets[site] = float(budget)
-        sigmas = [r["noise_multiplier"] for r in s["rounds"] if r.get("noise_multiplier") is not None]
+        sigmas = [r["noise_multiplier"] for r in s["rounds"]
+                  if r.get("noise_multiplier") is not None and r["status"] == "trained"]
+        joined = s.get("joined", {})
+        noise = "deterministic (site seed)" if joined.get("deterministic_noise") else (
+            "site CSPRNG" if "deterministic_noise" in joined else None)
         refusals = [str(r["round"]) for r in s["rounds"] if r["status"] == "refused"]
         last = trained[-1] if trained else {}
         rows.append([site, budget, last.get("epsilon"), last.get("delta"),
                      f"{min(sigmas):.3g}–{max(sigmas):.3g}" if sigmas else None,
                      last.get("patients") or s.get("joined", {}).get("patients"),
-                     ", ".join(refusals) or "–", d.sources.get(site)])
+                     ", ".join(refusals) or "–", noise, joined.get("metrics"), d.sources.get(site)])
     chart = line_chart(series, title="ε per site per round (dashed: the site's budget)", y_label="ε", hlines=budgets)
     table = _table(["site", "budget ε", "ε after run", "δ", "noise multiplier σ", "patients", "refused rounds",
-                    "source"], rows)
+                    "noise drawn from", "validation metrics", "source"], rows)
     return _section("privacy", "Privacy (patient-level differential privacy)", chart + table)
 
 

@@ -127,9 +127,13 @@ def cross_check(server: Chain, sites: dict[str, Chain], metrics: dict[str, Any] 
         if e.event == E.ROUND_START and e.data.get("run_id") in runs:
             global_hash[(e.data["run_id"], int(e.data["round"]))] = str(e.data["global_sha256"])
     claimed: dict[tuple[str, str, int], Entry] = {}
+    evaluated: list[Entry] = []  # replies to evaluate: their heads must be in the site's log too
     for e in server.entries:
         if e.event == E.SITE_REPLY and e.data.get("run_id") in runs:
-            claimed[(str(e.data["site"]), str(e.data["run_id"]), int(e.data["round"]))] = e
+            if str(e.data.get("status", "")).startswith("evaluat"):
+                evaluated.append(e)
+            else:
+                claimed[(str(e.data["site"]), str(e.data["run_id"]), int(e.data["round"]))] = e
     for (site, run, rnd), e in sorted(claimed.items()):
         if e.data.get("status") not in ("trained", "refused"):
             continue
@@ -154,6 +158,14 @@ def cross_check(server: Chain, sites: dict[str, Chain], metrics: dict[str, Any] 
         if head and head not in {s.hash for s in chain.entries}:
             problems.append(Problem(file, None, f"the head hash site {site} reported in round {rnd} (server seq "
                                                 f"{e.seq}) is not in its log (entries deleted or log truncated)"))
+    for e in evaluated:
+        chain = sites.get(str(e.data["site"]))
+        head = e.data.get("site_head")
+        if chain is not None and head and head not in {s.hash for s in chain.entries}:
+            file = chain.files[-1] if chain.files else str(e.data["site"])
+            problems.append(Problem(file, None, f"the head hash site {e.data['site']} reported with its validation "
+                                                f"metrics of round {e.data['round']} (server seq {e.seq}) is not in "
+                                                "its log (entries deleted or log truncated)"))
     for site, chain in sorted(sites.items()):
         file = chain.files[-1] if chain.files else site
         for s in chain.entries:

@@ -77,9 +77,11 @@ def test_run_logs_verify(run: tuple[Path, str]) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["ok"] and out["problems"] == []
-    # run-start; per round: round-start, 2 site-replies, secure-aggregation, aggregate, checkpoint; run-end
-    assert out["logs"]["server"]["entries"] == 1 + 2 * 6 + 1
-    assert out["logs"]["site-1"]["entries"] == out["logs"]["site-2"]["entries"] == 3  # joined + 2 rounds
+    # run-start; per round: round-start, 2 site-replies, secure-aggregation, aggregate, checkpoint and the
+    # 2 sites' evaluation replies (with their audit heads); run-end
+    assert out["logs"]["server"]["entries"] == 1 + 2 * 8 + 1
+    # joined + per round: trained, evaluated
+    assert out["logs"]["site-1"]["entries"] == out["logs"]["site-2"]["entries"] == 1 + 2 * 2
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["audit"]["server_head"] == out["logs"]["server"]["head"]
     server = read_entries(run_dir / "audit.jsonl")
@@ -87,7 +89,10 @@ def test_run_logs_verify(run: tuple[Path, str]) -> None:
     starts = {e.data["round"]: e.data["global_sha256"] for e in server if e.event == "round-start"}
     assert {e.data["round"]: e.data["global_sha256"] for e in site if e.event == "round-trained"} == starts
     replies = [e for e in server if e.event == "site-reply" and e.data["site"] == "site-1"]
-    assert [r_.data["site_head"] for r_ in replies] == [e.hash for e in site if e.event == "round-trained"]
+    assert [r_.data["site_head"] for r_ in replies if r_.data["status"] == "trained"] == [
+        e.hash for e in site if e.event == "round-trained"]
+    assert [r_.data["site_head"] for r_ in replies if r_.data["status"] == "evaluated"] == [
+        e.hash for e in site if e.event == "round-evaluated"]
 
 
 def test_every_mutation_is_detected(run: tuple[Path, str], tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from privacy.dp import epsilon
-from privacy.ledger import PrivacyLedger
+from tests.helpers import site_ledger
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +44,7 @@ def test_default_simulation_learns_with_dp_and_keeps_the_contract(tmp_path: Path
     assert final["round"] == 3 and final["arrays_sha256"] == m["final_model_sha256"]
     # every site accounted every round, stayed within its budget and reported it
     for site in ("site-1", "site-2", "site-3"):
-        ledger = PrivacyLedger.load(run / "sites" / site / "ledger.json")
+        ledger = site_ledger(run / "sites" / site)
         assert [e.round for e in ledger.events] == [1, 2, 3]
         eps = ledger.epsilon(delta=ledger.events[-1].delta)
         assert eps <= 8.0 and eps > 7.0  # the plan uses the budget it was given, no more
@@ -59,7 +59,7 @@ def test_restart_continues_the_ledger_and_exhausted_budgets_are_refused(tmp_path
     simulate("--sites", "2", "--rounds", "2", "--out", str(first), "--epsilon", "3",
              "--noise-multiplier", "6", *common, cwd=tmp_path)
     sites = first / "sites"
-    spent = {s.name: PrivacyLedger.load(s / "ledger.json") for s in sorted(sites.iterdir())}
+    spent = {s.name: site_ledger(s) for s in sorted(sites.iterdir())}
     for ledger in spent.values():
         assert len(ledger.events) == 2 and ledger.events[0].noise_multiplier == pytest.approx(6.0)
         assert ledger.epsilon(delta=ledger.events[-1].delta) < 3.0
@@ -69,7 +69,7 @@ def test_restart_continues_the_ledger_and_exhausted_budgets_are_refused(tmp_path
     m = simulate("--sites", "2", "--rounds", "2", "--out", str(second), "--sites-dir", str(sites),
                  *common, cwd=tmp_path)
     for name in spent:
-        ledger = PrivacyLedger.load(sites / name / "ledger.json")
+        ledger = site_ledger(sites / name)
         assert [e.round for e in ledger.events] == [1, 2, 1, 2]
         assert len({e.run_id for e in ledger.events}) == 2
         delta = ledger.events[-1].delta
@@ -84,7 +84,7 @@ def test_restart_continues_the_ledger_and_exhausted_budgets_are_refused(tmp_path
     assert m["rounds"][0]["refused"] == sorted(spent) and m["rounds"][0]["sites"] == []
     assert "all sites refused" in m["ended_early"]
     for name in spent:
-        ledger = PrivacyLedger.load(sites / name / "ledger.json")
+        ledger = site_ledger(sites / name)
         assert len(ledger.events) == 4  # nothing trained, nothing recorded
         assert ledger.epsilon(delta=ledger.events[-1].delta) <= 3.0
 

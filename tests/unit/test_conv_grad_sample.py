@@ -80,9 +80,10 @@ def test_make_private_skips_summed_conv_weight_grads_and_restores_them() -> None
     x = torch.randn(5, 1, 10, 10)
     expected = _per_sample_grads(model, x)
     model.zero_grad(set_to_none=True)
-    loader = DataLoader(TensorDataset(x, torch.zeros(5)), batch_size=5)
+    loader = DataLoader(TensorDataset(x, torch.zeros(5)), batch_size=5, generator=torch.Generator().manual_seed(0))
     gsm, _, _ = make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                             data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+                             data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+                             noise_generator=torch.Generator().manual_seed(1))
     assert all("forward" in layer.__dict__ for layer in skipped)
     gsm(x).sum().backward()
     _assert_grad_samples(model, expected)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from client.budget import plan_round, sample_rate
@@ -19,6 +20,13 @@ def test_pinned_rdp_value_as_in_opacus() -> None:
     assert epsilon([GaussianSteps(1.5, 0.04, 2250)], delta=1e-5) == pytest.approx(7.32911117143, rel=1e-9)
 
 
+KEY = Ed25519PrivateKey.generate()  # the site's identity key signs its ledger
+
+
+def _load(path: Path) -> PrivacyLedger:
+    return PrivacyLedger.load(path, KEY.public_key())
+
+
 def _event(r: int, sigma: float, q: float, steps: int, run: str = "run-a") -> LedgerEvent:
     return LedgerEvent(round=r, run_id=run, noise_multiplier=sigma, sample_rate=q, steps=steps,
                        accountant="rdp", epsilon_after=0.0, delta=1e-5, timestamp="2026-01-01T00:00:00+00:00")
@@ -26,16 +34,16 @@ def _event(r: int, sigma: float, q: float, steps: int, run: str = "run-a") -> Le
 
 @pytest.mark.parametrize("name,cls", [("rdp", RDPAccountant), ("prv", PRVAccountant)])
 def test_ledger_epsilon_equals_independent_opacus_accounting(tmp_path: Path, name: str, cls: type) -> None:
-    ledger = PrivacyLedger.load(tmp_path / "ledger.json")
+    ledger = _load(tmp_path / "ledger.json")
     plan = [(1.1, 0.25, 30), (1.1, 0.25, 30), (2.0, 0.125, 40), (0.9, 0.5, 10)]
     for r, (s, q, n) in enumerate(plan, start=1):
-        ledger = ledger.append(_event(r, s, q, n))
+        ledger = ledger.append(_event(r, s, q, n), KEY)
     independent = cls()
     for s, q, n in plan:
         for _ in range(n):
             independent.step(noise_multiplier=s, sample_rate=q)
     expected = independent.get_epsilon(delta=1e-5)
-    reloaded = PrivacyLedger.load(tmp_path / "ledger.json")
+    reloaded = _load(tmp_path / "ledger.json")
     assert reloaded.epsilon(delta=1e-5, accountant=name) == pytest.approx(expected, rel=1e-6)
 
 
@@ -60,29 +68,33 @@ def test_exhausted_budget_is_refused_not_drowned_in_noise() -> None:
 
 def test_ledger_survives_restarts_and_refuses_corruption(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
-    a = PrivacyLedger.load(path).append(_event(1, 1.0, 0.25, 20)).append(_event(2, 1.0, 0.25, 20))
-    b = PrivacyLedger.load(path).append(_event(1, 1.0, 0.25, 20, run="run-b"))  # a new run continues
-    assert len(PrivacyLedger.load(path).events) == 3
+    a = _load(path).append(_event(1, 1.0, 0.25, 20), KEY).append(_event(2, 1.0, 0.25, 20), KEY)
+    b = _load(path).append(_event(1, 1.0, 0.25, 20, run="run-b"), KEY)  # a new run continues
+    assert len(_load(path).events) == 3
     assert b.epsilon(delta=1e-5) > a.epsilon(delta=1e-5) > 0
     assert (path.stat().st_mode & 0o777) == 0o600
     assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
     doc = json.loads(path.read_text())
     doc["events"][0]["noise_multiplier"] = 50.0  # someone "fixes" the ledger by hand
     path.write_text(json.dumps(doc))
-    with pytest.raises(LedgerCorruptError, match="restore it from backup"):
-        PrivacyLedger.load(path)
-    path.write_text('{"version": 1, "events": [')
+    with pytest.raises(LedgerCorruptError, match="signature does not match.*--rebuild"):
+        _load(path)
+    b._write(list(b.events), Ed25519PrivateKey.generate())  # re-signed with a key that is not the site's
+    with pytest.raises(LedgerCorruptError, match="signature does not match"):
+        _load(path)
+    path.write_text('{"version": 2, "events": [')
     with pytest.raises(LedgerCorruptError, match=str(path)):
-        PrivacyLedger.load(path)
+        _load(path)
 
 
 def test_site_policy_wins_over_requested_noise(tmp_path: Path) -> None:
-    policy = PrivacyPolicy(max_epsilon=4.0, delta=1e-5)
-    ledger = PrivacyLedger.load(tmp_path / "ledger.json")
-    own = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, rounds_left=3)
-    low = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, rounds_left=3, requested_noise=0.5)
+    policy = PrivacyPolicy(max_epsilon=4.0, delta=1e-5, metrics="exact")  # no evaluation reserved
+    ledger = _load(tmp_path / "ledger.json")
+    own = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", rounds_left=3)
+    low = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", rounds_left=3,
+                     requested_noise=0.5)
     assert low.noise_multiplier == pytest.approx(own.noise_multiplier) and low.overridden
-    high = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, rounds_left=3,
+    high = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", rounds_left=3,
                       requested_noise=own.noise_multiplier * 2)
     assert high.noise_multiplier == pytest.approx(own.noise_multiplier * 2) and not high.overridden
     assert own.sample_rate == sample_rate(100, 25) == 0.25
@@ -94,13 +106,13 @@ def test_site_policy_wins_over_requested_noise(tmp_path: Path) -> None:
 
 def test_budget_runs_out_and_rounds_are_refused(tmp_path: Path) -> None:
     policy = PrivacyPolicy(max_epsilon=2.0, delta=1e-5, max_noise_multiplier=5.0)
-    ledger = PrivacyLedger.load(tmp_path / "ledger.json")
+    ledger = _load(tmp_path / "ledger.json")
     for r in range(1, 3):
-        rp = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, rounds_left=3 - r)
-        ledger = ledger.append(_event(r, rp.noise_multiplier, rp.sample_rate, rp.steps))
+        rp = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", rounds_left=3 - r)
+        ledger = ledger.append(_event(r, rp.noise_multiplier, rp.sample_rate, rp.steps), KEY)
     assert ledger.epsilon(delta=1e-5) <= 2.0
     with pytest.raises(BudgetExhausted):
-        plan_round(policy, ledger, patients=100, batch_size=25, steps=20, rounds_left=1)
+        plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", rounds_left=1)
 
 
 def test_auto_delta_is_below_one_over_patients() -> None:

@@ -39,11 +39,12 @@ def _update_norm(cohort: Cohort, clip: float) -> tuple[float, float]:
     """One DP-SGD step (no noise, SGD lr=1) over a loader holding only ``cohort``."""
     model = build_model(seed=0)
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    loader = DataLoader(PatientImages(cohort, seed=0), batch_size=cohort.n_patients)
+    loader = DataLoader(PatientImages(cohort, seed=0), batch_size=cohort.n_patients,
+                        generator=torch.Generator().manual_seed(0))
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     dp_model, dp_opt, dp_loader = make_private(module=model, optimizer=opt, data_loader=loader,
-                                               noise_multiplier=0.0, max_grad_norm=clip)
-    torch.manual_seed(0)
+                                               noise_multiplier=0.0, max_grad_norm=clip,
+                                               noise_generator=torch.Generator().manual_seed(1))
     x, y = next(b for b in dp_loader if len(b[1]))
     assert len(y) <= cohort.n_patients  # never more records than patients
     loss = nn.BCEWithLogitsLoss(reduction="sum")(dp_model(x[:, None] if x.dim() == 3 else x), y)
@@ -75,7 +76,7 @@ def test_many_image_patient_contributes_no_more_than_single_image_patient() -> N
 
 def test_batchnorm_model_is_rejected_with_the_fix() -> None:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
-    loader = DataLoader(PatientImages(_cohort([1, 1]), seed=0), batch_size=2)
+    loader = DataLoader(PatientImages(_cohort([1, 1]), seed=0), batch_size=2, generator=torch.Generator())
     with pytest.raises(UnsupportedModelError, match="GroupNorm"):
         make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-                     data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+                     data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, noise_generator=torch.Generator())

@@ -21,7 +21,7 @@ def test_errors_name_file_and_field(tmp_path: Path) -> None:
     with pytest.raises(SiteConfigError, match="medfed-site init"):
         load_site_config(tmp_path)
     (tmp_path / "site.toml").write_text('[site]\nname = "a"\n[privacy]\nmax_epsilon = -1\n')
-    with pytest.raises(SiteConfigError, match=r"site\.toml: privacy\.max_epsilon must be > 0"):
+    with pytest.raises(SiteConfigError, match=r"site\.toml: privacy\.max_epsilon = -1\.0: must be a finite number in \(0, 100\]"):
         load_site_config(tmp_path)
     (tmp_path / "site.toml").write_text('[site]\nname = "a"\n[privacy]\nmax_epsilonn = 1\n')
     with pytest.raises(SiteConfigError, match="unknown key"):
