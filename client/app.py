@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from client.site import SiteData, load_site_data
 from client.site_ledger import commit, open_ledger
 from client.train import LocalPlan, evaluate, image_losses, logits, train_plain, train_private
 from privacy import egress as K
+from privacy.bundle import installed_digest
 from privacy.dp import BudgetExhausted
 from privacy.dp_metrics import patient_sums, release
 from privacy.ledger import LedgerEvent, PrivacyLedger, now_utc
@@ -142,9 +144,16 @@ def _join(audit: SiteAudit, site: SiteConfig, run_id: str, data: SiteData) -> No
         "dp": policy.dp, "max_epsilon": policy.max_epsilon, "accountant": policy.accountant,
         "max_epsilon_per_round": policy.max_epsilon_per_round, "max_rounds_per_run": policy.max_rounds_per_run,
         "metrics": policy.metrics, "secure_noise": policy.secure_noise, "deterministic_noise": policy.seed is not None,
+        "code_sha256": _code_digest(),
         "data_sha256": data.train.fingerprint, "images": len(data.train.labels) + len(data.val.labels),
         "patients": data.train.n_patients + data.val.n_patients,
     })
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """The digest of the medfed code running this ClientApp (``privacy.bundle``)."""
+    return installed_digest()
 
 
 def _evaluate(msg: Message, site: SiteConfig) -> Message:

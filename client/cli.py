@@ -190,9 +190,11 @@ def start(
     runtime_port: Annotated[int, typer.Option(help="local port of the SuperNode's runtime API")] = 9094,
     print_systemd: Annotated[bool, typer.Option("--print-systemd")] = False,
 ) -> None:
-    """Run the site's SuperNode in the foreground (TLS pinned to the federation CA, node authentication)."""
-    from client.deploy import supernode_command
-    from privacy.services import offline_env, run_foreground, systemd_unit
+    """Run the site in the foreground: its SuperNode (TLS pinned to the federation CA, node
+    authentication, runs nothing itself) and the launcher that runs only approved code."""
+    from client.deploy import launcher_command, supernode_command
+    from privacy.bundle import installed_digest
+    from privacy.services import offline_env, supervise, systemd_unit
 
     try:
         config = load_site_config(workspace)
@@ -200,11 +202,66 @@ def start(
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if print_systemd:
-        print(systemd_unit(f"medfed site {config.name} (Flower SuperNode)",
+        print(systemd_unit(f"medfed site {config.name} (Flower SuperNode and the site's code-checking launcher)",
                            ["-m", "client.cli", "start", "--workspace", str(config.workspace), "--runtime-port",
                             str(runtime_port)], config.workspace))
         return
-    raise typer.Exit(run_foreground(supernode_command(config, runtime_port), offline_env()))
+    err.print(f"site {config.name}: runs medfed {installed_digest()[:16]}… and the approved bundles "
+              "(`medfed-site approvals`)")
+    env = offline_env()
+    raise typer.Exit(supervise({"supernode": (supernode_command(config, runtime_port), env),
+                                "launcher": (launcher_command(config, runtime_port), env)}))
+
+
+@cli.command()
+def approve(
+    digest: Annotated[str, typer.Argument(help="code digest of the bundle (64 hex), as the site's refusal printed it")],
+    workspace: Annotated[Path, typer.Option(help="site workspace")],
+    note: Annotated[str, typer.Option(help="why (kept beside the digest)")] = "",
+    revoke: Annotated[bool, typer.Option("--revoke", help="remove the digest from the allow-list")] = False,
+) -> None:
+    """Allow this site to run an app bundle other than the medfed it installed (or --revoke it)."""
+    from client.approvals import approve as add
+    from client.approvals import revoke as remove
+
+    try:
+        config = load_site_config(workspace)
+        if revoke:
+            if not remove(config, digest):
+                raise SiteConfigError(f"{digest} is not approved at this site")
+            err.print(f"revoked {digest}")
+            return
+        add(config, digest, note=note)
+    except SiteConfigError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    err.print(f"approved {digest}: this site will run app bundles with this code digest")
+
+
+@cli.command()
+def approvals(
+    workspace: Annotated[Path, typer.Option(help="site workspace")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The code this site runs: the installed medfed's digest and the approved bundles."""
+    from client.approvals import approved
+    from privacy.bundle import installed_digest
+
+    try:
+        config = load_site_config(workspace)
+        listed = approved(config)
+    except SiteConfigError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    doc = {"installed": installed_digest(), "approved": list(listed.values())}
+    if as_json:
+        print(json.dumps(doc))
+        return
+    print(f"installed medfed: {doc['installed']} (always runs)")
+    for e in listed.values():
+        print(f"approved: {e['digest']}  since {e['approved_at']}  {e.get('note', '')}")
+    if not listed:
+        print("no other bundle approved")
 
 
 @cli.command()

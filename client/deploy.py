@@ -4,6 +4,7 @@ pointing at the workspace)."""
 
 from __future__ import annotations
 
+import secrets
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from client.app import NODE_SITE_KEY
 from client.audit_trail import site_key_path
 from client.config import SITE_FILE, DataConfig, SiteConfig, SiteConfigError, write_site_config
+from client.launcher import SECRET_FILE
 from privacy.audit.keys import load_or_create_key, public_fingerprint
 from privacy.files import atomic_write_bytes
 
@@ -42,6 +44,7 @@ def init_site(workspace: Path, *, name: str, server: str, ca: Path, data: Path, 
             raise SiteConfigError(f"{workspace / rel} exists: move it away (keys are never overwritten)")
         atomic_write_bytes(workspace / rel, content, mode=mode)
     load_or_create_key(site_key_path(config))
+    ensure_superexec_secret(config)
     atomic_write_bytes(workspace / CA_FILE, Path(ca).read_bytes())
     write_site_config(config)
     return config
@@ -63,12 +66,33 @@ def identity_fingerprint(config: SiteConfig) -> str:
 
 def supernode_command(config: SiteConfig, runtime_port: int = DEFAULT_RUNTIME_PORT, *, insecure: bool = False,
                       ca: Path | None = None) -> list[str]:
-    """The SuperNode of this site (``insecure``/``ca`` exist for tests of refusals only)."""
+    """The SuperNode of this site (``insecure``/``ca`` exist for tests of refusals only).
+
+    ``--isolation process``: the SuperNode runs no ClientApp itself; the site's launcher
+    (:func:`launcher_command`) claims each task on the loopback Runtime API, signed with the
+    shared SuperExec secret, and runs only code the site approved."""
+    ensure_superexec_secret(config)
     cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", config.server,
-           "--node-config", f'{NODE_SITE_KEY}="{config.workspace}"', "--port", str(runtime_port)]
+           "--node-config", f'{NODE_SITE_KEY}="{config.workspace}"', "--host", "127.0.0.1", "--port", str(runtime_port),
+           "--isolation", "process", "--superexec-auth-secret-file", str(config.workspace / SECRET_FILE)]
     if insecure:
         return [*cmd, "--insecure"]
     return [*cmd, "--root-certificates", str(ca or config.workspace / CA_FILE),
             "--auth-supernode-private-key", str(config.workspace / NODE_KEY)]
+
+
+def launcher_command(config: SiteConfig, runtime_port: int = DEFAULT_RUNTIME_PORT) -> list[str]:
+    """The site's task runner (``client.launcher``) for the SuperNode on ``runtime_port``.
+    ``-P``: the working directory is never put on ``sys.path``."""
+    return [sys.executable, "-P", "-m", "client.launcher", "serve", "--workspace", str(config.workspace),
+            "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+
+
+def ensure_superexec_secret(config: SiteConfig) -> Path:
+    """The secret the SuperNode and the launcher share (created 0600 on first use)."""
+    path = config.workspace / SECRET_FILE
+    if not path.exists():
+        atomic_write_bytes(path, secrets.token_bytes(32), mode=0o600)
+    return path
 
 

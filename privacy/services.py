@@ -1,5 +1,6 @@
 """Running Flower's long-lived processes as foreground services (both sides use this):
-offline environment, signal forwarding for a clean SIGTERM, and systemd units."""
+offline environment, one supervisor for a group of processes (signal forwarding for a clean
+SIGTERM, the group stops when one member dies), and systemd units."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
@@ -23,22 +25,54 @@ def offline_env(**extra: str) -> dict[str, str]:
 
 def run_foreground(cmd: Sequence[str], env: dict[str, str]) -> int:
     """Run ``cmd`` until it exits; SIGTERM/SIGINT are passed on so it shuts down cleanly."""
-    proc = subprocess.Popen(list(cmd), env=env)
+    return supervise({"service": (cmd, env)})
+
+
+def supervise(services: Mapping[str, tuple[Sequence[str], dict[str, str]]], *, grace: float = 30.0) -> int:
+    """Run several processes as one service until any of them exits or a SIGTERM/SIGINT arrives;
+    then stop the others (SIGTERM, then SIGKILL after ``grace`` seconds).
+
+    Returns 0 after a clean stop by signal, else the exit code of the first process that ended
+    (a service manager then restarts the whole group).
+    """
+    procs = {name: subprocess.Popen(list(cmd), env=env) for name, (cmd, env) in services.items()}
+    stopping: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        proc.send_signal(signum)
+        stopping.append(signum)
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = proc.wait()
+        first: int | None = None
+        while first is None:
+            for name, p in procs.items():
+                code = p.poll()
+                if code is not None:
+                    first = code
+                    if not stopping:
+                        print(f"medfed: {name} exited with code {code}; stopping the others", file=sys.stderr,
+                              flush=True)
+                    break
+            else:
+                time.sleep(0.2)
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + grace
+        for p in procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
         # stopped by the SIGTERM/SIGINT a service manager sends: a clean shutdown, exit 0
-        return 0 if code in (-signal.SIGTERM, -signal.SIGINT) else code
+        return 0 if stopping or first in (-signal.SIGTERM, -signal.SIGINT) else first
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
 
 
 def systemd_unit(description: str, args: Sequence[str], workdir: Path, user: str = "medfed") -> str:

@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 
 from privacy.audit.events import SERVER_ACTOR, E
-from privacy.audit.fingerprint import code_sha256, versions
+from privacy.audit.fingerprint import versions
 from privacy.audit.keys import load_or_create_key
 from privacy.audit.log import AuditLog, body_hash
+from privacy.bundle import installed_digest
 from privacy.wire import arrays_sha256
 from server.config import RunConfig
 
@@ -34,7 +35,7 @@ class ServerAudit:
         self.entries += 1
 
     def run_start(self, cfg: RunConfig, initial: Mapping[str, np.ndarray]) -> None:
-        self._add(E.RUN_START, config_sha256=body_hash(cfg.to_dict()), code_sha256=code_sha256(),
+        self._add(E.RUN_START, config_sha256=body_hash(cfg.to_dict()), code_sha256=installed_digest(),
                   versions=versions(), initial_sha256=arrays_sha256(initial), rounds=cfg.num_server_rounds,
                   dp=cfg.dp, secure_aggregation=cfg.secure_aggregation)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,9 @@ from privacy.audit.keys import load_or_create_key, public_fingerprint, public_ke
 from privacy.audit.log import AuditLog
 from privacy.files import atomic_write_bytes
 from privacy.services import offline_env
-from server.pki import fingerprint
+from server.pki import fingerprint, write_new
 from server.workspace import CONNECTION, ServerWorkspace, WorkspaceError, record_site
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the repository root is the Flower App (pyproject [tool.flwr.app])
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -28,10 +28,30 @@ class EnrolError(RuntimeError):
 
 
 def superlink_command(ws: ServerWorkspace) -> list[str]:
+    """The SuperLink on the server host's loopback only (TLS, SuperNode authentication, persisted
+    state); ServerApps run in a separate SuperExec that must sign with the shared secret."""
     return [str(Path(sys.executable).parent / "flower-superlink"),
             "--ssl-ca-certfile", str(ws.ca_cert), "--ssl-certfile", str(ws.tls_cert), "--ssl-keyfile", str(ws.tls_key),
             "--enable-supernode-auth", "--database", str(ws.database), "--disable-runtime-dependency-installation",
-            "--host", ws.host, "--port", str(ws.port)]
+            "--isolation", "process", "--superexec-auth-secret-file", str(ws.superexec_secret),
+            "--host", "127.0.0.1", "--port", str(ws.internal_port)]
+
+
+def superexec_command(ws: ServerWorkspace) -> list[str]:
+    """Flower's SuperExec that claims and runs ServerApp tasks from the loopback SuperLink."""
+    return [str(Path(sys.executable).parent / "flower-superexec"), "--runtime-api-address", ws.internal_address,
+            "--root-certificates", str(ws.ca_cert), "--superexec-auth-secret-file", str(ws.superexec_secret)]
+
+
+def server_services(ws: ServerWorkspace) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Every process of the central server: SuperLink, SuperExec, and the public proxy."""
+    from server.proxy import nginx_command
+
+    if not ws.superexec_secret.exists():  # a workspace made before the secret existed
+        write_new(ws.superexec_secret, secrets.token_bytes(32), 0o600)
+    env = flwr_env(ws)
+    return {"superlink": (superlink_command(ws), env), "superexec": (superexec_command(ws), env),
+            "proxy": (nginx_command(ws), env)}
 
 
 def flwr_env(ws: ServerWorkspace) -> dict[str, str]:
@@ -87,11 +107,11 @@ def node_status(ws: ServerWorkspace) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_command(ws: ServerWorkspace, run_config: dict[str, Any]) -> list[str]:
-    """``flwr run`` of the medfed app against this SuperLink, with run-config overrides."""
+def run_command(app: Path, run_config: dict[str, Any]) -> list[str]:
+    """``flwr run`` of the app directory ``app`` (:func:`server.bundle.app_dir`) against this
+    SuperLink (on loopback), with run-config overrides."""
     pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-    return [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", pairs,
-            "--stream"]
+    return [str(Path(sys.executable).parent / "flwr"), "run", str(app), CONNECTION, "--run-config", pairs, "--stream"]
 
 
 def prepare_run_dir(ws: ServerWorkspace, run_dir: Path) -> None:
@@ -108,4 +128,4 @@ def new_run_dir(ws: ServerWorkspace) -> Path:
 
 
 __all__ = ["EnrolError", "WorkspaceError", "enrol", "node_status", "prepare_run_dir", "run_command",
-           "superlink_command"]
+           "server_services", "superexec_command", "superlink_command"]

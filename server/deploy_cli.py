@@ -12,8 +12,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from privacy.services import run_foreground, systemd_unit
-from server.deploy import EnrolError, enrol, flwr_env, new_run_dir, node_status, prepare_run_dir, run_command, superlink_command
+from privacy.services import supervise, systemd_unit
+from server.bundle import app_dir
+from server.deploy import (
+    EnrolError,
+    enrol,
+    flwr_env,
+    new_run_dir,
+    node_status,
+    prepare_run_dir,
+    run_command,
+    server_services,
+)
 from server.pki import KeyExistsError, fingerprint
 from server.workspace import WorkspaceError, init_workspace, load_workspace
 
@@ -32,14 +42,18 @@ def register(cli: typer.Typer) -> None:
 
     @cli.command()
     def init(workspace: Workspace, host: Annotated[str, typer.Option(help="name or IP address sites connect to")],
-             port: Annotated[int, typer.Option(min=1, max=65535)] = 8000) -> None:
+             port: Annotated[int, typer.Option(min=1, max=65535, help="public HTTPS port (Fleet API only)")] = 8000,
+             internal_port: Annotated[int, typer.Option(min=0, max=65535, help="the SuperLink's own port on "
+                                                                               "127.0.0.1 (0 = PORT + 1)")] = 0,
+             bind: Annotated[str, typer.Option(help="interface the public proxy listens on")] = "0.0.0.0") -> None:
         """Create the server workspace: CA, SuperLink TLS certificate, audit key, server.toml."""
         try:
-            ws = init_workspace(workspace, host, port)
+            ws = init_workspace(workspace, host, port, internal_port=internal_port, bind=bind)
         except (WorkspaceError, KeyExistsError) as exc:
             raise _fail(exc) from None
         ca = ws.ca_cert.read_bytes()
-        err.print(f"server workspace {ws.root}: SuperLink at {ws.address}\n"
+        err.print(f"server workspace {ws.root}: sites connect to {ws.address} (Fleet API only); the SuperLink "
+                  f"answers on {ws.internal_address} (this host only)\n"
                   f"give every site the CA certificate {ws.ca_cert}\n  (sha256 {fingerprint(ca)}: they compare it "
                   "out of band)\nthen start the SuperLink: medfed-server start --workspace " + str(ws.root))
 
@@ -82,16 +96,21 @@ def register(cli: typer.Typer) -> None:
 
     @cli.command()
     def start(workspace: Workspace, print_systemd: Annotated[bool, typer.Option("--print-systemd")] = False) -> None:
-        """Run the SuperLink in the foreground (TLS, SuperNode authentication, persisted state)."""
+        """Run the central server in the foreground: the SuperLink on 127.0.0.1 (TLS, SuperNode
+        authentication, persisted state), the SuperExec that runs ServerApps, and nginx on the public
+        address passing only the Fleet API. One stops, all stop."""
         try:
             ws = load_workspace(workspace)
-        except WorkspaceError as exc:
+            services = server_services(ws)
+        except (WorkspaceError, KeyExistsError) as exc:
             raise _fail(exc) from None
         if print_systemd:
-            print(systemd_unit("medfed central server (Flower SuperLink)", ["-m", "server.cli", "start",
-                                                                              "--workspace", str(ws.root)], ws.root))
+            print(systemd_unit("medfed central server (SuperLink, SuperExec, Fleet API proxy)",
+                               ["-m", "server.cli", "start", "--workspace", str(ws.root)], ws.root))
             return
-        raise typer.Exit(run_foreground(superlink_command(ws), flwr_env(ws)))
+        err.print(f"public (Fleet API only): https://{ws.address}  ·  SuperLink, Control and Runtime APIs: "
+                  f"https://{ws.internal_address} (this host only)")
+        raise typer.Exit(supervise(services))
 
     @cli.command()
     def run(workspace: Workspace, rounds: Annotated[int, typer.Option(min=1)] = 3,
@@ -116,7 +135,9 @@ def register(cli: typer.Typer) -> None:
             "audit-key": str(ws.audit_key), "roster-file": str(ws.roster), "secure-aggregation": not no_secagg,
         }
         started = time.monotonic()
-        proc = subprocess.run(run_command(ws, config), env=flwr_env(ws), check=False)
+        with app_dir() as (app, digest):  # exactly the medfed installed here, which sites compare with theirs
+            err.print(f"submitting medfed (code digest {digest[:16]}…) to the SuperLink")
+            proc = subprocess.run(run_command(app, config), env=flwr_env(ws), check=False)
         metrics = run_dir / "metrics.json"
         if not _finished(metrics):
             err.print(f"[red]error:[/] the run did not finish (flwr exit {proc.returncode}); see the SuperLink log")

@@ -201,11 +201,19 @@ def software_section(d: ReportData) -> str:
     rows = [[k, v] for k, v in sorted(start.data.get("versions", {}).items())]
     rows += [["code sha256", start.data.get("code_sha256")], ["run config sha256", start.data.get("config_sha256")],
              ["initial model sha256", start.data.get("initial_sha256")]]
+    server_code = start.data.get("code_sha256")
+    flags = []
     for site, s in sorted(d.sites.items()):
         j = s.get("joined", {})
+        code = j.get("code_sha256")
         rows.append([f"{site}: data sha256 / images / patients",
                      f"{j.get('data_sha256', '–')} / {j.get('images', '–')} / {j.get('patients', '–')}"])
-    return _section("software", "Software and fingerprints", _table(["", ""], rows))
+        rows.append([f"{site}: code sha256 it ran", code or "not recorded"])
+        if code is not None and code != server_code:
+            flags.append(site)
+    note = (f'<p class="bad">Sites that ran code other than the server\'s: {escape(", ".join(flags))} (an approved '
+            "bundle, or another medfed version)</p>" if flags else "")
+    return _section("software", "Software and fingerprints", note + _table(["", ""], rows))
 
 
 def hashes_section(d: ReportData) -> str:

@@ -1,28 +1,39 @@
 """A real loopback deployment: `medfed-server init/start/enroll/run` and three
-`medfed-site init/start` as separate processes over TLS with SuperNode authentication.
-Every process the test starts is stopped by pid, on success and on failure."""
+`medfed-site init/start` as separate processes over TLS with SuperNode authentication, the
+SuperLink behind nginx (Fleet API only), each site running only code it approved. Once from
+the checkout and once from medfed installed as a wheel (not editable). Every process the
+test starts is stopped by pid, on success and on failure."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import tomli_w
 
 from client.config import load_site_config
 from client.deploy import supernode_command
 from client.synth import generate_site, site_profile
+from privacy.audit.log import read_entries
+from privacy.bundle import code_digest
 from privacy.services import offline_env
+from server.bundle import app_dir
 from server.pki import make_ca
 
 ROOT = Path(__file__).parents[2]
+MARKER = "MEDFED_TEST_MARKER"  # the tampered bundle writes this file when any of its code runs at a site
 
 
 def free_port() -> int:
@@ -31,23 +42,40 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cli(module: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env=offline_env())
+class Install:
+    """How the medfed under test is run: the checkout (editable) or a wheel on PYTHONPATH, run
+    from a folder that holds no medfed source."""
+
+    def __init__(self, kind: str, root: Path) -> None:
+        self.kind, self.cwd, self.extra = kind, ROOT, {}
+        if kind == "wheel":
+            wheels, target = root / "wheelhouse", root / "site-packages"
+            subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)],
+                           check=True, timeout=600, capture_output=True)
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                            str(next(wheels.glob("medfed-*.whl")))], check=True, timeout=600, capture_output=True)
+            self.cwd, self.extra = root, {"PYTHONPATH": str(target)}
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return offline_env(**self.extra, **extra)
+
+    def cli(self, module: str, *args: str, timeout: float = 900, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                              cwd=self.cwd, env=self.env(**env))
 
 
 class Processes:
     """Started processes, stopped by pid (SIGTERM, then SIGKILL) when the test ends."""
 
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
+    def __init__(self, logs: Path, install: Install) -> None:
+        self.logs, self.install = logs, install
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, cmd: list[str]) -> Path:
+    def start(self, name: str, cmd: list[str], **env: str) -> Path:
         log = self.logs / f"{name}.log"
         fh = open(log, "wb")  # noqa: SIM115 (closed with the process)
-        self.procs[name] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=offline_env(),
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=self.install.cwd,
+                                            env=self.install.env(**env), start_new_session=True)
         return log
 
     def stop(self, name: str) -> int | None:
@@ -57,7 +85,7 @@ class Processes:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=45)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
@@ -80,11 +108,11 @@ def wait_for(path: Path, text: str, timeout: float = 90, proc: subprocess.Popen[
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def online(server_ws: Path, n: int, timeout: float = 120) -> list[dict[str, str]]:
+def online(install: Install, server_ws: Path, n: int, timeout: float = 120) -> list[dict[str, str]]:
     deadline = time.monotonic() + timeout
     rows: list[dict[str, str]] = []
     while time.monotonic() < deadline:
-        r = cli("server.cli", "sites", "--workspace", str(server_ws), "--json", timeout=120)
+        r = install.cli("server.cli", "sites", "--workspace", str(server_ws), "--json", timeout=120)
         rows = json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else []
         if sum(row["status"] == "online" for row in rows) >= n:
             return rows
@@ -92,46 +120,50 @@ def online(server_ws: Path, n: int, timeout: float = 120) -> list[dict[str, str]
     return rows
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
-    root = tmp_path_factory.mktemp("deploy")
-    procs = Processes(root)
-    port = free_port()
+@pytest.fixture(scope="module", params=["checkout", "wheel"])
+def federation(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    root = tmp_path_factory.mktemp(f"deploy-{request.param}")
+    install = Install(request.param, root)
+    procs = Processes(root, install)
+    port, internal = free_port(), free_port()
     server = root / "server"
     try:
-        r = cli("server.cli", "init", "--workspace", str(server), "--host", "127.0.0.1", "--port", str(port))
+        r = install.cli("server.cli", "init", "--workspace", str(server), "--host", "127.0.0.1", "--port", str(port),
+                        "--internal-port", str(internal), "--bind", "127.0.0.1")
         assert r.returncode == 0, r.stderr
         sites = []
         for i in range(3):
             data = root / f"export-{i + 1}"
             generate_site(data, site_profile(i, patients=36), seed=i)
             ws = root / f"hospital-{i + 1}"
-            r = cli("client.cli", "init", "--workspace", str(ws), "--server", f"127.0.0.1:{port}", "--ca",
-                    str(server / "ca" / "ca.pem"), "--data", str(data), "--name", f"hospital-{i + 1}")
+            r = install.cli("client.cli", "init", "--workspace", str(ws), "--server", f"127.0.0.1:{port}", "--ca",
+                            str(server / "ca" / "ca.pem"), "--data", str(data), "--name", f"hospital-{i + 1}")
             assert r.returncode == 0, r.stderr
             assert f"medfed-server enroll --workspace SERVER_WORKSPACE {ws.resolve()}/keys/node.pub" in r.stdout
             sites.append(ws)
         log = procs.start("superlink", [sys.executable, "-m", "server.cli", "start", "--workspace", str(server)])
-        assert "Uvicorn running on https://" in wait_for(log, "Uvicorn running on https://"), log.read_text()
+        assert "Uvicorn running on https://127.0.0.1:" in wait_for(log, "Uvicorn running on https://"), log.read_text()
         for ws in sites:
-            r = cli("server.cli", "enroll", "--workspace", str(server), str(ws / "keys" / "node.pub"),
-                    "--name", ws.name)
+            r = install.cli("server.cli", "enroll", "--workspace", str(server), str(ws / "keys" / "node.pub"),
+                            "--name", ws.name)
             assert r.returncode == 0, r.stderr
         for ws in sites:
             procs.start(ws.name, [sys.executable, "-m", "client.cli", "start", "--workspace", str(ws),
-                                  "--runtime-port", str(free_port())])
-        rows = online(server, 3)
+                                  "--runtime-port", str(free_port())], **{MARKER: str(root / "marker")})
+        rows = online(install, server, 3)
         assert [row["status"] for row in rows] == ["online"] * 3, rows
-        yield {"root": root, "server": server, "sites": sites, "port": port, "procs": procs}
+        yield {"root": root, "server": server, "sites": sites, "port": port, "internal": internal, "procs": procs,
+               "install": install}
     finally:
         procs.stop_all()
 
 
 def test_enrolled_sites_train_over_tls(federation: dict[str, object]) -> None:
     root, server, sites = Path(str(federation["root"])), Path(str(federation["server"])), federation["sites"]
+    install: Install = federation["install"]  # type: ignore[assignment]
     run_dir = root / "run"
-    r = cli("server.cli", "run", "--workspace", str(server), "--rounds", "2", "--local-steps", "5",
-            "--batch-size", "16", "--out", str(run_dir), "--round-timeout", "300")
+    r = install.cli("server.cli", "run", "--workspace", str(server), "--rounds", "2", "--local-steps", "5",
+                    "--batch-size", "16", "--out", str(run_dir), "--round-timeout", "300")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = json.loads((run_dir / "metrics.json").read_text())
     names = sorted(ws.name for ws in sites)  # type: ignore[attr-defined]
@@ -142,18 +174,131 @@ def test_enrolled_sites_train_over_tls(federation: dict[str, object]) -> None:
                  "report.html"):
         assert (run_dir / name).is_file(), name
     assert max(max(r_["epsilon"].values()) for r_ in m["rounds"]) <= 8.0
-    v = cli("privacy.audit.cli", "verify", str(run_dir), *map(str, sites), "--json")  # type: ignore[call-overload]
+    v = install.cli("privacy.audit.cli", "verify", str(run_dir), *map(str, sites), "--json")  # type: ignore[call-overload]
     assert v.returncode == 0 and json.loads(v.stdout)["unchecked_sites"] == [], v.stdout + v.stderr
+    server_code = next(e for e in read_entries(run_dir / "audit.jsonl") if e.event == "run-start").data["code_sha256"]
     for ws in sites:  # type: ignore[attr-defined]
         assert (ws / "trust" / "roster.json").is_file()  # pinned at first use
+        joined = [e for e in read_entries(ws / "audit.jsonl") if e.event == "run-joined"]
+        assert joined[-1].data["code_sha256"] == server_code  # every site ran the code the server submitted
+        assert not (ws / "apps").exists()  # nothing from the bundle was installed at the site
+    assert "ran code other than the server" not in (run_dir / "report.html").read_text()
+
+
+def test_outsider_holding_the_ca_cannot_command_the_superlink(federation: dict[str, object], tmp_path: Path) -> None:
+    """Only the Fleet API answers on the public address; Control and Runtime APIs answer the
+    operator on the server host's loopback only."""
+    server, port = Path(str(federation["server"])), int(str(federation["port"]))
+    install: Install = federation["install"]  # type: ignore[assignment]
+    ca = server / "ca" / "ca.pem"
+    public = f"https://127.0.0.1:{port}"
+    proto = {"content-type": "application/protobuf"}
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=30) as http:
+        for path in ("/v1/control/register-node", "/v1/control/start-run", "/v1/control/list-runs",
+                     "/v1/control/list-nodes", "/v1/runtime/acquire-task", "/v1/runtime/pull-task-input"):
+            r = http.post(public + path, content=b"", headers=proto)
+            assert r.status_code == 404 and "serves only the Fleet API" in r.text, (path, r.status_code, r.text)
+        for path in ("/docs", "/openapi.json", "/health"):
+            assert http.get(public + path).status_code == 404, path
+        assert http.get(public + "/v1/fleet/get-run").status_code == 403  # the Fleet API takes POST only
+        unsigned = http.post(public + "/v1/fleet/get-run", content=b"", headers=proto)
+        assert unsigned.status_code == 401, unsigned.text  # reached the SuperLink: SuperNode auth refuses it
+    # the outsider's own flwr, pointed at the public address with the CA
+    home = tmp_path / "outsider"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "fed"\n[superlink.fed]\naddress = "127.0.0.1:{port}"\n'
+                                      f'root-certificates = "{ca}"\n')
+    key = federation["sites"][0] / "keys" / "node.pub"  # type: ignore[index]
+    flwr = str(Path(sys.executable).parent / "flwr")
+    for args in (["supernode", "register", str(key), "fed"], ["ls", "fed"], ["supernode", "list", "fed"]):
+        r = subprocess.run([flwr, *args], capture_output=True, text=True, timeout=120, env=install.env(FLWR_HOME=str(home)))
+        out = r.stdout + r.stderr
+        assert r.returncode != 0 and ("404" in out or "Not Found" in out or "not found" in out), (args, out[-1500:])
+    # the operator, on loopback
+    r = subprocess.run([flwr, "ls", "medfed"], capture_output=True, text=True, timeout=120,
+                       env=install.env(FLWR_HOME=str(server / "flwr")))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = install.cli("server.cli", "sites", "--workspace", str(server), "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 3
+
+
+def _tampered(dest: Path) -> tuple[Path, str]:
+    """A copy of the medfed bundle whose client/app.py writes the marker file when imported."""
+    with app_dir() as (app, _):
+        shutil.copytree(app, dest)
+    target = dest / "client" / "app.py"
+    source = target.read_text()
+    at = source.index("\nNODE_SITE_KEY")
+    payload = (f"\nif __import__('os').environ.get({MARKER!r}):\n"
+               f"    open(__import__('os').environ[{MARKER!r}], 'a').write('tampered client code ran\\n')\n")
+    target.write_text(source[:at] + payload + source[at:])
+    files = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*.py")}
+    return dest, code_digest(files)
+
+
+def _raise_budgets(sites: object, max_epsilon: float) -> None:
+    """The site operators give their sites more budget (they may; the server may not)."""
+    for ws in sites:  # type: ignore[attr-defined]
+        doc = tomllib.loads((ws / "site.toml").read_text())
+        doc["privacy"]["max_epsilon"] = max_epsilon
+        (ws / "site.toml").write_text(tomli_w.dumps(doc))
+
+
+def _flwr_run(install: Install, server: Path, app: Path, run_dir: Path) -> subprocess.CompletedProcess[str]:
+    config = {"num-server-rounds": 1, "local-steps": 5, "batch-size": 16, "min-sites": 3, "round-timeout": 120.0,
+              "run-dir": str(run_dir), "audit-key": str(server / "keys" / "server.key"),
+              "roster-file": str(server / "roster.json")}
+    pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+    return subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", str(app), "medfed", "--run-config", pairs,
+                           "--stream"], capture_output=True, text=True, timeout=900, cwd=install.cwd,
+                          env=install.env(FLWR_HOME=str(server / "flwr")))
+
+
+def test_a_bundle_that_differs_from_the_installed_medfed_is_refused_before_its_code_runs(
+    federation: dict[str, object], tmp_path: Path,
+) -> None:
+    root, server, sites = Path(str(federation["root"])), Path(str(federation["server"])), federation["sites"]
+    install: Install = federation["install"]  # type: ignore[assignment]
+    marker = root / "marker"
+    app, digest = _tampered(tmp_path / "tampered")
+    r = _flwr_run(install, server, app, root / "tampered-run")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = json.loads((root / "tampered-run" / "metrics.json").read_text())
+    assert m["rounds"][0]["sites"] == []  # no site trained
+    assert not marker.exists(), marker.read_text()  # no line of the bundle's code ran at any site
+    for ws in sites:  # type: ignore[attr-defined]
+        refused = [e for e in read_entries(ws / "audit.jsonl") if e.event == "code-refused"]
+        assert refused and refused[-1].data["code_sha256"] == digest and len(refused[-1].data["fab_sha256"]) == 64
+        assert "REFUSED app bundle" in (root / f"{ws.name}.log").read_text()
+    # the sites' operators review the bundle and approve its digest: now it runs (and its code did run)
+    _raise_budgets(sites, 16.0)  # the first test's run spent each site's ε 8
+    for ws in sites:  # type: ignore[attr-defined]
+        a = install.cli("client.cli", "approve", digest, "--workspace", str(ws), "--note", "consortium build")
+        assert a.returncode == 0, a.stderr
+        listed = json.loads(install.cli("client.cli", "approvals", "--workspace", str(ws), "--json").stdout)
+        assert [e["digest"] for e in listed["approved"]] == [digest] and listed["installed"] != digest
+    try:
+        r = _flwr_run(install, server, app, root / "approved-run")
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        m = json.loads((root / "approved-run" / "metrics.json").read_text())
+        assert m["rounds"][0]["sites"] == sorted(ws.name for ws in sites)  # type: ignore[attr-defined]
+        assert marker.read_text().count("tampered client code ran") >= 3
+        for ws in sites:  # type: ignore[attr-defined]
+            ran = [e for e in read_entries(ws / "audit.jsonl") if e.event == "code-ran"]
+            assert ran and ran[-1].data["code_sha256"] == digest
+    finally:
+        for ws in sites:  # type: ignore[attr-defined]
+            install.cli("client.cli", "approve", digest, "--workspace", str(ws), "--revoke")
+        marker.unlink(missing_ok=True)
 
 
 def test_unenrolled_wrong_ca_and_plaintext_supernodes_are_refused(federation: dict[str, object]) -> None:
     root, server, port = Path(str(federation["root"])), Path(str(federation["server"])), int(str(federation["port"]))
     procs: Processes = federation["procs"]  # type: ignore[assignment]
+    install: Install = federation["install"]  # type: ignore[assignment]
     stranger = root / "stranger"
-    r = cli("client.cli", "init", "--workspace", str(stranger), "--server", f"127.0.0.1:{port}", "--ca",
-            str(server / "ca" / "ca.pem"), "--data", str(root / "export-1"))
+    r = install.cli("client.cli", "init", "--workspace", str(stranger), "--server", f"127.0.0.1:{port}", "--ca",
+                    str(server / "ca" / "ca.pem"), "--data", str(root / "export-1"))
     assert r.returncode == 0, r.stderr
     config = load_site_config(stranger)
     other_ca = root / "other-ca.pem"
@@ -168,25 +313,22 @@ def test_unenrolled_wrong_ca_and_plaintext_supernodes_are_refused(federation: di
         out = wait_for(log, expected, timeout=120, proc=procs.procs[name])
         procs.stop(name)
         assert expected in out, (name, out[-2000:])
-    rows = json.loads(cli("server.cli", "sites", "--workspace", str(server), "--json").stdout)
+    rows = json.loads(install.cli("server.cli", "sites", "--workspace", str(server), "--json").stdout)
     assert "stranger" not in {row["site"] for row in rows}
 
 
 def test_server_restart_keeps_enrolment(federation: dict[str, object]) -> None:
     root, server = Path(str(federation["root"])), Path(str(federation["server"]))
     procs: Processes = federation["procs"]  # type: ignore[assignment]
-    assert procs.stop("superlink") == 0  # clean shutdown on SIGTERM
+    install: Install = federation["install"]  # type: ignore[assignment]
+    assert procs.stop("superlink") == 0  # clean shutdown on SIGTERM (SuperLink, SuperExec and nginx)
     log = procs.start("superlink-2", [sys.executable, "-m", "server.cli", "start", "--workspace", str(server)])
     assert "Uvicorn running on https://" in wait_for(log, "Uvicorn running on https://")
-    rows = online(server, 3, timeout=180)
+    rows = online(install, server, 3, timeout=180)
     assert [row["status"] for row in rows] == ["online"] * 3, rows  # reconnected, no re-enrolment
-    for ws in federation["sites"]:  # type: ignore[attr-defined]
-        # the first run spent each site's budget (ε 8 over two rounds and their metered evaluations): the site
-        # operators raise it, so the run after the restart trains (they may; the server may not)
-        toml = ws / "site.toml"
-        toml.write_text(toml.read_text().replace("max_epsilon = 8.0", "max_epsilon = 16.0"))
-    r = cli("server.cli", "run", "--workspace", str(server), "--rounds", "1", "--local-steps", "5",
-            "--batch-size", "16", "--out", str(root / "after-restart"), "--round-timeout", "300")
+    _raise_budgets(federation["sites"], 24.0)  # earlier runs spent what the sites had given them
+    r = install.cli("server.cli", "run", "--workspace", str(server), "--rounds", "1", "--local-steps", "5",
+                    "--batch-size", "16", "--out", str(root / "after-restart"), "--round-timeout", "300")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = json.loads((root / "after-restart" / "metrics.json").read_text())
     assert len(m["rounds"][0]["sites"]) == 3

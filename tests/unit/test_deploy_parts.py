@@ -12,10 +12,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.config import SiteConfigError, load_site_config
-from client.deploy import init_site, supernode_command
+from client.deploy import init_site, launcher_command, supernode_command
 from privacy.services import offline_env, systemd_unit
-from server.deploy import superlink_command
+from server.deploy import superexec_command, superlink_command
 from server.pki import KeyExistsError, write_new
+from server.proxy import nginx_config
 from server.workspace import WorkspaceError, init_workspace, load_workspace
 
 
@@ -41,6 +42,18 @@ def test_server_workspace_pki_and_offline_superlink(tmp_path: Path) -> None:
     cmd = superlink_command(ws)
     assert "--disable-runtime-dependency-installation" in cmd and "--enable-supernode-auth" in cmd
     assert cmd[cmd.index("--database") + 1] == str(ws.database) and "--insecure" not in cmd
+    # the SuperLink answers on loopback only; the public port is nginx's, which passes the Fleet API only
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "8444"
+    assert cmd[cmd.index("--isolation") + 1] == "process"
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(ws.superexec_secret)
+    assert ws.superexec_secret.stat().st_mode & 0o777 == 0o600 and len(ws.superexec_secret.read_bytes()) == 32
+    assert "--superexec-auth-secret-file" in superexec_command(ws)
+    conf = nginx_config(ws)
+    assert "listen 0.0.0.0:8443 ssl;" in conf and "proxy_pass https://127.0.0.1:8444;" in conf
+    assert "location ~ ^/v1/fleet/[a-z0-9-]+$" in conf and "limit_except POST { deny all; }" in conf
+    assert "proxy_ssl_verify on;" in conf and "return 404" in conf and "/v1/control" not in conf.split("location /")[0]
+    connection = (ws.flwr_home / "config.toml").read_text()
+    assert 'address = "127.0.0.1:8444"' in connection  # the operator's flwr talks to the loopback SuperLink
     assert offline_env()["FLWR_TELEMETRY_ENABLED"] == "0"
     unit = systemd_unit("medfed central server", ["-m", "server.cli", "start", "--workspace", str(ws.root)], ws.root)
     assert "KillSignal=SIGTERM" in unit and f"--workspace {ws.root}" in unit and "Restart=on-failure" in unit
@@ -59,6 +72,13 @@ def test_site_workspace_keys_and_supernode_command(tmp_path: Path, small_site: P
     cmd = supernode_command(loaded, 9200)
     assert cmd[cmd.index("--root-certificates") + 1] == str(config.workspace / "trust" / "ca.pem")
     assert f'site-workspace="{config.workspace}"' in cmd and "--insecure" not in cmd
+    # the SuperNode runs no ClientApp itself; the site's launcher claims tasks with the shared secret
+    assert cmd[cmd.index("--isolation") + 1] == "process" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    secret = config.workspace / "keys" / "superexec.secret"
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_bytes()) == 32
+    assert launcher_command(loaded, 9200)[1:5] == ["-P", "-m", "client.launcher", "serve"]
+    assert "--allow-runtime-dependency-installation" not in cmd
     with pytest.raises(SiteConfigError, match="already initialised"):
         init_site(config.workspace, name="st-mary", server="127.0.0.1:9000", ca=server.ca_cert, data=small_site,
                   labels=None)
