@@ -27,7 +27,8 @@ def app_project() -> dict[str, object]:
     config = {k.replace("_", "-"): v for k, v in asdict(RunConfig()).items()}
     return {
         "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
-        "project": {"name": "medfed", "version": version, "dependencies": []},
+        "project": {"name": "medfed", "version": version, "dependencies": [], "license": "Apache-2.0",
+                    "description": "medfed: federated, differentially private training on hospital DICOM archives"},
         "tool": {"flwr": {"app": {"publisher": "medfed", "components": {"serverapp": SERVERAPP, "clientapp": CLIENTAPP},
                                   "config": config}}},
     }
@@ -39,7 +40,7 @@ def app_dir() -> Iterator[tuple[Path, str]]:
     (what `flwr run` packs into the bundle every site checks)."""
     files = installed_code()
     with tempfile.TemporaryDirectory(prefix="medfed-app-") as tmp:
-        root = Path(tmp)
+        root = Path(tmp) / "medfed"  # flwr takes the folder's name as the app's: letters, digits, hyphens only
         for rel, data in files.items():
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
