@@ -16,7 +16,9 @@ from client.budget import (
     REFUSED_BUDGET,
     REFUSED_METRICS,
     REFUSED_POLICY,
+    REFUSED_REPEAT,
     REFUSED_ROUND_CAP,
+    RepeatedRelease,
     RoundCapReached,
     RoundPrivacy,
     plan_evaluation,
@@ -29,13 +31,13 @@ from client.randomness import round_seeds
 from client.secagg_mod import secagg_mod
 from client.site import SiteData, load_site_data
 from client.site_ledger import commit, open_ledger
-from client.train import LocalPlan, evaluate, image_losses, logits, train_plain, train_private
+from client.train import LocalPlan, evaluate, logits, train_plain, train_private
 from privacy import egress as K
 from privacy.bundle import installed_digest
 from privacy.dp import BudgetExhausted
 from privacy.dp_metrics import patient_sums, release
 from privacy.ledger import LedgerEvent, PrivacyLedger, now_utc
-from privacy.protocol import RoundRequest
+from privacy.protocol import RoundRequest, checked_model
 from privacy.wire import arrays_sha256, arrays_to_record, record_to_arrays
 
 NODE_SITE_KEY = "site-workspace"
@@ -85,14 +87,11 @@ def _refuse_evaluation(msg: Message, site: SiteConfig, audit: SiteAudit, ids: Ro
 def _train(msg: Message, site: SiteConfig) -> Message:
     conf = msg.content.config_records[K.CONFIG]
     req = RoundRequest.from_record(conf)
+    global_arrays = checked_model(record_to_arrays(msg.content.array_records[K.ARRAYS]))
     data = load_site_data(site, image_size=req.image_size)
     policy = site.privacy
     patients = data.train.n_patients
-    seeds = round_seeds(policy, site=site.name, server_round=req.server_round)  # never from the request
-    plan = LocalPlan(steps=req.local_steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
-                     seed=seeds.sampling)
     model = build_model()
-    global_arrays = record_to_arrays(msg.content.array_records[K.ARRAYS])
     set_arrays(model, global_arrays)
     audit = SiteAudit(site)
     _join(audit, site, req.run_id, data)
@@ -107,29 +106,37 @@ def _train(msg: Message, site: SiteConfig) -> Message:
         rp: list[RoundPrivacy] = []
 
         def planned(ledger: PrivacyLedger) -> LedgerEvent:
-            rp[:] = [plan_round(policy, ledger, patients=patients, batch_size=plan.batch_size, steps=plan.steps,
-                                run_id=req.run_id, rounds_left=req.rounds_left, requested_noise=req.noise_multiplier)]
+            rp[:] = [plan_round(policy, ledger, patients=patients, batch_size=req.batch_size, steps=req.local_steps,
+                                run_id=req.run_id, server_round=req.server_round, rounds_left=req.rounds_left,
+                                requested_noise=req.noise_multiplier)]
             return LedgerEvent(round=req.server_round, run_id=req.run_id, noise_multiplier=rp[0].noise_multiplier,
                                sample_rate=rp[0].sample_rate, steps=rp[0].steps, accountant=policy.accountant,
                                epsilon_after=rp[0].epsilon_after, delta=rp[0].delta, timestamp=now_utc())
 
         try:  # counted before training, so an update that leaves has always been counted
-            _, event = commit(site, planned)
-        except (BudgetExhausted, RoundCapReached) as exc:
-            capped = isinstance(exc, RoundCapReached)
+            ledger, event = commit(site, planned)
+        except (BudgetExhausted, RoundCapReached, RepeatedRelease) as exc:
+            code, reason = {RoundCapReached: (REFUSED_ROUND_CAP, "round-cap"),
+                            RepeatedRelease: (REFUSED_REPEAT, "round-repeated")}.get(type(exc), (REFUSED_BUDGET, "budget"))
             eps = open_ledger(site).epsilon(delta=delta, accountant=policy.accountant)
-            return _refuse(msg, site, audit, ids, code=REFUSED_ROUND_CAP if capped else REFUSED_BUDGET,
-                           reason="round-cap" if capped else "budget",
+            return _refuse(msg, site, audit, ids, code=code, reason=reason,
                            metrics={K.EPSILON: eps, K.DELTA: delta, K.PATIENTS: patients})
+        seeds = round_seeds(policy, site=site.name, release=f"train:{len(ledger.events) - 1}")  # never the request's
         audit.trained(ids, event, patients=patients, deterministic=seeds.deterministic)
+        plan = LocalPlan(steps=req.local_steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
+                         seed=seeds.sampling)
         result = train_private(model, data.train, plan, device, noise_multiplier=event.noise_multiplier,
                                max_grad_norm=policy.max_grad_norm, noise_seed=seeds.noise,
                                secure_mode=policy.secure_noise)
+        # the site's own σ, never an echo of the server's number (an echo could be matched against identifiers)
         metrics |= {K.EPSILON: event.epsilon_after, K.DELTA: event.delta,
-                    K.NOISE_MULTIPLIER: event.noise_multiplier, K.NOISE_OVERRIDDEN: int(rp[0].overridden)}
+                    K.NOISE_MULTIPLIER: rp[0].site_noise_multiplier, K.NOISE_OVERRIDDEN: int(rp[0].overridden)}
     else:
         log.warning("site %s trains WITHOUT differential privacy (policy dp = false)", site.name)
+        seeds = round_seeds(policy, site=site.name, release=f"plain:{req.run_id}:{req.server_round}")
         audit.trained(ids, None, patients=patients, deterministic=seeds.deterministic)
+        plan = LocalPlan(steps=req.local_steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
+                         seed=seeds.sampling)
         result = train_plain(model, data.train, plan, device)
     new = get_arrays(model)
     metrics[K.NUM_EXAMPLES] = patients
@@ -158,12 +165,12 @@ def _code_digest() -> str:
 
 def _evaluate(msg: Message, site: SiteConfig) -> Message:
     """Validation metrics of the model the server sent, released as the site's policy says:
-    ``dp`` noisy and charged to the ledger (at most one evaluation per round of a run),
-    ``exact`` unmetered (warned: no guarantee), ``none`` refused."""
+    ``dp`` noisy and charged to the ledger (once per round the site trained), ``exact``
+    unmetered (warned: no guarantee), ``none`` refused."""
     req = RoundRequest.from_record(msg.content.config_records[K.CONFIG])
+    arrays = checked_model(record_to_arrays(msg.content.array_records[K.ARRAYS]))
     policy = site.privacy
     data = load_site_data(site, image_size=req.image_size)
-    arrays = record_to_arrays(msg.content.array_records[K.ARRAYS])
     audit = SiteAudit(site)
     ids = RoundIds(req.run_id, req.server_round, arrays_sha256(arrays))
     if policy.metrics == "none":
@@ -171,13 +178,12 @@ def _evaluate(msg: Message, site: SiteConfig) -> Message:
     model = build_model()
     set_arrays(model, arrays)
     device = pick_device(site.device)
-    seeds = round_seeds(policy, site=site.name, server_round=req.server_round)
     metered = policy.dp or req.dp
     if policy.metrics == "exact" or not metered:
         if metered:
             log.warning("site %s releases EXACT validation metrics (privacy.metrics = 'exact'): a crafted model can "
                         "read its validation labels through them; use only with synthetic data", site.name)
-        audit.evaluated(ids, None, metrics="exact", deterministic=seeds.deterministic)
+        audit.evaluated(ids, None, metrics="exact", deterministic=policy.seed is not None)
         res = evaluate(model, data.val, device)
         metrics: dict[str, float | int] = {K.NUM_EXAMPLES: res.num_examples, K.VAL_LOSS: res.loss}
         if res.auroc is not None:
@@ -186,32 +192,26 @@ def _evaluate(msg: Message, site: SiteConfig) -> Message:
     patients = data.train.n_patients
 
     def planned(ledger: PrivacyLedger) -> LedgerEvent:
-        if any(e.kind == "evaluate" and e.run_id == req.run_id and e.round == req.server_round for e in ledger.events):
-            raise RepeatedEvaluation
-        mech, after = plan_evaluation(policy, ledger, patients=patients)
+        mech, after = plan_evaluation(policy, ledger, patients=patients, run_id=req.run_id,
+                                      server_round=req.server_round)
         return LedgerEvent(round=req.server_round, run_id=req.run_id, noise_multiplier=mech.noise_multiplier,
                            sample_rate=mech.sample_rate, steps=mech.steps, accountant=policy.accountant,
                            epsilon_after=after, delta=policy.delta_for(patients), timestamp=now_utc(), kind="evaluate")
 
     try:
-        _, event = commit(site, planned)
-    except RepeatedEvaluation:
-        return _refuse_evaluation(msg, site, audit, ids, code=REFUSED_METRICS, reason="evaluated-already")
+        ledger, event = commit(site, planned)
+    except RepeatedRelease:
+        return _refuse_evaluation(msg, site, audit, ids, code=REFUSED_METRICS, reason="not-trained-or-evaluated")
     except BudgetExhausted:
         return _refuse_evaluation(msg, site, audit, ids, code=REFUSED_BUDGET, reason="budget")
+    seeds = round_seeds(policy, site=site.name, release=f"evaluate:{len(ledger.events) - 1}")
     audit.evaluated(ids, event, metrics="dp", deterministic=seeds.deterministic)
-    scores = logits(model, data.val, device)
-    sums = patient_sums(1.0 / (1.0 + np.exp(-scores)), data.val.labels, image_losses(scores, data.val.labels),
-                        data.val.patient_images())
+    sums = patient_sums(logits(model, data.val, device), data.val.labels, data.val.patient_images())
     noisy = release(sums, noise_multiplier=event.noise_multiplier, rng=np.random.default_rng(seeds.evaluation))
     metrics = {K.NUM_EXAMPLES: max(0, round(noisy.patients)), K.VAL_LOSS: noisy.loss, K.EPSILON: event.epsilon_after}
     if noisy.auroc is not None:
         metrics[K.VAL_AUROC] = noisy.auroc
     return _reply(msg, site, metrics, audit_head=audit.head())
-
-
-class RepeatedEvaluation(Exception):
-    """The server asked for a second evaluation of the same round of a run."""
 
 
 def build_client_app(sim_sites: Sequence[str] = ()) -> ClientApp:

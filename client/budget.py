@@ -17,11 +17,16 @@ from privacy.ledger import PrivacyLedger
 REFUSED_BUDGET = 1  # this round would exceed the site's privacy budget
 REFUSED_POLICY = 2  # the update would leave unmasked and the site requires secure aggregation
 REFUSED_ROUND_CAP = 3  # the site already trained privacy.max_rounds_per_run rounds of this run
-REFUSED_METRICS = 4  # the site releases no metrics (policy), or this round was already evaluated
+REFUSED_METRICS = 4  # the site releases no metrics (policy), or this round was already evaluated or never trained
+REFUSED_REPEAT = 5  # this round of this run was already trained (a request is answered once)
 
 
 class RoundCapReached(Exception):
     """The site trained as many rounds of this run as its policy allows."""
+
+
+class RepeatedRelease(Exception):
+    """The server asked again for a release this site already made (same run, round and kind)."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class RoundPrivacy:
     epsilon_after: float
     overridden: bool  # the site's own noise was higher than the server asked for
     capped: bool  # the per-round cap (not the total budget) set the noise
+    site_noise_multiplier: float  # the σ the site's own bounds need (what it reports: never a server-chosen number)
 
 
 def sample_rate(patients: int, batch_size: int) -> float:
@@ -49,7 +55,7 @@ def evaluation_mechanism(policy: PrivacyPolicy, evaluations: int = 1) -> Gaussia
 
 def plan_round(
     policy: PrivacyPolicy, ledger: PrivacyLedger, *, patients: int, batch_size: int, steps: int,
-    run_id: str, rounds_left: int, requested_noise: float = 0.0,
+    run_id: str, server_round: int, rounds_left: int, requested_noise: float = 0.0,
 ) -> RoundPrivacy:
     """Calibrate σ for this round of ``run_id`` from the site's own bounds.
 
@@ -66,8 +72,13 @@ def plan_round(
         trains on pure noise).
     RoundCapReached
         The site already trained ``max_rounds_per_run`` rounds of this run.
+    RepeatedRelease
+        This round of this run was trained already: each request is answered once, so reusing
+        a round number cannot buy a second per-round allowance.
     """
     trained = sum(1 for e in ledger.events if e.kind == "train" and e.run_id == run_id)
+    if any(e.kind == "train" and e.run_id == run_id and e.round == server_round for e in ledger.events):
+        raise RepeatedRelease(f"round {server_round} of run {run_id} was trained already")
     if trained >= policy.max_rounds_per_run:
         raise RoundCapReached(f"{trained} rounds of run {run_id} trained; privacy.max_rounds_per_run is "
                               f"{policy.max_rounds_per_run}")
@@ -94,15 +105,27 @@ def plan_round(
         sigma = calibrate(cap, steps, [*prior, *this_eval])
         capped = True
     own = max(sigma, policy.min_noise_multiplier)
-    used = max(own, requested_noise)
+    used = max(own, min(requested_noise, policy.max_noise_multiplier))  # more noise than the site's maximum: no
     eps_after = epsilon([*prior, GaussianSteps(used, q, steps)], delta=delta, accountant=policy.accountant)
     return RoundPrivacy(noise_multiplier=used, sample_rate=q, steps=steps, delta=delta, epsilon_after=eps_after,
-                        overridden=own > requested_noise, capped=capped)
+                        overridden=own > requested_noise, capped=capped, site_noise_multiplier=own)
 
 
-def plan_evaluation(policy: PrivacyPolicy, ledger: PrivacyLedger, *, patients: int) -> tuple[GaussianSteps, float]:
-    """The metered evaluation's mechanism and the ε after it; raises :class:`BudgetExhausted`
-    when it would take the site past ``max_epsilon``."""
+def plan_evaluation(policy: PrivacyPolicy, ledger: PrivacyLedger, *, patients: int, run_id: str,
+                    server_round: int) -> tuple[GaussianSteps, float]:
+    """The metered evaluation of the model of ``server_round``: its mechanism and the ε after it.
+
+    Raises
+    ------
+    RepeatedRelease
+        The round was evaluated already, or the site did not train it (a site evaluates only the
+        model of a round it took part in, once).
+    BudgetExhausted
+        It would take the site past ``max_epsilon``.
+    """
+    events = [(e.kind, e.run_id, e.round) for e in ledger.events]
+    if ("evaluate", run_id, server_round) in events or ("train", run_id, server_round) not in events:
+        raise RepeatedRelease(f"round {server_round} of run {run_id} was evaluated already or not trained here")
     delta = policy.delta_for(patients)
     mech = evaluation_mechanism(policy)
     after = epsilon([*ledger.mechanisms(), mech], delta=delta, accountant=policy.accountant)

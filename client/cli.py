@@ -45,14 +45,21 @@ def budget(
     from client.site_ledger import open_ledger
     from client.site_ledger import rebuild as rebuild_ledger
     from privacy.dp import auto_delta  # lazy: loads torch
+    from privacy.files import atomic_write_bytes
     from privacy.ledger import LedgerCorruptError
 
     try:
         config = load_site_config(workspace)
         if rebuild:
-            ledger, restored = rebuild_ledger(config)
+            backup = config.ledger_file.with_suffix(".json.before-rebuild")
+            if config.ledger_file.exists():
+                atomic_write_bytes(backup, config.ledger_file.read_bytes(), mode=0o600)
+            ledger, restored, unreadable = rebuild_ledger(config)
             err.print(f"rebuilt {config.ledger_file} from the audit log: {len(ledger.events)} event(s), "
                       f"{restored} restored")
+            if unreadable:
+                err.print(f"[yellow]warning:[/] the old ledger could not be read at all; it was rebuilt from the "
+                          f"audit log only (the old file is kept as {backup} for review)")
         ledger = open_ledger(config)
     except (SiteConfigError, LedgerCorruptError) as exc:
         err.print(f"[red]error:[/] {exc}")

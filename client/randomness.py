@@ -24,14 +24,16 @@ class RoundSeeds:
     deterministic: bool  # the site chose reproducible noise (privacy.seed): the server may know it
 
 
-def round_seeds(policy: PrivacyPolicy, *, site: str, server_round: int) -> RoundSeeds:
-    """Fresh CSPRNG seeds, or, when the site set ``privacy.seed``, seeds derived from it and the
-    round number only (so two runs at one site with the same seed draw the same noise)."""
+def round_seeds(policy: PrivacyPolicy, *, site: str, release: str) -> RoundSeeds:
+    """Fresh CSPRNG seeds, or, when the site set ``privacy.seed``, seeds derived from it and
+    ``release``: the ledger position of the release (``train:7``), which never repeats at a
+    site, so no two releases share noise even when the server reuses run ids and round numbers
+    (two fresh sites with the same seed draw the same noise, for reproducible research)."""
     if policy.seed is None:
         fresh = [secrets.randbits(64) for _ in PURPOSES]
         return RoundSeeds(sampling=fresh[0], noise=fresh[1], evaluation=fresh[2], deterministic=False)
     log.warning("site %s draws DETERMINISTIC noise (privacy.seed is set in site.toml): anyone who knows the "
                 "seed can reproduce and subtract it; use only for tests and research", site)
-    derived = [int.from_bytes(hashlib.sha256(f"medfed|{policy.seed}|{server_round}|{p}".encode()).digest()[:8], "big")
+    derived = [int.from_bytes(hashlib.sha256(f"medfed|{policy.seed}|{release}|{p}".encode()).digest()[:8], "big")
                for p in PURPOSES]
     return RoundSeeds(sampling=derived[0], noise=derived[1], evaluation=derived[2], deterministic=True)

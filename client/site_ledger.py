@@ -41,10 +41,15 @@ def _event(e: Entry) -> LedgerEvent:
 
 
 def open_ledger(site: SiteConfig) -> PrivacyLedger:
-    """The site's ledger, refused when it lacks a release its audit log records."""
+    """The site's ledger, refused when it lacks a release its audit log records.
+
+    The audit log is read first: every release is appended to the ledger before the audit log,
+    so a ledger read after the log holds everything the log did, even while another process
+    appends to both."""
     key = load_or_create_key(site_key_path(site))
+    audited = audited_events(site)
     ledger = PrivacyLedger.load(site.ledger_file, key.public_key())
-    missing = Counter(e.key() for e in audited_events(site)) - Counter(e.key() for e in ledger.events)
+    missing = Counter(e.key() for e in audited) - Counter(e.key() for e in ledger.events)
     if missing:
         kind, run, rnd, *_ = max(missing, key=lambda k: (k[1], k[2]))
         state = "does not exist" if not site.ledger_file.exists() else "lacks them"
@@ -71,16 +76,15 @@ def commit(site: SiteConfig, plan: Callable[[PrivacyLedger], LedgerEvent]) -> tu
                              "appending continuously; stop it and retry")
 
 
-def rebuild(site: SiteConfig) -> tuple[PrivacyLedger, int]:
-    """Rewrite the ledger from the audit log: every audited release, plus any event of a ledger
-    that still verifies but is not audited (counted conservatively). Returns the ledger and how
-    many events were restored."""
+def rebuild(site: SiteConfig) -> tuple[PrivacyLedger, int, bool]:
+    """Rewrite the ledger from the audit log: every audited release, plus every event of the old
+    ledger the log lacks, read even when its signature no longer verifies (an extra event can
+    only over-count, so the rebuilt ε is never below the old file's). Returns the ledger, how
+    many events were restored, and whether an old file existed but could not be read at all."""
     key = load_or_create_key(site_key_path(site))
     audited = audited_events(site)
-    try:
-        current = PrivacyLedger.load(site.ledger_file, key.public_key()).events
-    except LedgerCorruptError:
-        current = ()
+    current = PrivacyLedger.unverified_events(site.ledger_file)
+    unreadable = site.ledger_file.exists() and not current and site.ledger_file.stat().st_size > 0
     extra = Counter(e.key() for e in current) - Counter(e.key() for e in audited)
     kept = []
     for e in current:
@@ -88,5 +92,5 @@ def rebuild(site: SiteConfig) -> tuple[PrivacyLedger, int]:
             kept.append(e)
             extra[e.key()] -= 1
     events = [*audited, *kept]
-    restored = len(events) - len(current)
-    return PrivacyLedger(site.ledger_file).replaced(events, key), max(0, restored)
+    ledger = PrivacyLedger(site.ledger_file).replaced(events, key)
+    return ledger, max(0, len(events) - len(current)), unreadable

@@ -101,9 +101,10 @@ def run_steps(
     for _ in range(steps):
         x, y = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        if len(y) == 0:  # Poisson sampling can draw an empty batch; the step still counts
-            optimizer.step()
+        if len(y) == 0 and not summed:  # a plain step on nothing: skip it
             continue
+        # DP (summed): Poisson sampling can draw an empty batch; the step still counts and its noise is
+        # still added, so the empty batch goes through forward and backward like any other
         x, y = x.to(device), y.to(device)
         loss = loss_fn(model(x), y)
         loss.backward()

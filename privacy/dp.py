@@ -208,6 +208,37 @@ class UnsupportedModelError(ValueError):
     """The model has layers DP-SGD cannot handle (e.g. BatchNorm mixes patients in a batch)."""
 
 
+def _finite_sample_optimizer() -> type:
+    """Opacus' ``DPOptimizer`` whose clipping first zeroes every per-sample gradient that holds a
+    non-finite value (built lazily: Opacus loads torch).
+
+    A model the server crafted can make one patient's gradient inf or NaN; Opacus' clipping
+    multiplies it by a factor of 0 or NaN, the sum becomes NaN, no noise hides a NaN, and
+    whether the update is finite then tells the server something about that patient. A zeroed
+    sample contributes nothing; the decision depends on that sample's gradient only, so the
+    per-sample sensitivity, and the guarantee, are unchanged. Implemented by overriding the
+    public ``clip_and_accumulate`` step and calling Opacus' own.
+    """
+    import torch
+    from opacus.optimizers import DPOptimizer
+
+    class FiniteSampleDPOptimizer(DPOptimizer):  # type: ignore[misc]
+        def clip_and_accumulate(self) -> None:
+            samples = self.grad_samples
+            if samples and len(samples[0]):
+                finite = torch.ones(len(samples[0]), dtype=torch.bool, device=samples[0].device)
+                for g in samples:
+                    finite &= torch.isfinite(g.reshape(len(g), -1)).all(dim=1).to(finite.device)
+                if not bool(finite.all()):
+                    for p in self.params:
+                        if isinstance(p.grad_sample, list):  # accumulated over several backward passes
+                            p.grad_sample = torch.cat(p.grad_sample)
+                        p.grad_sample[~finite.to(p.grad_sample.device)] = 0
+            super().clip_and_accumulate()
+
+    return FiniteSampleDPOptimizer
+
+
 def make_private(*, module: Any, optimizer: Any, data_loader: Any, noise_multiplier: float, max_grad_norm: float,
                  noise_generator: Any, secure_mode: bool = False, grad_sample_mode: str = "hooks"
                  ) -> tuple[Any, Any, Any]:
@@ -232,7 +263,6 @@ def make_private(*, module: Any, optimizer: Any, data_loader: Any, noise_multipl
     """
     from opacus import GradSampleModule
     from opacus.data_loader import DPDataLoader
-    from opacus.optimizers import DPOptimizer
     from opacus.validators import ModuleValidator
 
     from privacy.conv_grad_sample import skip_summed_weight_grads  # also registers the Conv2d sampler
@@ -260,7 +290,7 @@ def make_private(*, module: Any, optimizer: Any, data_loader: Any, noise_multipl
 
         gs_module._close = _close
     expected = max(1, round(len(data_loader.dataset) * dp_loader.sample_rate))
-    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+    dp_optimizer = _finite_sample_optimizer()(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                expected_batch_size=expected, loss_reduction="mean", generator=noise_generator,
                                secure_mode=secure_mode)
     return gs_module, dp_optimizer, dp_loader

@@ -19,6 +19,8 @@ import numpy as np
 
 BINS = 10  # equal-width bins of the predicted probability
 LOSS_CLIP = 4.0  # per-patient mean BCE is clipped to [0, LOSS_CLIP] (chance is log 2 ≈ 0.69)
+LOGIT_CLIP = 50.0  # every logit is mapped into [-50, 50] first (NaN -> 0): a crafted model cannot make a
+# loss or a bin non-finite, so nothing about one patient changes whether the release succeeds
 SENSITIVITY = float(np.sqrt(2.0))
 
 
@@ -31,13 +33,23 @@ class NoisyMetrics:
     patients: float  # the noisy patient count (the weight of this site's metrics)
 
 
-def patient_sums(probabilities: np.ndarray, labels: np.ndarray, losses: np.ndarray,
-                 groups: list[np.ndarray]) -> np.ndarray:
+def bounded_logits(logits: np.ndarray) -> np.ndarray:
+    """Per image: NaN -> 0, then clipped to ±``LOGIT_CLIP`` (a function of that image's score only)."""
+    return np.clip(np.nan_to_num(np.asarray(logits, dtype=np.float64), nan=0.0, posinf=LOGIT_CLIP,
+                                 neginf=-LOGIT_CLIP), -LOGIT_CLIP, LOGIT_CLIP)
+
+
+def patient_sums(logits: np.ndarray, labels: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
     """The exact summed vector ``[negatives histogram (BINS), positives histogram (BINS), loss]``.
 
-    ``probabilities``, ``labels`` and ``losses`` are per image; ``groups`` lists each
-    patient's image indices. Each patient's contribution has L2 norm at most √2.
+    ``logits`` and ``labels`` (0/1) are per image; ``groups`` lists each patient's image
+    indices. Each patient's contribution has L2 norm at most √2, whatever the logits.
     """
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("validation labels must be 0 or 1")
+    z = bounded_logits(logits)
+    probabilities = 1.0 / (1.0 + np.exp(-z))
+    losses = np.maximum(z, 0) - z * labels + np.log1p(np.exp(-np.abs(z)))  # BCE with logits, finite here
     total = np.zeros(2 * BINS + 1)
     bins = np.minimum((np.clip(probabilities, 0.0, 1.0) * BINS).astype(np.int64), BINS - 1)
     for group in groups:

@@ -95,6 +95,17 @@ class PrivacyLedger:
             raise LedgerCorruptError(f"privacy ledger {path} is corrupted ({exc}): {fix}") from None
         return cls(path, events)
 
+    @staticmethod
+    def unverified_events(path: Path) -> tuple[LedgerEvent, ...]:
+        """The events of a ledger file that may not verify (a rebuild keeps them: an extra event
+        can only over-count); ``()`` when the file is missing or unreadable."""
+        try:
+            raw = json.loads(Path(path).read_text())["events"]
+            names = {f.name for f in fields(LedgerEvent)}
+            return tuple(LedgerEvent(**{"kind": "train", **{k: e[k] for k in names if k in e}}) for e in raw)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return ()
+
     def mechanisms(self) -> list[GaussianSteps]:
         return [e.mechanism() for e in self.events]
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 import re
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+import numpy as np
 from flwr.app import ConfigRecord
 
 from privacy import egress as K
@@ -79,3 +81,16 @@ class RoundRequest:
                 raise RoundRequestError(f"round config {key!r} is not a valid {kind.__name__}")
             values[f.name] = kind(value)
         return cls(**values)
+
+
+MAX_WEIGHT = 1e4  # no weight of a trained imaging network comes near this; a crafted model may
+
+
+def checked_model(arrays: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """The global model a site received, refused unless every value is finite and at most
+    ``MAX_WEIGHT`` in magnitude (defence in depth: DP-SGD and the metered evaluation already
+    handle non-finite values per sample)."""
+    for name, a in arrays.items():
+        if a.dtype.kind != "f" or not bool(np.isfinite(a).all()) or (a.size and float(np.abs(a).max()) > MAX_WEIGHT):
+            raise RoundRequestError(f"model array {name!r} is not finite floating point within ±{MAX_WEIGHT:g}")
+    return arrays

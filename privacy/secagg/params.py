@@ -99,6 +99,8 @@ def encode_input(update: np.ndarray, weight: int, params: SecAggParams) -> np.nd
     by construction, see :class:`SecAggParams`)."""
     if not 0 < weight <= params.max_weight:
         raise SecAggConfigError(f"weight {weight} outside 1..{params.max_weight}")
+    if not bool(np.isfinite(update).all()):
+        raise SecAggConfigError("the update holds a non-finite value: it is not masked or sent")
     x = np.clip(update.astype(np.float64).ravel(), -params.update_clip, params.update_clip)
     q = np.rint(x * weight * 2.0**FRACTION_BITS).astype(np.int64)
     return np.concatenate([q, np.array([weight], dtype=np.int64)]).view(np.uint64)

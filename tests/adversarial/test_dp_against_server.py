@@ -116,21 +116,23 @@ def test_crafted_model_evaluation_learns_only_through_metered_noise(tmp_path: Pa
     exact = metrics(MaliciousServer(config.workspace).evaluate(request(), _crafted()))
     assert _positive_fraction(exact[K.VAL_LOSS]) == pytest.approx(val.labels.mean(), abs=1e-5)
 
-    ws = _site(tmp_path / "dp", small_site, seed=99)  # the default, metered (seeded only to make the test repeatable)
+    # the default, metered; seeded only to make the test repeatable; a larger budget for eight rounds
+    ws = _site(tmp_path / "dp", small_site, seed=99, max_epsilon=50.0)
     server = MaliciousServer(ws)
     guesses = []
     for rnd in range(1, 9):
+        assert K.REFUSED not in metrics(server.train(request(server_round=rnd)))  # it evaluates rounds it trained
         reply = metrics(server.evaluate(request(server_round=rnd), _crafted()))
         guesses.append(_positive_fraction(reply[K.VAL_LOSS]))
         ledger = site_ledger(ws)
         assert ledger.events[-1].kind == "evaluate" and ledger.events[-1].noise_multiplier == 10.0
         assert reply[K.EPSILON] == pytest.approx(ledger.epsilon(delta=ledger.events[-1].delta), rel=1e-9)
-    # every evaluation was charged: 8 events of (σ=10, q=1, 1 step) composed
-    assert len(site_ledger(ws).events) == 8
+    # every evaluation was charged: 8 events of (σ=10, q=1, 1 step), composed with the 8 training rounds
+    assert [e.kind for e in site_ledger(ws).events] == ["train", "evaluate"] * 8
     # a second evaluation of the same round is refused and audited
     again = metrics(server.evaluate(request(server_round=8), _crafted()))
     assert again[K.REFUSED] == 1 and again[K.REFUSAL_CODE] == REFUSED_METRICS
-    assert read_entries(ws / "audit.jsonl")[-1].data["refused"] == "evaluated-already"
+    assert read_entries(ws / "audit.jsonl")[-1].data["refused"] == "not-trained-or-evaluated"
     # what the attacker learned: the metered loss is per patient; its guesses of the patients' mean positive
     # share miss by more than one whole patient on average (noise std in loss: 10·√2·4/patients); the
     # formal bound is the next test's
@@ -177,24 +179,31 @@ def test_one_patients_label_is_hidden_within_the_accounted_epsilon() -> None:
 CONCURRENT = """
 import sys
 from pathlib import Path
+from client.audit_trail import RoundIds, SiteAudit
 from client.config import load_site_config
 from client.site_ledger import commit
 from privacy.ledger import LedgerEvent, now_utc
 
 site = load_site_config(Path(sys.argv[1]))
-for i in range(int(sys.argv[3])):
-    commit(site, lambda ledger: LedgerEvent(round=i + 1, run_id=sys.argv[2], noise_multiplier=1.0 + 0.01 * i,
-                                            sample_rate=0.25, steps=10, accountant="rdp", epsilon_after=0.0,
-                                            delta=1e-5, timestamp=now_utc()))
+for i in range(int(sys.argv[3])):  # as a training round does: the ledger event, then the audit entry
+    _, event = commit(site, lambda ledger: LedgerEvent(round=i + 1, run_id=sys.argv[2], noise_multiplier=1.0 + 0.01 * i,
+                                                       sample_rate=0.25, steps=10, accountant="rdp",
+                                                       epsilon_after=0.0, delta=1e-5, timestamp=now_utc()))
+    SiteAudit(site).trained(RoundIds(sys.argv[2], i + 1, "0" * 64), event, patients=20, deterministic=False)
 """
 
 
 def test_concurrent_runs_lose_no_ledger_event(tmp_path: Path, small_site: Path) -> None:
     ws = _site(tmp_path, small_site)
+    config = load_site_config(ws)
     procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(ws), run, "25"], cwd=ROOT)
              for run in ("run-x", "run-y")]
     try:
-        assert [p.wait(timeout=300) for p in procs] == [0, 0]
+        reads = 0
+        while any(p.poll() is None for p in procs) and reads < 10_000:
+            open_ledger(config)  # a third process reading meanwhile never sees a false "rolled back"
+            reads += 1
+        assert [p.wait(timeout=300) for p in procs] == [0, 0] and reads > 0
     finally:
         for p in procs:
             if p.poll() is None:
@@ -251,3 +260,95 @@ def test_non_finite_policies_are_refused_with_the_field_named(tmp_path: Path, sm
     reply = MaliciousServer(ws).train(request())
     assert reply.has_error() and reply.error.code == 460 and reply.error.reason == "site configuration invalid"
     assert len(site_ledger(ws).events) == 1  # nothing trained, nothing charged
+
+
+def test_a_crafted_non_finite_or_huge_model_is_refused_before_anything_is_charged(tmp_path: Path,
+                                                                                   small_site: Path) -> None:
+    """The red team's training-label oracle sent a head weight of -3e38 so that one patient's gradient
+    overflowed to inf only when its label was 1; an evaluation with a bias of -inf made the loss NaN
+    only for negatives. Both models are refused as malformed (one fixed code) before any ledger event."""
+    ws = _site(tmp_path, small_site)
+    server = MaliciousServer(ws)
+    huge = _crafted(-1e4)
+    huge["head.weight"] = np.full_like(huge["head.weight"], -3e38)
+    infinite = _crafted(float("-inf"))
+    replies = [server.train(request(server_round=1), huge), server.train(request(server_round=1), infinite),
+               server.evaluate(request(server_round=1), infinite)]
+    assert [(r.error.code, r.error.reason) for r in replies] == [(462, "round request malformed or out of range")] * 3
+    assert not (ws / "ledger.json").exists()
+
+
+def test_extreme_bounded_models_always_get_a_metered_release(tmp_path: Path, small_site: Path) -> None:
+    """Within the bounds, a logit of any size is clipped per image before the loss and the bins, so
+    no model makes the release fail for one patient and not another: every reply is a release."""
+    ws = _site(tmp_path, small_site, max_epsilon=50.0)
+    server = MaliciousServer(ws)
+    for rnd, bias in enumerate((-1e4, 1e4, 0.0, -37.0), start=1):
+        assert K.REFUSED not in metrics(server.train(request(server_round=rnd, num_rounds=4)))  # rounds it trained
+        model = _crafted(bias)
+        model["head.weight"] = np.full_like(model["head.weight"], 1e4 if rnd % 2 else -1e4)
+        m = metrics(server.evaluate(request(server_round=rnd, num_rounds=4), model))
+        assert K.REFUSED not in m and np.isfinite(m[K.VAL_LOSS]) and 0 <= m[K.VAL_LOSS] <= LOSS_CLIP, (bias, m)
+
+
+def test_a_requested_noise_equal_to_an_identifier_is_never_echoed(tmp_path: Path, small_site: Path) -> None:
+    """The site used to echo max(own σ, requested σ); a request of 57 was blocked by the egress guard
+    exactly when some patient's AccessionNumber was "57": a membership oracle on identifiers."""
+    import shutil
+
+    import pydicom
+
+    data = tmp_path / "data"
+    shutil.copytree(small_site, data)
+    for f in sorted(data.rglob("*.dcm"))[:3]:
+        ds = pydicom.dcmread(f)
+        ds.AccessionNumber = "57"
+        ds.save_as(f)
+    ws = _site(tmp_path, data, metrics="exact")
+    server = MaliciousServer(ws)
+    got = [metrics(server.train(request(server_round=rnd, noise_multiplier=value))) for rnd, value in
+           enumerate((57.0, 58.0), start=1)]
+    assert all(K.REFUSED not in m for m in got)  # neither blocked: nothing tells 57 from 58
+    assert all(m[K.NOISE_MULTIPLIER] < 57 and m[K.NOISE_OVERRIDDEN] == 0 for m in got)  # the site's own σ
+
+
+def test_server_cannot_reuse_a_round_for_a_second_allowance(tmp_path: Path, small_site: Path) -> None:
+    ws = _site(tmp_path, small_site)
+    server = MaliciousServer(ws)
+    assert metrics(server.evaluate(request(server_round=1), _crafted()))[K.REFUSAL_CODE] == REFUSED_METRICS
+    assert K.REFUSED not in metrics(server.train(request(server_round=1)))
+    again = metrics(server.train(request(server_round=1)))
+    assert again[K.REFUSED] == 1 and again[K.REFUSAL_CODE] == 5  # one answer per round of a run
+    assert K.REFUSED not in metrics(server.evaluate(request(server_round=1), _crafted()))
+    assert metrics(server.evaluate(request(server_round=1), _crafted()))[K.REFUSAL_CODE] == REFUSED_METRICS
+    assert [e.kind for e in site_ledger(ws).events] == ["train", "evaluate"]
+    reasons = [e.data.get("reason") or e.data.get("refused") for e in read_entries(ws / "audit.jsonl")
+               if e.event == "refused" or "refused" in e.data]
+    assert reasons == ["not-trained-or-evaluated", "round-repeated", "not-trained-or-evaluated"]
+
+
+def test_seeded_noise_never_repeats_when_the_server_reuses_round_numbers(tmp_path: Path, small_site: Path) -> None:
+    """With privacy.seed the noise is reproducible, but two releases at one site never share it:
+    a server that asks for round 1 of three runs cannot average the noise away."""
+    ws = _site(tmp_path, small_site, seed=5, metrics="exact")
+    server = MaliciousServer(ws)
+    updates = [_flat(update(server.train(request(run_id=run, server_round=1)))) for run in ("a", "b", "c")]
+    assert not np.array_equal(updates[0], updates[1]) and not np.array_equal(updates[1], updates[2])
+
+
+def test_rebuild_never_lowers_the_recorded_spending(tmp_path: Path, small_site: Path) -> None:
+    """A ledger whose signature no longer verifies (a damaged file, an older format) still counts:
+    its events the audit log lacks are kept, so ε after the rebuild is at least the old file's."""
+    import json as _json
+
+    from client.site_ledger import rebuild
+
+    ws = _site(tmp_path, small_site, metrics="exact")
+    metrics(MaliciousServer(ws).train(request(server_round=1)))
+    doc = _json.loads((ws / "ledger.json").read_text())
+    doc["events"].append({**doc["events"][0], "round": 9, "noise_multiplier": 0.5})  # never audited
+    doc["signature"] = "00" * 64
+    (ws / "ledger.json").write_text(_json.dumps(doc))
+    ledger, restored, unreadable = rebuild(load_site_config(ws))
+    assert [(e.round, e.noise_multiplier) for e in ledger.events][-1] == (9, 0.5) and not unreadable
+    assert len(ledger.events) == 2 and restored == 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -90,11 +92,11 @@ def test_ledger_survives_restarts_and_refuses_corruption(tmp_path: Path) -> None
 def test_site_policy_wins_over_requested_noise(tmp_path: Path) -> None:
     policy = PrivacyPolicy(max_epsilon=4.0, delta=1e-5, metrics="exact")  # no evaluation reserved
     ledger = _load(tmp_path / "ledger.json")
-    own = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", rounds_left=3)
-    low = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", rounds_left=3,
+    own = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", server_round=1, rounds_left=3)
+    low = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", server_round=1, rounds_left=3,
                      requested_noise=0.5)
     assert low.noise_multiplier == pytest.approx(own.noise_multiplier) and low.overridden
-    high = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", rounds_left=3,
+    high = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", server_round=1, rounds_left=3,
                       requested_noise=own.noise_multiplier * 2)
     assert high.noise_multiplier == pytest.approx(own.noise_multiplier * 2) and not high.overridden
     assert own.sample_rate == sample_rate(100, 25) == 0.25
@@ -108,11 +110,11 @@ def test_budget_runs_out_and_rounds_are_refused(tmp_path: Path) -> None:
     policy = PrivacyPolicy(max_epsilon=2.0, delta=1e-5, max_noise_multiplier=5.0)
     ledger = _load(tmp_path / "ledger.json")
     for r in range(1, 3):
-        rp = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", rounds_left=3 - r)
+        rp = plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", server_round=r, rounds_left=3 - r)
         ledger = ledger.append(_event(r, rp.noise_multiplier, rp.sample_rate, rp.steps), KEY)
     assert ledger.epsilon(delta=1e-5) <= 2.0
     with pytest.raises(BudgetExhausted):
-        plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", rounds_left=1)
+        plan_round(policy, ledger, patients=100, batch_size=25, steps=20, run_id="r", server_round=3, rounds_left=1)
 
 
 def test_auto_delta_is_below_one_over_patients() -> None:
@@ -140,3 +142,58 @@ def test_fast_calibration_matches_bisection_on_opacus_epsilon(q: float, steps: i
     sigma = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=q, steps=steps, prior=prior)
     assert opacus_eps(sigma) <= 8.0
     assert hi <= sigma <= hi * 1.01
+
+
+def _one_step(poison: torch.Tensor | None) -> list[torch.Tensor]:
+    """One DP-SGD step of a fixed model on three samples' per-sample gradients; ``poison``
+    replaces the third sample's (seeded noise, so two calls are comparable)."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from privacy.dp import make_private
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x = torch.randn(3, 4)
+    loader = DataLoader(TensorDataset(x, torch.zeros(3)), batch_size=3, generator=torch.Generator().manual_seed(0))
+    gsm, opt, _ = make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), data_loader=loader,
+                               noise_multiplier=1.0, max_grad_norm=1.0, noise_generator=torch.Generator().manual_seed(5))
+    gsm(x).sum().backward()
+    for p in model.parameters():
+        if poison is not None:
+            p.grad_sample[2] = poison
+        else:
+            p.grad_sample[2] = 0.0
+    opt.step()
+    out = [p.detach().clone() for p in model.parameters()]
+    gsm._close()
+    return out
+
+
+@pytest.mark.parametrize("poison", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_per_sample_gradient_counts_as_a_zero_one(poison: float) -> None:
+    """A crafted model can make one patient's gradient inf or NaN; Opacus' clipping would turn the
+    whole sum into NaN, and whether the update is finite would reveal that patient. The site's
+    optimizer zeroes such a sample first: the update equals the one with that sample at zero."""
+    zero = _one_step(None)
+    poisoned = _one_step(torch.tensor(poison))
+    for a, b in zip(zero, poisoned, strict=True):
+        assert bool(torch.isfinite(b).all())
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # exact: the same operations on the same numbers
+
+
+def test_dp_training_survives_empty_poisson_batches() -> None:
+    """Poisson sampling at q = 1/19 draws empty batches often; each still takes a (noise-only) step."""
+    from client.dicom.cohort import Cohort
+    from client.models import build_model
+    from client.train import LocalPlan, train_private
+
+    rng = np.random.default_rng(0)
+    cohort = Cohort(rng.uniform(size=(19, 16, 16)).astype(np.float32), rng.integers(0, 2, 19).astype(np.float32),
+                    np.arange(19), 19)
+    model = build_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    result = train_private(model, cohort, LocalPlan(steps=30, batch_size=1, learning_rate=1e-3, seed=3),
+                           torch.device("cpu"), noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=4)
+    assert result.steps == 30 and result.num_examples < 30 * 3  # about 30 sampled patients, some steps empty
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
