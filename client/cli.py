@@ -165,13 +165,18 @@ def init(
     data: Annotated[Path, typer.Option(help="folder of the site's DICOM export")],
     labels: Annotated[Path | None, typer.Option(help="labels CSV (default DATA/labels.csv)")] = None,
     name: Annotated[str | None, typer.Option(help="the site's name (default: the workspace folder's name)")] = None,
+    roster_fingerprint: Annotated[str | None, typer.Option(help="the federation roster fingerprint from your "
+                                                                "consortium (or later: medfed-site roster --expect)")] = None,
 ) -> None:
     """Create the site workspace (keys, trust anchor, policy), print the enrolment line, run the preflight."""
     from client.deploy import NODE_PUB, identity_fingerprint, init_site
+    from client.roster import expect
 
     try:
         config = init_site(workspace, name=name or workspace.resolve().name, server=server, ca=ca, data=data,
                            labels=labels)
+        if roster_fingerprint:
+            expect(config, roster_fingerprint)
     except SiteConfigError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -274,14 +279,22 @@ def approvals(
 @cli.command()
 def roster(
     workspace: Annotated[Path, typer.Option(help="site workspace")],
+    expect: Annotated[str | None, typer.Option(help="the roster fingerprint your consortium gave you out of band: "
+                                                    "the first delivered roster that matches it is pinned")] = None,
     accept: Annotated[bool, typer.Option("--accept", help="pin the changed roster the server offered")] = False,
 ) -> None:
-    """Show the pinned federation roster's fingerprint (and a changed one waiting); --accept pins the new one."""
-    from client.roster import PENDING, PINNED, accept_pending
+    """Show the pinned federation roster's fingerprint (and a changed one waiting); --expect records the
+    fingerprint to pin; --accept pins the waiting one."""
+    from client.roster import EXPECTED, PENDING, PINNED, accept_pending
+    from client.roster import expect as expect_fingerprint
     from privacy.secagg.wire import roster_fingerprint
 
     try:
         config = load_site_config(workspace)
+        if expect:
+            err.print(f"expecting roster {expect_fingerprint(config, expect)}: the first delivered roster with this "
+                      "fingerprint will be pinned")
+            return
         if accept:
             err.print(f"accepted: roster {accept_pending(config)} is now pinned")
             return
@@ -293,8 +306,11 @@ def roster(
         if path.exists():
             sites = sorted(json.loads(path.read_text())["sites"])
             print(f"{label}: sha256 {roster_fingerprint(path.read_bytes())}  sites: {', '.join(sites)}")
+    expected = config.workspace / EXPECTED
     if not (config.workspace / PINNED).exists():
-        print("no roster pinned yet: the first run pins the one the server delivers")
+        print(f"expected: {expected.read_text().strip()}" if expected.exists() else
+              "no roster pinned and none expected: get the fingerprint from your consortium and run "
+              f"`medfed-site roster --workspace {config.workspace} --expect FINGERPRINT`")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import tomli_w
 
 from client.dicom.preprocess import FRAME_POLICIES, Preprocessing
 from privacy.files import atomic_write_bytes
+from privacy.secagg.params import SecAggFloors
 
 SITE_FILE = "site.toml"
 
@@ -82,6 +83,26 @@ class PrivacyPolicy:
 
 
 @dataclass(frozen=True)
+class SecAggPolicy:
+    """What this site accepts of a secure-aggregation round (``[secagg]``), whatever the server asks."""
+
+    min_sites: int = 3  # distinct roster sites in a round (a victim and one sybil is no crowd)
+    min_neighbours: int = 2  # neighbours that hold this site's shares
+    assumed_colluders: int = 0  # sites that may side with the server: threshold > (holders + colluders) / 2
+    update_bound: float = 1.0  # the round must not clip update values up to this magnitude
+
+    def __post_init__(self) -> None:
+        _in_range("secagg.min_sites", self.min_sites, 2, 100_000)
+        _in_range("secagg.min_neighbours", self.min_neighbours, 1, 100_000)
+        _in_range("secagg.assumed_colluders", self.assumed_colluders, 0, 100_000)
+        _in_range("secagg.update_bound", self.update_bound, 0, 1e6, open_low=True)
+
+    def floors(self) -> SecAggFloors:
+        return SecAggFloors(min_sites=self.min_sites, min_neighbours=self.min_neighbours,
+                            assumed_colluders=self.assumed_colluders, update_bound=self.update_bound)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the site's DICOM export and labels are (relative paths: to the workspace)."""
 
@@ -122,6 +143,7 @@ class SiteConfig:
     server: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    secagg: SecAggPolicy = field(default_factory=SecAggPolicy)
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
@@ -157,6 +179,7 @@ class SiteConfig:
             "site": {"name": self.name, "server": self.server, "device": self.device},
             "data": {**asdict(self.data), "window": list(self.data.window)},
             "privacy": {k: v for k, v in asdict(self.privacy).items() if v is not None},  # TOML has no null
+            "secagg": asdict(self.secagg),
         }
 
 
@@ -221,6 +244,7 @@ def load_site_config(workspace: Path) -> SiteConfig:
             server=str(site.get("server", "")),
             data=_section(doc, "data", DataConfig),
             privacy=_section(doc, "privacy", PrivacyPolicy),
+            secagg=_section(doc, "secagg", SecAggPolicy),
         )
     except TypeError as exc:
         raise SiteConfigError(f"{path}: {exc}; fix the value types") from None

@@ -66,13 +66,13 @@ log = logging.getLogger("medfed.site")
 _FOREIGN = """
 import importlib, os, pickle, sys
 app_dir, ref, address, state = sys.argv[1:5]
-sys.path.insert(0, app_dir)
 from flwr.common.constant import SubStatus
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+sys.path.insert(0, app_dir)  # only now: the launcher's own imports never resolve into the bundle
 with open(state, "rb") as fh:
     token, message, context = pickle.load(fh)
 os.unlink(state)
@@ -158,7 +158,8 @@ def run_task(site: SiteConfig, address: str, token: str, *, installed: str | Non
 
             reply, outcome, status, details = app(message=message, context=context), "installed", SubStatus.COMPLETED, ""
         elif digest is not None and clientapp is not None and digest in approved(site):
-            SiteAudit(site).log.append(E.CODE_FOREIGN, {"code_sha256": digest, "flwr_run": run.run_id})
+            SiteAudit(site).log.append(E.CODE_FOREIGN, {"code_sha256": digest, "run_id": str(run.run_id)})
+            (site.workspace / "apps").mkdir(mode=0o700, exist_ok=True)
             beat.stop()
             _exec_foreign(site, fab.content, digest, clientapp, address, token, message, context)  # does not return
         else:
@@ -197,16 +198,26 @@ def _refused(site: SiteConfig, digest: str | None, fab_sha256: str, flwr_run: in
                 "installed (%s) and not approved; if your consortium ships this code, review it and run "
                 "`medfed-site approve %s --workspace %s`", site.name, fab_sha256[:16], shown, flwr_run,
                 installed[:16], shown, site.workspace)
-    SiteAudit(site).log.append(E.CODE_REFUSED, {"code_sha256": digest, "fab_sha256": fab_sha256, "flwr_run": flwr_run})
+    SiteAudit(site).log.append(E.CODE_REFUSED, {"code_sha256": digest, "fab_sha256": fab_sha256,
+                                                "run_id": str(flwr_run)})
 
 
 def _exec_foreign(site: SiteConfig, fab: bytes, digest: str, clientapp: str, address: str, token: str,
                   message: Message, context: Context | None) -> None:
-    """Install an approved bundle under ``apps/<digest>`` and replace this process with a fresh
-    interpreter that runs its ClientApp (its packages must not mix with the installed medfed's)."""
-    from flwr.cli.install import install_from_fab
-
-    app_dir = install_from_fab(fab, install_dir=site.workspace / "apps" / digest, skip_prompt=True)
+    """Install an approved bundle's verified files under ``apps/<digest>/`` and replace this
+    process with a fresh interpreter that runs its ClientApp (its packages must not mix with
+    the installed medfed's)."""
+    files, _ = bundle_code(fab)  # member names already checked: relative, no '..'
+    app_dir = site.workspace / "apps" / digest
+    if not app_dir.is_dir():
+        staging = Path(tempfile.mkdtemp(prefix=".install-", dir=site.workspace / "apps"))
+        for rel, data in files.items():
+            target = (staging / rel).resolve()
+            if staging.resolve() not in target.parents:
+                raise BundleError("an approved bundle member would land outside its folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        os.replace(staging, app_dir)  # a half-written install never carries the digest's name
     fd, state = tempfile.mkstemp(prefix=".task-", dir=site.workspace / "apps")
     with os.fdopen(fd, "wb") as fh:
         pickle.dump((token, message, context), fh)

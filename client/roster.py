@@ -1,13 +1,19 @@
 """The federation roster a site pins: the enrolled sites' identity keys that sign the
-secure-aggregation key advertisements. Pinned at first use; a different roster is refused
-until the site's operator compares its fingerprint out of band and accepts it."""
+secure-aggregation key advertisements and the consistency signatures.
+
+The site never trusts the roster the server delivers on its own: its operator first records
+the roster's fingerprint obtained from the consortium out of band (``medfed-site roster
+--expect``); the first delivered roster that matches it is pinned. No expected fingerprint,
+or one that does not match, is refused (a server could otherwise pin a roster of the site
+and its own sybils). A changed roster waits until the operator compares and accepts it."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from client.audit_trail import SiteAudit
-from client.config import SiteConfig
+from client.config import SiteConfig, SiteConfigError
 from privacy.audit.events import E
 from privacy.files import atomic_write_bytes
 from privacy.secagg.site import VerificationError
@@ -15,13 +21,38 @@ from privacy.secagg.wire import canonical_roster, roster_fingerprint
 
 PINNED = Path("trust") / "roster.json"
 PENDING = Path("trust") / "roster.pending.json"
+EXPECTED = Path("trust") / "roster.expected"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def expect(site: SiteConfig, fingerprint: str) -> str:
+    """Record the roster fingerprint the site's operator obtained out of band (audited)."""
+    fp = fingerprint.strip().lower()
+    if not _HEX64.match(fp):
+        raise SiteConfigError(f"{fingerprint!r} is not a roster fingerprint (64 hex characters, as "
+                              "`medfed-server enroll` and `medfed-site roster` print it)")
+    atomic_write_bytes(site.workspace / EXPECTED, (fp + "\n").encode(), mode=0o644)
+    SiteAudit(site).log.append(E.ROSTER_EXPECTED, {"roster_sha256": fp})
+    return fp
 
 
 def check_delivered(site: SiteConfig, delivered: bytes) -> None:
-    """Pin ``delivered`` if nothing is pinned yet; refuse (and keep it pending) if it differs."""
+    """Pin ``delivered`` when it matches the expected fingerprint and nothing is pinned yet;
+    refuse it otherwise (a changed roster is kept pending for the operator)."""
     offered = canonical_roster(delivered)
     pinned_path, pending_path = site.workspace / PINNED, site.workspace / PENDING
     if not pinned_path.exists():
+        expected_path = site.workspace / EXPECTED
+        if not expected_path.exists():
+            raise VerificationError(
+                "no federation roster is pinned and none is expected: obtain the roster fingerprint from your "
+                f"consortium (out of band, not from the server) and run `medfed-site roster --workspace "
+                f"{site.workspace} --expect FINGERPRINT`", "roster-not-pinned")
+        if roster_fingerprint(offered) != expected_path.read_text().strip():
+            atomic_write_bytes(pending_path, offered)
+            raise VerificationError(
+                f"the delivered roster ({roster_fingerprint(offered)[:16]}…) is not the one this site expects "
+                f"({expected_path.read_text().strip()[:16]}…); refused", "roster-mismatch")
         atomic_write_bytes(pinned_path, offered)
         SiteAudit(site).log.append(E.ROSTER_PINNED, {"roster_sha256": roster_fingerprint(offered)})
         return
@@ -31,8 +62,8 @@ def check_delivered(site: SiteConfig, delivered: bytes) -> None:
     atomic_write_bytes(pending_path, offered)
     raise VerificationError(
         f"the federation roster changed (pinned {roster_fingerprint(pinned)[:16]}…, offered "
-        f"{roster_fingerprint(offered)[:16]}…): compare the offered fingerprint with the central operator out of "
-        f"band, then run `medfed-site roster --workspace {site.workspace} --accept`")
+        f"{roster_fingerprint(offered)[:16]}…): compare the offered fingerprint with your consortium out of "
+        f"band, then run `medfed-site roster --workspace {site.workspace} --accept`", "roster-changed")
 
 
 def accept_pending(site: SiteConfig) -> str:

@@ -1,16 +1,19 @@
-"""The site's secure-aggregation client: a ClientApp mod that runs the four SecAgg+ stages
+"""The site's secure-aggregation client: a ClientApp mod that runs the five SecAgg+ stages
 (``privacy.secagg``) on ``train`` messages carrying a ``secagg-stage``.
 
 Protocol state stays in ``context.state`` between stages. Only the ``input`` stage calls
 the wrapped ``train`` handler; its update (the delta) is flattened, weighted and masked
-before it leaves. Any verification failure (a substituted key, a changed roster, an
-inconsistent request) is refused with an error reply and written to the site's audit log.
+before it leaves, and only when the inbox is complete. Any verification failure (a
+substituted key, parameters below the site's ``[secagg]`` floors, a withheld inbox, a ghost
+survivor, a second survivor set, an unpinned roster) is refused with an error reply and
+written to the site's audit log with the check's code (``secagg-<code>``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from client.roster import PINNED, check_delivered
 from privacy import egress as K
 from privacy.audit.events import E
 from privacy.audit.keys import KeyFileError, load_private_key
+from privacy.secagg.params import SecAggConfigError
 from privacy.secagg.site import SiteSession, VerificationError
 from privacy.secagg.wire import (
     adverts_from_bytes,
@@ -40,6 +44,7 @@ from privacy.secagg.wire import (
 from privacy.wire import record_to_arrays
 
 STATE = "secagg"
+_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 SECAGG_REFUSED = 452  # error code of a round the site refused for a protocol check
 log = logging.getLogger("medfed.site")
 
@@ -59,13 +64,16 @@ def secagg_mod(resolve: Callable[[Context], SiteConfig]) -> Mod:
         stage = str(conf[K.SECAGG_STAGE])
         try:
             return _stage(stage, msg, context, call_next, site, conf)
-        except (VerificationError, KeyFileError, KeyError, ValueError) as exc:
-            reason = str(exc) if isinstance(exc, VerificationError | KeyFileError) else f"malformed {stage} request"
-            log.warning("site %s refuses secure-aggregation stage %s: %s", site.name, stage, reason)
-            SiteAudit(site).log.append(E.REFUSED, {"run_id": str(conf.get(K.RUN_ID, "")), "round": _int(conf, K.SERVER_ROUND),
-                                                   "reason": "secagg-verification", "stage": stage})
-            return Message(Error(code=SECAGG_REFUSED, reason=f"secure aggregation refused at {stage}: {reason}"),
-                           reply_to=msg)
+        except (VerificationError, KeyFileError, SecAggConfigError, KeyError, ValueError) as exc:
+            code = exc.code if isinstance(exc, VerificationError) else "malformed"
+            detail = str(exc) if isinstance(exc, VerificationError | KeyFileError | SecAggConfigError) else \
+                f"malformed {stage} request"
+            log.warning("site %s refuses secure-aggregation stage %s: %s", site.name, stage, detail)
+            SiteAudit(site).log.append(E.REFUSED, {"run_id": _safe_id(conf.get(K.RUN_ID)), "round": _round(conf),
+                                                   "reason": f"secagg-{code}", "stage": stage if stage in K.STAGES
+                                                   else "unknown"})
+            return Message(Error(code=SECAGG_REFUSED, reason=f"secure aggregation refused at the {_safe_stage(stage)} "
+                                                             f"stage ({code})"), reply_to=msg)
 
     return mod
 
@@ -73,6 +81,8 @@ def secagg_mod(resolve: Callable[[Context], SiteConfig]) -> Mod:
 def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCallable, site: SiteConfig,
            conf: ConfigRecord) -> Message:
     if stage == "advertise":
+        if K.SECAGG_ROSTER not in conf and not roster_path(site).exists():
+            raise VerificationError("no roster delivered and none pinned", "roster-not-pinned")
         if K.SECAGG_ROSTER in conf:
             check_delivered(site, _bytes(conf, K.SECAGG_ROSTER))
         session, advert = SiteSession.start(_str(conf, K.RUN_ID), _int(conf, K.SERVER_ROUND), site.name,
@@ -83,27 +93,38 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
     if stage == "share":
         params = params_from_json(json.loads(_str(conf, K.SECAGG_PARAMS)))
         outbox = session.share_keys(params, adverts_from_bytes(_bytes(conf, K.SECAGG_ADVERTS)),
-                                    load_roster(roster_path(site)))
+                                    load_roster(roster_path(site)), site.secagg.floors())
         _save(context, session)
         return _reply(msg, site, {K.OUTBOX: boxes_to_bytes(outbox)})
     if stage == "input":
+        inbox, sharers = boxes_from_bytes(_bytes(conf, K.SECAGG_INBOX)), _strs(conf, K.SECAGG_SHARERS)
+        session.check_inbox(inbox, sharers)  # before training: a withheld inbox is refused at no privacy cost
         reply = call_next(msg, context)
         if reply.has_error() or K.ARRAYS not in reply.content.array_records:
             return reply  # a refusal: the site drops out of this round; its masks are recovered
         update = record_to_arrays(reply.content.array_records[K.ARRAYS])
         flat = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in update.values()])
         weight = _int(reply.content.metric_records[K.METRICS], K.NUM_EXAMPLES)
-        masked = session.masked_input(flat, weight, boxes_from_bytes(_bytes(conf, K.SECAGG_INBOX)))
+        masked = session.masked_input(flat, weight, inbox, sharers)
         _save(context, session)
+        count, largest = session.clipped
+        if count:
+            log.warning("site %s: %d update value(s) exceeded the round's clipping range (largest %.3g) and were "
+                        "clipped before masking", site.name, count, largest)
+            SiteAudit(site).log.append(E.SECAGG_CLIPPED, {"run_id": session.run_id, "round": session.round,
+                                                          "count": count, "max_abs": largest})
         content = RecordDict({K.METRICS: reply.content.metric_records[K.METRICS], K.SITE: reply.content.config_records[K.SITE],
                               K.MASKED: ArrayRecord({K.MASKED: Array(masked)})})
         return Message(content, reply_to=msg)
+    if stage == "consistency":
+        signature = session.consistency(_strs(conf, K.SECAGG_SURVIVORS), load_private_key(site_key_path(site)))
+        _save(context, session)
+        return _reply(msg, site, {K.CONSISTENCY: signature})
     if stage == "unmask":
-        survivors, dropped = _strs(conf, K.SECAGG_SURVIVORS), _strs(conf, K.SECAGG_DROPPED)
-        reveals = session.unmask(survivors, dropped)
+        reveals = session.unmask(boxes_from_bytes(_bytes(conf, K.SECAGG_SIGNATURES)), load_roster(roster_path(site)))
         _save(context, session)
         return _reply(msg, site, {K.REVEALS: reveals_to_bytes(reveals)})
-    raise VerificationError(f"unknown secure-aggregation stage {stage!r}")
+    raise VerificationError("unknown secure-aggregation stage", "malformed")
 
 
 def _save(context: Context, session: SiteSession) -> None:
@@ -121,6 +142,23 @@ def _reply(msg: Message, site: SiteConfig, secagg: dict[str, bytes]) -> Message:
     for k, v in secagg.items():
         record[k] = v
     return Message(RecordDict({K.SECAGG: record, K.SITE: ConfigRecord({K.SITE_NAME: site.name})}), reply_to=msg)
+
+
+def _safe_id(value: object) -> str:
+    """A run id for the audit log (the server's value only when it is identifier-like)."""
+    text = str(value) if value is not None else ""
+    return text if _ID.match(text) else "malformed"
+
+
+def _safe_stage(stage: str) -> str:
+    return stage if stage in K.STAGES else "unknown"
+
+
+def _round(conf: ConfigRecord) -> int:
+    try:
+        return max(0, min(_int(conf, K.SERVER_ROUND), 1_000_000))
+    except ValueError:
+        return 0
 
 
 def _value(record: Mapping[str, object], key: str, kind: Any) -> Any:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import json
+import re
 import tomllib
 import zipfile
 from collections.abc import Mapping
@@ -21,7 +23,11 @@ PACKAGES = ("client", "privacy", "server")  # medfed's packages: what a medfed b
 CLIENTAPP = "client.app:app"
 CONTENT = ".info/CONTENT"  # Flower's list of (path, sha256, size) of every file of a FAB
 PYPROJECT = "pyproject.toml"
-MAX_BUNDLE = 10 * 2**20  # Flower's own limit on a FAB
+MAX_BUNDLE = 10 * 2**20  # Flower's own limit on a FAB (compressed)
+MAX_UNPACKED = 64 * 2**20  # what the members may expand to, read from the zip directory before anything is read
+MAX_MEMBER = 16 * 2**20
+CLIENTAPP_REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
 class BundleError(ValueError):
@@ -44,12 +50,19 @@ def installed_code() -> dict[str, bytes]:
     return files
 
 
+def safe_member(name: str) -> bool:
+    """A bundle member name medfed accepts: relative, ``/``-separated segments of letters,
+    digits, ``_ . -`` (no ``..``, no ``./``, no control characters, commas or backslashes)."""
+    parts = name.split("/")
+    return all(_SEGMENT.match(p) and p not in (".", "..") for p in parts)
+
+
 def code_digest(files: Mapping[str, bytes], clientapp: str = CLIENTAPP) -> str:
-    """SHA-256 over the ClientApp reference and the sorted (path, SHA-256 of bytes) of ``files``."""
-    h = hashlib.sha256(b"medfed-code-v1\0clientapp=" + clientapp.encode() + b"\0")
-    for path in sorted(files):
-        h.update(path.encode() + b"\0" + hashlib.sha256(files[path]).digest())
-    return h.hexdigest()
+    """SHA-256 over the canonical JSON of the ClientApp reference and the sorted (path, SHA-256
+    of bytes) of ``files``: an unambiguous encoding, so no two bundles share a digest."""
+    doc = {"clientapp": clientapp, "files": [[p, hashlib.sha256(files[p]).hexdigest()] for p in sorted(files)],
+           "version": "medfed-code-v2"}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
 
 
 def installed_digest() -> str:
@@ -70,8 +83,19 @@ def bundle_code(fab: bytes) -> tuple[dict[str, bytes], str]:
         raise BundleError(f"app bundle of {len(fab)} bytes exceeds {MAX_BUNDLE}")
     try:
         with zipfile.ZipFile(io.BytesIO(fab)) as z:
-            members = {i.filename: z.read(i) for i in z.infolist() if not i.is_dir()}
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+            infos = [i for i in z.infolist() if not i.is_dir()]
+            names = [i.filename for i in infos]
+            if len(set(names)) != len(names):
+                raise BundleError("app bundle holds a member twice")
+            if not all(safe_member(n) for n in names if n != CONTENT):
+                raise BundleError("app bundle has a member name medfed does not accept (absolute, '..', control "
+                                  "characters, commas or backslashes)")
+            if sum(i.file_size for i in infos) > MAX_UNPACKED or any(i.file_size > MAX_MEMBER for i in infos):
+                raise BundleError(f"app bundle expands beyond {MAX_UNPACKED} bytes (or a member beyond {MAX_MEMBER})")
+            members = {i.filename: z.read(i) for i in infos}
+    except (zipfile.BadZipFile, ValueError, OSError, RuntimeError) as exc:
+        if isinstance(exc, BundleError):
+            raise
         raise BundleError(f"app bundle is not a readable zip ({type(exc).__name__})") from None
     if CONTENT not in members or PYPROJECT not in members:
         raise BundleError(f"app bundle lacks {CONTENT} or {PYPROJECT}")
@@ -87,8 +111,10 @@ def bundle_code(fab: bytes) -> tuple[dict[str, bytes], str]:
     try:
         project = tomllib.loads(members.pop(PYPROJECT).decode())
         clientapp = str(project["tool"]["flwr"]["app"]["components"]["clientapp"])
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, KeyError, TypeError):
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
         raise BundleError("app bundle's pyproject.toml names no [tool.flwr.app.components] clientapp") from None
+    if not CLIENTAPP_REF.match(clientapp):
+        raise BundleError("app bundle's clientapp is not a `package.module:attribute` reference")
     return members, clientapp
 
 

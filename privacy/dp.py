@@ -222,7 +222,7 @@ def _finite_sample_optimizer() -> type:
     import torch
     from opacus.optimizers import DPOptimizer
 
-    class FiniteSampleDPOptimizer(DPOptimizer):  # type: ignore[misc]
+    class FiniteSampleDPOptimizer(DPOptimizer):
         def clip_and_accumulate(self) -> None:
             samples = self.grad_samples
             if samples and len(samples[0]):

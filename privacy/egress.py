@@ -61,21 +61,23 @@ REFUSAL_METRICS = frozenset({REFUSED, REFUSAL_CODE, EPSILON, DELTA, PATIENTS})
 EVAL_METRICS = frozenset({NUM_EXAMPLES, VAL_LOSS, VAL_AUROC, EPSILON})  # ε: after a metered evaluation
 
 # Secure aggregation (in CONFIG server -> site, in SECAGG site -> server)
-SECAGG_STAGE = "secagg-stage"  # advertise | share | input | unmask
+SECAGG_STAGE = "secagg-stage"  # advertise | share | input | consistency | unmask
 SECAGG_PARAMS = "secagg-params"  # JSON: run, round, sites, k, threshold, bounds
 SECAGG_ADVERTS = "secagg-adverts"
 SECAGG_INBOX = "secagg-inbox"
 SECAGG_ROSTER = "secagg-roster"  # the enrolled sites' identity keys; each site pins it at first use
-SECAGG_SURVIVORS = "secagg-survivors"
-SECAGG_DROPPED = "secagg-dropped"
+SECAGG_SHARERS = "secagg-sharers"  # U2: the sites whose shares were routed (input stage)
+SECAGG_SURVIVORS = "secagg-survivors"  # U3: the sites whose masked input arrived (consistency stage)
+SECAGG_SIGNATURES = "secagg-signatures"  # the survivors' signatures on U3 (unmask stage)
 ADVERT = "advert"
 OUTBOX = "outbox"
+CONSISTENCY = "consistency"  # a site's signature on the survivor set
 REVEALS = "reveals"
-STAGES = ("advertise", "share", "input", "unmask")
+STAGES = ("advertise", "share", "input", "consistency", "unmask")
 
 ALL_METRICS = TRAIN_METRICS | REFUSAL_METRICS | EVAL_METRICS
 SITE_KEYS = frozenset({SITE_NAME, AUDIT_HEAD})
-SECAGG_REPLY_KEYS = frozenset({ADVERT, OUTBOX, REVEALS})
+SECAGG_REPLY_KEYS = frozenset({ADVERT, OUTBOX, CONSISTENCY, REVEALS})
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 FINGERPRINT_HEX = 32

@@ -83,10 +83,11 @@ class RoundRequest:
         return cls(**values)
 
 
+ArraysT = typing.TypeVar("ArraysT", bound=Mapping[str, np.ndarray])
 MAX_WEIGHT = 1e4  # no weight of a trained imaging network comes near this; a crafted model may
 
 
-def checked_model(arrays: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+def checked_model(arrays: ArraysT) -> ArraysT:
     """The global model a site received, refused unless every value is finite and at most
     ``MAX_WEIGHT`` in magnitude (defence in depth: DP-SGD and the metered evaluation already
     handle non-finite values per sample)."""

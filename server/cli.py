@@ -67,7 +67,8 @@ def simulate(
     noise_multiplier: Annotated[float, typer.Option(min=0.0, help="minimum noise the server asks for (sites may use more)")] = 0.0,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="train WITHOUT differential privacy (comparison only)")] = False,
     no_secagg: Annotated[bool, typer.Option("--no-secagg", help="send updates UNMASKED (comparison only)")] = False,
-    secagg_k: Annotated[int, typer.Option(min=0, help="SecAgg+ neighbourhood size (odd; 0 = default)")] = 0,
+    secagg_k: Annotated[int, typer.Option(min=0, help="SecAgg+ neighbourhood size (odd; 0 = default: every site up to "
+                                                      "64 sites, which sites require at that scale)")] = 0,
     secagg_threshold: Annotated[int, typer.Option(min=0, help="SecAgg+ Shamir threshold (0 = majority)")] = 0,
     seed: Annotated[int, typer.Option(help="seeds the generated data and the initial model (never the sites' noise)")] = 0,
     metrics_release: Annotated[str, typer.Option(

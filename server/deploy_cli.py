@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -72,6 +73,20 @@ def register(cli: typer.Typer) -> None:
                   f"roster sha256 {fingerprint(ws.roster.read_bytes())}")
 
     @cli.command()
+    def roster(workspace: Workspace, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+        """The federation roster every run delivers (the enrolled identity keys) and its fingerprint,
+        which each site's operator must obtain out of band and pin (`medfed-site roster --expect`)."""
+        try:
+            ws = load_workspace(workspace)
+        except WorkspaceError as exc:
+            raise _fail(exc) from None
+        doc = {"sha256": fingerprint(ws.roster.read_bytes()), "sites": sorted(ws.enrolled())}
+        if as_json:
+            print(json.dumps(doc))
+            return
+        print(f"roster sha256 {doc['sha256']}  sites: {', '.join(doc['sites']) or 'none'}")
+
+    @cli.command()
     def sites(workspace: Workspace, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         """The enrolled sites and what the SuperLink last saw of each."""
         try:
@@ -95,7 +110,9 @@ def register(cli: typer.Typer) -> None:
         err.print(table)
 
     @cli.command()
-    def start(workspace: Workspace, print_systemd: Annotated[bool, typer.Option("--print-systemd")] = False) -> None:
+    def start(workspace: Workspace, print_systemd: Annotated[bool, typer.Option("--print-systemd")] = False,
+              print_firewall: Annotated[bool, typer.Option("--print-firewall", help="nftables rules that keep every "
+                                                           "other local account off the SuperLink's port")] = False) -> None:
         """Run the central server in the foreground: the SuperLink on 127.0.0.1 (TLS, SuperNode
         authentication, persisted state), the SuperExec that runs ServerApps, and nginx on the public
         address passing only the Fleet API. One stops, all stop."""
@@ -104,6 +121,11 @@ def register(cli: typer.Typer) -> None:
             services = server_services(ws)
         except (WorkspaceError, KeyExistsError) as exc:
             raise _fail(exc) from None
+        if print_firewall:
+            from server.proxy import firewall_rules
+
+            print(firewall_rules(ws, os.getuid()))
+            return
         if print_systemd:
             print(systemd_unit("medfed central server (SuperLink, SuperExec, Fleet API proxy)",
                                ["-m", "server.cli", "start", "--workspace", str(ws.root)], ws.root))

@@ -16,7 +16,7 @@ import shutil
 from privacy.files import atomic_write_bytes
 from server.workspace import ServerWorkspace, WorkspaceError
 
-FLEET_PATH = r"^/v1/fleet/[a-z0-9-]+$"
+FLEET_PATH = r"^/v1/fleet/[a-z0-9-]+\z"  # \z: no trailing newline slips through
 
 
 def nginx_binary() -> str:
@@ -39,20 +39,28 @@ def nginx_config(ws: ServerWorkspace) -> str:
 worker_processes 1;
 pid {d / "nginx.pid"};
 error_log stderr warn;
-events {{ worker_connections 512; }}
+events {{ worker_connections 4096; }}
 http {{
     access_log off;
 {temp}
     server_tokens off;
     client_max_body_size 64m;
+    client_header_timeout 10s;
+    client_body_timeout 30s;
+    send_timeout 60s;
+    keepalive_timeout 30s;
+    limit_conn_zone $binary_remote_addr zone=per_address:1m;
+    limit_req_zone $binary_remote_addr zone=fleet_calls:1m rate=50r/s;
     server {{
         listen {bind}:{ws.port} ssl;
+        limit_conn per_address 64;
         ssl_certificate {ws.tls_cert};
         ssl_certificate_key {ws.tls_key};
         ssl_protocols TLSv1.2 TLSv1.3;
         default_type application/json;
         location ~ {FLEET_PATH} {{
             limit_except POST {{ deny all; }}
+            limit_req zone=fleet_calls burst=200 nodelay;
             proxy_pass https://127.0.0.1:{ws.internal_port};
             proxy_http_version 1.1;
             proxy_ssl_verify on;
@@ -79,3 +87,18 @@ def nginx_command(ws: ServerWorkspace) -> list[str]:
     conf = ws.proxy_dir / "nginx.conf"
     atomic_write_bytes(conf, nginx_config(ws).encode(), mode=0o600)
     return [nginx_binary(), "-p", str(ws.proxy_dir), "-c", str(conf), "-e", "stderr", "-g", "daemon off;"]
+
+
+def firewall_rules(ws: ServerWorkspace, uid: int) -> str:
+    """nftables rules (for the host's firewall, installed by its administrator) that let only the
+    service account ``uid`` connect to the SuperLink's loopback port: Flower's Control API
+    authenticates nobody, so without them any local account on the server host commands it."""
+    return f"""# medfed: only uid {uid} (the account running medfed-server) may reach the SuperLink on 127.0.0.1:{ws.internal_port}
+table inet medfed_superlink {{
+    chain output {{
+        type filter hook output priority 0; policy accept;
+        ip daddr 127.0.0.1 tcp dport {ws.internal_port} meta skuid != {uid} counter reject with tcp reset
+        ip6 daddr ::1 tcp dport {ws.internal_port} counter reject with tcp reset
+    }}
+}}
+"""

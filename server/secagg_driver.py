@@ -1,8 +1,8 @@
 """The server's SecAgg+ driver: the four stages as Message exchanges on the ``Grid``.
 
-advertise -> share -> input (sites train here) -> unmask; each with the round timeout.
-Sites that do not answer a stage are dropped; the round completes while every needed
-secret stays reconstructable, and is abandoned cleanly otherwise (no update applied).
+advertise -> share -> input (sites train here) -> consistency -> unmask; each with the round
+timeout. Sites that do not answer a stage are dropped; the round completes while every
+needed secret stays reconstructable, and is abandoned cleanly otherwise (no update applied).
 """
 
 from __future__ import annotations
@@ -82,11 +82,12 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
                           MessageType.TRAIN, timeout, with_arrays=False)
         result.failed += shared.failed
         clock.mark("share")
-        inboxes = agg.route_shares({r.site: boxes_from_bytes(r.secagg[K.OUTBOX]) for r in shared.replies
-                                    if K.OUTBOX in r.secagg})
+        inboxes, sharers = agg.route_shares({r.site: boxes_from_bytes(r.secagg[K.OUTBOX]) for r in shared.replies
+                                             if K.OUTBOX in r.secagg})
         global_record = arrays_to_record(arrays)
         contents = {node_of[s]: RecordDict({K.ARRAYS: global_record, K.CONFIG: _stage_conf(
-            conf, "input", **{K.SECAGG_INBOX: boxes_to_bytes(inboxes[s])})}) for s in sorted(inboxes)}
+            conf, "input", **{K.SECAGG_INBOX: boxes_to_bytes(inboxes[s]), K.SECAGG_SHARERS: sharers})})
+            for s in sorted(inboxes)}
         trained = exchange(grid, contents, MessageType.TRAIN, timeout, with_arrays=True)
         result.failed += trained.failed
         clock.mark("input")
@@ -95,9 +96,16 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         if not masked:
             result.info["sites"] = 0
             return result
-        survivors, dropped = agg.collect_inputs(masked)
-        unmask_conf = _stage_conf(conf, "unmask", **{K.SECAGG_SURVIVORS: survivors, K.SECAGG_DROPPED: dropped})
-        revealed = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: unmask_conf}) for s in survivors},
+        survivors = agg.collect_inputs(masked)
+        check_conf = _stage_conf(conf, "consistency", **{K.SECAGG_SURVIVORS: survivors})
+        checked = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: check_conf}) for s in survivors},
+                           MessageType.TRAIN, timeout, with_arrays=False)
+        result.failed += checked.failed
+        clock.mark("consistency")
+        signatures = agg.collect_signatures({r.site: r.secagg[K.CONSISTENCY] for r in checked.replies
+                                             if K.CONSISTENCY in r.secagg})
+        unmask_conf = _stage_conf(conf, "unmask", **{K.SECAGG_SIGNATURES: boxes_to_bytes(signatures)})
+        revealed = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: unmask_conf}) for s in sorted(signatures)},
                             MessageType.TRAIN, timeout, with_arrays=False)
         result.failed += revealed.failed
         total, weight = agg.finish({r.site: reveals_from_bytes(r.secagg[K.REVEALS]) for r in revealed.replies

@@ -33,6 +33,9 @@ for i in 1 2 3; do
   setsid medfed-site start --workspace "$OUT/hospital-$i" --runtime-port $((PORT + 10 + i)) > "$OUT/hospital-$i.log" 2>&1 &
   PIDS+=($!)
 done
+# the consortium hands every site the roster fingerprint out of band; each site pins it
+FP=$(medfed-server roster --workspace "$OUT/server" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["sha256"])')
+for i in 1 2 3; do medfed-site roster --workspace "$OUT/hospital-$i" --expect "$FP"; done
 for _ in $(seq 1 90); do
   [ "$(medfed-server sites --workspace "$OUT/server" --json | grep -o '"online"' | wc -l)" -ge 3 ] && break; sleep 2
 done

@@ -24,9 +24,11 @@ class E:
     EVALUATED = "round-evaluated"  # run_id, round, global_sha256, metrics (dp|exact), dp, noise_multiplier, ...
     REFUSED = "refused"  # run_id, round, global_sha256, reason
     EGRESS_BLOCKED = "egress-blocked"
-    CODE_REFUSED = "code-refused"  # code_sha256 (the bundle's digest), fab_sha256, flwr_run
-    CODE_FOREIGN = "code-ran"  # code_sha256, flwr_run: an approved bundle other than the installed medfed ran
+    CODE_REFUSED = "code-refused"  # code_sha256 (the bundle's digest), fab_sha256, run_id (Flower's run id)
+    CODE_FOREIGN = "code-ran"  # code_sha256, run_id: an approved bundle other than the installed medfed ran
     CODE_APPROVED = "code-approved"  # code_sha256
     CODE_REVOKED = "code-revoked"  # code_sha256
     ROSTER_PINNED = "roster-pinned"  # roster_sha256
+    ROSTER_EXPECTED = "roster-expected"  # roster_sha256 (obtained out of band)
+    SECAGG_CLIPPED = "secagg-clipped"  # run_id, round, count, max_abs: update values the round's range clipped
     ROSTER_ACCEPTED = "roster-accepted"  # roster_sha256  # run_id, round, key, reason

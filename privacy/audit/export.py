@@ -31,6 +31,8 @@ def summarize(entries: list[Entry]) -> dict[str, Any]:
         slot = runs.setdefault(str(run), {"joined": {}, "rounds": []})
         if e.event == E.RUN_JOINED:
             slot["joined"] = {k: v for k, v in e.data.items() if k != "run_id"}
+        elif e.event == E.CODE_FOREIGN:  # what the site's launcher verified, not what the bundle says of itself
+            slot["code_ran"] = e.data.get("code_sha256")
         elif e.event in (E.ROUND_TRAINED, E.REFUSED) or (e.event == E.EVALUATED and e.data.get("dp")):
             status = {E.ROUND_TRAINED: "trained", E.REFUSED: "refused", E.EVALUATED: "evaluated"}[e.event]
             slot["rounds"].append({

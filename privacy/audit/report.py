@@ -205,7 +205,7 @@ def software_section(d: ReportData) -> str:
     flags = []
     for site, s in sorted(d.sites.items()):
         j = s.get("joined", {})
-        code = j.get("code_sha256")
+        code = s.get("code_ran") or j.get("code_sha256")  # the launcher's verified digest wins
         rows.append([f"{site}: data sha256 / images / patients",
                      f"{j.get('data_sha256', '–')} / {j.get('images', '–')} / {j.get('patients', '–')}"])
         rows.append([f"{site}: code sha256 it ran", code or "not recorded"])

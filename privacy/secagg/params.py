@@ -10,6 +10,7 @@ import numpy as np
 
 FRACTION_BITS = 24  # fixed point: resolution 2^-24 ≈ 6e-8
 MODULUS_BITS = 64  # arithmetic mod 2^64 (numpy uint64 wraps)
+COMPLETE_GRAPH_MAX = 64  # up to this many sites every site neighbours every other (nothing to steer)
 
 
 def round_context(run_id: str, round_: int) -> str:
@@ -22,11 +23,30 @@ class SecAggConfigError(ValueError):
 
 
 def default_k(n: int) -> int:
-    """Neighbourhood size (self included, odd): the complete graph up to 11 sites, then
-    2·⌈log2 n⌉ + 3 (Bell et al.: O(log n) neighbours keep the failure probability negligible)."""
-    if n <= 11:
+    """Neighbourhood size (self included, odd): the complete graph up to ``COMPLETE_GRAPH_MAX``
+    sites (hospital consortia), then 2·⌈log2 n⌉ + 3 (Bell et al.: O(log n) neighbours keep the
+    failure probability negligible)."""
+    if n <= COMPLETE_GRAPH_MAX:
         return max(3, n if n % 2 else n + 1)
     return min(n if n % 2 else n - 1, 2 * math.ceil(math.log2(n)) + 3)
+
+
+def required_threshold(holders: int, colluders: int = 0) -> int:
+    """The smallest Shamir threshold a site accepts for ``holders`` share holders (its
+    neighbours and itself) when up to ``colluders`` sites may side with a malicious server:
+    t > (holders + colluders) / 2. Two different survivor sets then cannot both collect t
+    signatures (honest sites sign one set), and colluders alone never hold t shares."""
+    return (holders + colluders) // 2 + 1
+
+
+@dataclass(frozen=True)
+class SecAggFloors:
+    """What a site accepts, whatever the server asks (``[secagg]`` of ``site.toml``)."""
+
+    min_sites: int = 3  # distinct roster sites in a round
+    min_neighbours: int = 2  # neighbours that hold this site's shares
+    assumed_colluders: int = 0  # sites that may side with the server (raises the threshold floor)
+    update_bound: float = 1.0  # the round's clipping range must cover updates up to this (no silent clipping)
 
 
 @dataclass(frozen=True)
@@ -40,6 +60,7 @@ class SecAggParams:
     threshold: int  # shares needed to reconstruct a neighbour's secret
     update_clip: float = 1.0  # each update element is clipped to ±update_clip before weighting
     max_weight: int = 1 << 20  # weights (examples) above this are refused
+    graph_seed: str = ""  # sparse graphs only: the digest of the round's signed advertisements
 
     def __post_init__(self) -> None:
         n = len(self.sites)
@@ -79,20 +100,29 @@ class SecAggParams:
     def context(self) -> str:
         return round_context(self.run_id, self.round)
 
+    @property
+    def complete(self) -> bool:
+        return self.k >= len(self.sites)
+
     def neighbours(self, site: str) -> list[str]:
-        """The (k-1) neighbours of ``site``: (k-1)/2 on each side on a ring ordered by a
-        public permutation derived from the run and round (the complete graph when k >= n)."""
+        """The (k-1) neighbours of ``site``: every other site when k >= n; otherwise (k-1)/2 on
+        each side on a ring ordered by a permutation derived from ``graph_seed``, the digest of
+        every site's signed advertisement of this round (fresh keys each site drew), which the
+        server cannot choose; it can only leave advertisements out, and sites check the digest."""
         n = len(self.sites)
-        if self.k >= n:
+        if self.complete:
             return [s for s in self.sites if s != site]
-        order = sorted(self.sites, key=lambda s: hashlib.sha256(f"{self.context()}|{s}".encode()).digest())
+        if not self.graph_seed:
+            raise SecAggConfigError("a sparse neighbour graph needs the advertisements' digest (graph_seed)")
+        order = sorted(self.sites, key=lambda s: hashlib.sha256(f"{self.graph_seed}|{s}".encode()).digest())
         i = order.index(site)
         half = (self.k - 1) // 2
         return sorted({order[(i + d) % n] for d in range(-half, half + 1) if d})
 
 
 def encode_input(update: np.ndarray, weight: int, params: SecAggParams) -> np.ndarray:
-    """``[w·clip(x), w]`` in fixed point mod 2^64 (two's complement): what a site masks.
+    """``[w·clip(x), w]`` in fixed point mod 2^64 (two's complement): what a site masks
+    (:func:`clipped` counts what the clip changed; the site logs and audits it).
 
     Error bound of the recovered weighted mean, per element, for |x| <= update_clip:
     |mean_hat - mean| <= n_sites / (2^(FRACTION_BITS + 1) · Σw) (rounding only; no overflow
@@ -110,3 +140,9 @@ def decode_sum(total: np.ndarray) -> tuple[np.ndarray, int]:
     """``(Σ w·x as float64, Σ w)`` from the unmasked sum of :func:`encode_input` vectors."""
     signed = total.view(np.int64)
     return signed[:-1].astype(np.float64) / 2.0**FRACTION_BITS, int(signed[-1])
+
+
+def clipped(update: np.ndarray, params: SecAggParams) -> tuple[int, float]:
+    """How many elements of ``update`` exceed ±``update_clip``, and the largest magnitude."""
+    mag = np.abs(np.asarray(update, dtype=np.float64))
+    return int((mag > params.update_clip).sum()), float(mag.max(initial=0.0))

@@ -1,9 +1,11 @@
 """The server's side of one SecAgg+ round: relay, then recover only the sum.
 
 The server sees advertisements (public keys), sealed shares it cannot open, masked
-vectors, and in the last stage for each survivor the shares of its self-mask seed and for
-each dropped site the shares of its mask-agreement key: enough to remove the masks of
-the sum, never one site's update.
+vectors, the survivors' signatures on the one survivor set, and in the last stage for each
+survivor the shares of its self-mask seed and for each site that shared but dropped the
+shares of its mask-agreement key: enough to remove the masks of the sum, never one site's
+update. A malicious server gains nothing by deviating: every site checks the round against
+its own floors and refuses a withheld inbox, a ghost survivor or a second survivor set.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 from privacy.secagg.crypto import agree, combine_secret, expand_mask
 from privacy.secagg.params import SecAggParams, decode_sum
-from privacy.secagg.site import KeyAdvert, holders, pair_context, self_context
+from privacy.secagg.site import KeyAdvert, adverts_digest, holders, pair_context, self_context
 
 
 class RoundAborted(RuntimeError):
@@ -31,6 +33,7 @@ class Aggregator:
     adverts: dict[str, KeyAdvert] = field(default_factory=dict)  # U1
     sharers: set[str] = field(default_factory=set)  # U2
     inputs: dict[str, np.ndarray] = field(default_factory=dict)  # U3
+    signatures: dict[str, bytes] = field(default_factory=dict)  # U4: survivors that signed U3
 
     def _need(self, who: Collection[str], stage: str) -> None:
         if len(who) < self.params.threshold:
@@ -38,16 +41,20 @@ class Aggregator:
 
     def collect_adverts(self, adverts: dict[str, KeyAdvert]) -> tuple[SecAggParams, dict[str, KeyAdvert]]:
         """Stage 1 replies -> what every site receives in stage 2: the round's parameters (its
-        sites are those that advertised) and all advertisements."""
+        sites are those that advertised; a sparse graph is seeded by their advertisements) and
+        all advertisements."""
         self.adverts = {k: v for k, v in adverts.items() if k == v.site}
         self._need(self.adverts, "advertise keys")
         if len(self.adverts) < 2:
             raise RoundAborted("advertise keys: secure aggregation needs at least 2 sites")
         self.params = replace(self.params, sites=tuple(sorted(self.adverts)))
+        if not self.params.complete:
+            self.params = replace(self.params, graph_seed=adverts_digest(self.adverts))
         return self.params, dict(self.adverts)
 
-    def route_shares(self, outboxes: dict[str, dict[str, bytes]]) -> dict[str, dict[str, bytes]]:
-        """Stage 2 replies (``sender -> receiver -> sealed``) -> stage 3 inboxes (``receiver -> sender -> sealed``)."""
+    def route_shares(self, outboxes: dict[str, dict[str, bytes]]) -> tuple[dict[str, dict[str, bytes]], list[str]]:
+        """Stage 2 replies (``sender -> receiver -> sealed``) -> stage 3 inboxes (``receiver ->
+        sender -> sealed``) and the sharers U2 every site is told."""
         self.sharers = {s for s in outboxes if s in self.adverts}
         self._need(self.sharers, "share keys")
         inboxes: dict[str, dict[str, bytes]] = {s: {} for s in self.sharers}
@@ -55,19 +62,25 @@ class Aggregator:
             for receiver, sealed in outboxes[sender].items():
                 if receiver in self.sharers:
                     inboxes[receiver][sender] = sealed
-        return inboxes
+        return inboxes, sorted(self.sharers)
 
-    def collect_inputs(self, inputs: dict[str, np.ndarray]) -> tuple[list[str], list[str]]:
-        """Stage 3 replies -> the stage 4 request ``(survivors, dropped)``."""
+    def collect_inputs(self, inputs: dict[str, np.ndarray]) -> list[str]:
+        """Stage 3 replies -> the survivor set U3 every survivor is asked to sign."""
         self.inputs = {s: v for s, v in inputs.items() if s in self.sharers}
         self._need(self.inputs, "masked input")
         lengths = {len(v) for v in self.inputs.values()}
         if len(lengths) != 1:
             raise RoundAborted("masked inputs differ in length")
-        return sorted(self.inputs), sorted(self.sharers - set(self.inputs))
+        return sorted(self.inputs)
+
+    def collect_signatures(self, signatures: dict[str, bytes]) -> dict[str, bytes]:
+        """Stage 4 replies -> the signatures every survivor checks before it reveals anything."""
+        self.signatures = {s: v for s, v in signatures.items() if s in self.inputs}
+        self._need(self.signatures, "consistency check")
+        return dict(self.signatures)
 
     def finish(self, reveals: dict[str, dict[str, tuple[str, bytes]]]) -> tuple[np.ndarray, int]:
-        """Stage 4 replies -> ``(Σ w·x, Σ w)`` over the survivors."""
+        """Stage 5 replies -> ``(Σ w·x, Σ w)`` over the survivors."""
         self._need(reveals, "unmask")
         survivors, dropped = set(self.inputs), self.sharers - set(self.inputs)
         total = np.zeros(len(next(iter(self.inputs.values()))), dtype=np.uint64)

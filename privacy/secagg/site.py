@@ -1,18 +1,27 @@
-"""A site's side of one SecAgg+ round: four stages, each a pure step on a small state.
+"""A site's side of one SecAgg+ round against a malicious server: five stages, each a pure
+step on a small state (Bonawitz et al. 2017 §6 with SecAgg+'s neighbour graph, Bell et al. 2020).
 
 1. ``advertise``: fresh X25519 pairs (mask agreement ``c``, share encryption ``s``), signed
    with the site's Ed25519 identity key.
-2. ``share_keys``: verify every advertisement against the locally pinned roster (a key the
-   server substituted, or a changed roster, aborts); Shamir-share the self-mask seed ``b``
-   and ``c``'s private key among the neighbours (and itself); seal each share for its holder.
-3. ``masked_input``: open the shares addressed to this site; send
-   ``encode([w·x, w]) + PRG(b) + Σ ±PRG(agree(c_i, c_j))`` over the neighbours that shared.
-4. ``unmask``: reveal, per neighbour, the share of ``b`` (it survived) or of ``c`` (it
-   dropped), never both for the same neighbour.
+2. ``share_keys``: check the round against the site's own floors (distinct roster sites,
+   neighbours, a threshold above (holders + colluders) / 2, the complete graph at consortium
+   scale or a graph derived from every signed advertisement, a clipping range that covers the
+   site's update bound) and every neighbour's advertisement against the pinned roster; then
+   Shamir-share the self-mask seed ``b`` and ``c``'s private key among the holders.
+3. ``masked_input``: only with a share from **every** neighbour the server says shared
+   (``U2``), and enough holders left: ``encode([w·x, w]) + PRG(b) + Σ ±PRG(agree(c_i, c_j))``.
+4. ``consistency``: sign the survivor set ``U3`` the server announces (a subset of ``U2``
+   holding this site); one set per round, never a second.
+5. ``unmask``: only with at least ``t`` valid signatures of distinct survivors on that same
+   set; then reveal, per peer whose shares it holds, the share of ``b`` (it survived) or of
+   ``c`` (it shared and dropped), derived from the signed set, never both for one peer.
+
+Every refusal raises :class:`VerificationError` with a short ``code`` the site audits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -21,12 +30,25 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from privacy.secagg.crypto import agree, expand_mask, hkdf, new_x25519, open_sealed, seal, split_secret
-from privacy.secagg.params import SecAggParams, encode_input, round_context
+from privacy.secagg.params import (
+    COMPLETE_GRAPH_MAX,
+    SecAggFloors,
+    SecAggParams,
+    clipped,
+    encode_input,
+    required_threshold,
+    round_context,
+)
 
 
 class VerificationError(RuntimeError):
-    """A protocol check failed at this site (forged or substituted key, inconsistent request):
-    the site refuses the round. The message says what, never any secret."""
+    """A protocol check failed at this site (forged or substituted key, parameters below the
+    site's floors, an inconsistent request): the site refuses the round. ``code`` names the
+    check for the audit log; the message says what, never any secret."""
+
+    def __init__(self, message: str, code: str = "verification") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -47,7 +69,20 @@ class KeyAdvert:
             key.verify(self.sig, self.message(params.context(), self.site, self.c_pub, self.s_pub))
         except InvalidSignature:
             raise VerificationError(f"the key advertisement of {self.site} is not signed by its enrolled identity "
-                                    "key: keys were substituted; round aborted") from None
+                                    "key: keys were substituted; round aborted", "substituted-key") from None
+
+
+def adverts_digest(adverts: dict[str, KeyAdvert]) -> str:
+    """The digest every site computes over the round's signed advertisements (sparse graph seed)."""
+    h = hashlib.sha256(b"medfed-secagg-graph")
+    for name in sorted(adverts):
+        a = adverts[name]
+        h.update(name.encode() + b"\0" + a.c_pub + a.s_pub + a.sig)
+    return h.hexdigest()
+
+
+def consistency_message(params: SecAggParams, survivors: list[str] | tuple[str, ...]) -> bytes:
+    return f"medfed-secagg-consistency|{params.context()}|{','.join(sorted(survivors))}".encode()
 
 
 def pair_context(params: SecAggParams, a: str, b: str) -> str:
@@ -72,6 +107,37 @@ def holders(params: SecAggParams, site: str, present: set[str]) -> list[str]:
     return sorted({site, *(n for n in params.neighbours(site) if n in present)})
 
 
+def check_floors(params: SecAggParams, site: str, floors: SecAggFloors, roster: dict[str, Ed25519PublicKey],
+                 adverts: dict[str, KeyAdvert]) -> None:
+    """The round as the server set it, against what this site accepts."""
+    n = len(params.sites)
+    strangers = [s for s in params.sites if s not in roster]
+    if strangers:
+        raise VerificationError(f"{len(strangers)} site(s) of the round are not in the pinned federation roster",
+                                "not-in-roster")
+    if n < floors.min_sites:
+        raise VerificationError(f"the round has {n} sites; this site requires at least {floors.min_sites} distinct "
+                                "roster sites", "too-few-sites")
+    if n <= COMPLETE_GRAPH_MAX and not params.complete:
+        raise VerificationError(f"a sparse neighbour graph (k={params.k}) for {n} sites: at this scale only the "
+                                "complete graph is accepted (a server-chosen graph could surround a site)",
+                                "graph-not-complete")
+    if not params.complete and params.graph_seed != adverts_digest(adverts):
+        raise VerificationError("the neighbour graph is not derived from the round's advertisements", "graph-seed")
+    mine = holders(params, site, set(adverts))
+    if len(mine) - 1 < floors.min_neighbours:
+        raise VerificationError(f"{len(mine) - 1} neighbour(s) would hold this site's shares; the site requires "
+                                f"{floors.min_neighbours}", "too-few-neighbours")
+    need = required_threshold(len(mine), floors.assumed_colluders)
+    if params.threshold < need:
+        raise VerificationError(f"threshold {params.threshold} for {len(mine)} share holders is below the site's "
+                                f"floor {need} (a strict majority of holders plus {floors.assumed_colluders} "
+                                "colluding sites)", "threshold-below-floor")
+    if params.update_clip < floors.update_bound:
+        raise VerificationError(f"the round clips updates to ±{params.update_clip:g}, below the site's update bound "
+                                f"{floors.update_bound:g}", "clip-below-bound")
+
+
 @dataclass
 class SiteSession:
     """One site's state for one round (kept in the ClientApp's ``context.state`` between stages)."""
@@ -89,11 +155,14 @@ class SiteSession:
     shares: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # owner -> (b share, c share)
     revealed: dict[str, str] = field(default_factory=dict)  # owner -> "b" | "c"
     params_: SecAggParams | None = None  # fixed by the server in stage 2 (the sites that advertised)
+    sharers: tuple[str, ...] = ()  # U2 as the server announced it in stage 3
+    survivors: tuple[str, ...] = ()  # U3 as this site signed it in stage 4
+    clipped: tuple[int, float] = (0, 0.0)  # elements the clip changed, largest magnitude (stage 3)
 
     @property
     def params(self) -> SecAggParams:
         if self.params_ is None:
-            raise VerificationError("protocol stage out of order: no share-keys stage for this round")
+            raise VerificationError("protocol stage out of order: no share-keys stage for this round", "out-of-order")
         return self.params_
 
     @classmethod
@@ -105,60 +174,85 @@ class SiteSession:
         return cls(run_id, round_, site, c_priv, c_pub, s_priv, s_pub), KeyAdvert(site, c_pub, s_pub, sig)
 
     def share_keys(self, params: SecAggParams, adverts: dict[str, KeyAdvert],
-                   roster: dict[str, Ed25519PublicKey]) -> dict[str, bytes]:
-        """Stage 2: check the round's parameters and every advertisement, then sealed shares for
-        each holder (``receiver -> bytes``)."""
+                   roster: dict[str, Ed25519PublicKey], floors: SecAggFloors | None = None) -> dict[str, bytes]:
+        """Stage 2: check the round's parameters (against ``floors``) and every neighbour's
+        advertisement, then sealed shares for each holder (``receiver -> bytes``)."""
+        if self.params_ is not None:
+            raise VerificationError("a second share-keys request in one round", "out-of-order")
         if (params.run_id, params.round) != (self.run_id, self.round) or self.site not in params.sites:
-            raise VerificationError("the round parameters do not match this site's round; round aborted")
+            raise VerificationError("the round parameters do not match this site's round; round aborted", "params")
         if set(adverts) != set(params.sites):
-            raise VerificationError("the advertised sites differ from the round's sites; round aborted")
-        self.params_ = params
+            raise VerificationError("the advertised sites differ from the round's sites; round aborted", "params")
         mine = adverts.get(self.site)
         if mine is None or (mine.c_pub, mine.s_pub) != (self.c_pub, self.s_pub):
-            raise VerificationError("the server relayed a different key advertisement for this site; round aborted")
+            raise VerificationError("the server relayed a different key advertisement for this site; round aborted",
+                                    "substituted-key")
         for name, advert in adverts.items():
-            if name != advert.site or name not in self.params.sites:
-                raise VerificationError(f"advertisement for {name!r} is not from a site of this round")
+            if name != advert.site:
+                raise VerificationError(f"advertisement for {name!r} is not from a site of this round", "params")
+        check_floors(params, self.site, floors or SecAggFloors(), roster, adverts)
         # only the neighbours' keys are used: their advertisements are the ones to verify
         # (per-site cost grows with k, not with the number of sites)
-        for name in holders(self.params, self.site, set(adverts)):
-            advert = adverts[name]
-            key = roster.get(name)
-            if key is None:
-                raise VerificationError(f"{name} is not in the pinned federation roster; round aborted")
-            advert.verify(self.params, key)
+        who = holders(params, self.site, set(adverts))
+        for name in who:
+            adverts[name].verify(params, roster[name])
+        self.params_ = params
         self.adverts = dict(adverts)
-        who = holders(self.params, self.site, set(adverts))
-        if len(who) < self.params.threshold:
-            raise VerificationError(f"only {len(who)} share holders for threshold {self.params.threshold}")
         self.b = os.urandom(32)
-        b_shares = split_secret(self.b, self.params.threshold, len(who))
-        c_shares = split_secret(self.c_priv, self.params.threshold, len(who))
+        b_shares = split_secret(self.b, params.threshold, len(who))
+        c_shares = split_secret(self.c_priv, params.threshold, len(who))
         out = {}
         for holder, sb, sc in zip(who, b_shares, c_shares, strict=True):
             if holder == self.site:
                 self.own_shares = (sb, sc)
                 continue
-            sealing = share_key(self.params, self.s_priv, adverts[holder].s_pub, self.site, holder)
-            out[holder] = seal(sealing, sb + sc, share_aad(self.params, self.site, holder))
+            sealing = share_key(params, self.s_priv, adverts[holder].s_pub, self.site, holder)
+            out[holder] = seal(sealing, sb + sc, share_aad(params, self.site, holder))
         return out
 
-    def masked_input(self, update: np.ndarray, weight: int, inbox: dict[str, bytes]) -> np.ndarray:
-        """Stage 3: open the shares addressed here; return the masked ``[w·x, w]`` (uint64)."""
+    def check_inbox(self, inbox: dict[str, bytes], sharers: list[str]) -> None:
+        """The stage-3 checks alone (the ClientApp runs them before it trains): the inbox holds
+        a share from every neighbour in ``sharers`` (U2) and enough holders remain.
+
+        Without them a server that withholds a site's inbox gets ``x + PRG(b)`` and then, with
+        the honest unmask of ``b``, the site's update."""
+        params = self.params
+        u2 = set(sharers)
+        if self.sharers:
+            raise VerificationError("a second masked-input request in one round", "out-of-order")
+        if not u2 <= set(params.sites) or self.site not in u2:
+            raise VerificationError("the announced sharers are not sites of this round (or lack this site)",
+                                    "ghost-site")
+        expected = set(params.neighbours(self.site)) & u2
+        if set(inbox) != expected:
+            missing, extra = len(expected - set(inbox)), len(set(inbox) - expected)
+            raise VerificationError(f"incomplete inbox: {missing} share(s) of neighbours that shared were withheld"
+                                    + (f", {extra} from sites that did not share" if extra else "")
+                                    + "; the update would leave without their masks", "incomplete-inbox")
+        if len(expected) + 1 < params.threshold:
+            raise VerificationError(f"{len(expected) + 1} share holder(s) left, fewer than the threshold "
+                                    f"{params.threshold}", "too-few-holders")
+
+    def masked_input(self, update: np.ndarray, weight: int, inbox: dict[str, bytes], sharers: list[str]) -> np.ndarray:
+        """Stage 3: :meth:`check_inbox`, open the shares; return the masked ``[w·x, w]`` (uint64)."""
+        self.check_inbox(inbox, sharers)
+        params = self.params
+        u2 = set(sharers)
         for sender, sealed in inbox.items():
-            advert = self.adverts.get(sender)
-            if advert is None or sender not in self.params.neighbours(self.site):
-                raise VerificationError(f"share from {sender!r}, which is not an advertised neighbour")
-            key = share_key(self.params, self.s_priv, advert.s_pub, sender, self.site)
+            advert = self.adverts[sender]
+            key = share_key(params, self.s_priv, advert.s_pub, sender, self.site)
             try:
-                plain = open_sealed(key, sealed, share_aad(self.params, sender, self.site))
+                plain = open_sealed(key, sealed, share_aad(params, sender, self.site))
             except InvalidTag:
-                raise VerificationError(f"the share from {sender} does not decrypt: tampered in transit") from None
+                raise VerificationError(f"the share from {sender} does not decrypt: tampered in transit",
+                                        "tampered-share") from None
             self.shares[sender] = (plain[:33], plain[33:])
-        masked = encode_input(update, weight, self.params)
-        masked += expand_mask(self.b, self_context(self.params, self.site), len(masked))
+        self.sharers = tuple(sorted(u2))
+        self.clipped = clipped(update, params)
+        masked = encode_input(update, weight, params)
+        masked += expand_mask(self.b, self_context(params, self.site), len(masked))
         for peer in self.shares:
-            mask = expand_mask(agree(self.c_priv, self.adverts[peer].c_pub), pair_context(self.params, self.site, peer),
+            mask = expand_mask(agree(self.c_priv, self.adverts[peer].c_pub), pair_context(params, self.site, peer),
                                len(masked))
             if self.site < peer:
                 masked += mask
@@ -166,28 +260,56 @@ class SiteSession:
                 masked -= mask
         return masked
 
-    def unmask(self, survivors: list[str], dropped: list[str]) -> dict[str, tuple[str, bytes]]:
-        """Stage 4: ``owner -> ("b" | "c", share)``; refuses to reveal both kinds for one owner."""
-        surv, drop = set(survivors), set(dropped)
-        if surv & drop:
-            raise VerificationError("the server lists a site as both survived and dropped; round aborted")
-        if self.site not in surv:
-            raise VerificationError("this site is not listed among the survivors")
-        if len(surv) < self.params.threshold:
-            raise VerificationError(f"only {len(surv)} survivors, fewer than the threshold {self.params.threshold}")
+    def consistency(self, survivors: list[str], identity: Ed25519PrivateKey) -> bytes:
+        """Stage 4: sign the survivor set (U3); refuse ghosts, a set without this site, a set
+        too small, or a second, different set in the same round."""
+        params = self.params
+        u3 = tuple(sorted(set(survivors)))
+        if not self.sharers:
+            raise VerificationError("protocol stage out of order: no masked input in this round", "out-of-order")
+        if self.survivors and self.survivors != u3:
+            raise VerificationError("the server announced a second, different survivor set; refused", "equivocation")
+        if not set(u3) <= set(self.sharers) or self.site not in u3:
+            raise VerificationError("the survivor set names sites that did not share keys in this round (or lacks "
+                                    "this site)", "ghost-site")
+        if len(u3) < params.threshold:
+            raise VerificationError(f"only {len(u3)} survivors, fewer than the threshold {params.threshold}",
+                                    "too-few-survivors")
+        self.survivors = u3
+        return identity.sign(consistency_message(params, u3))
+
+    def unmask(self, signatures: dict[str, bytes], roster: dict[str, Ed25519PublicKey]) -> dict[str, tuple[str, bytes]]:
+        """Stage 5: ``owner -> ("b" | "c", share)`` once at least ``t`` distinct survivors signed
+        the same survivor set this site signed; which secret is revealed for a peer follows from
+        that set, never from the server's say-so, and never both for one peer."""
+        params = self.params
+        if not self.survivors:
+            raise VerificationError("protocol stage out of order: this site signed no survivor set", "out-of-order")
+        u3, message = set(self.survivors), consistency_message(params, self.survivors)
+        valid = 0
+        for signer, sig in signatures.items():
+            if signer not in u3 or signer not in roster:
+                raise VerificationError("a consistency signature from a site outside the survivor set", "equivocation")
+            try:
+                roster[signer].verify(sig, message)
+            except InvalidSignature:
+                raise VerificationError("a consistency signature does not verify: the survivors were told different "
+                                        "sets; refused", "equivocation") from None
+            valid += 1
+        if valid < params.threshold:
+            raise VerificationError(f"{valid} survivor signature(s) on the survivor set, {params.threshold} needed: "
+                                    "the server may have told other sites a different set; refused", "equivocation")
         out: dict[str, tuple[str, bytes]] = {}
-        for owner in sorted((surv | drop) & {self.site, *self.params.neighbours(self.site)}):
-            kind = "b" if owner in surv else "c"
+        for owner in sorted({self.site, *self.shares}):
+            kind = "b" if owner in u3 else "c"
             if owner == self.site:
                 share = self.own_shares[0] if kind == "b" else b""
             else:
-                if owner not in self.shares:
-                    continue
                 share = self.shares[owner][0 if kind == "b" else 1]
             if not share:
                 continue
             if self.revealed.get(owner, kind) != kind:
-                raise VerificationError(f"asked for both secrets of {owner}; refused (consistency rule)")
+                raise VerificationError(f"asked for both secrets of {owner}; refused (consistency rule)", "equivocation")
             self.revealed[owner] = kind
             out[owner] = (kind, share)
         return out

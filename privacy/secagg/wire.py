@@ -50,7 +50,12 @@ def params_to_json(params: SecAggParams) -> dict[str, Any]:
 
 
 def params_from_json(obj: dict[str, Any]) -> SecAggParams:
-    return SecAggParams(**{**obj, "sites": tuple(obj["sites"])})
+    """The round parameters from the server's JSON (attacker input: unknown keys and wrong
+    types are refused; the dataclass checks the ranges)."""
+    names = {f.name for f in fields(SecAggParams)}
+    if not isinstance(obj, dict) or set(obj) - names:
+        raise ValueError("secure-aggregation parameters with unknown keys")
+    return SecAggParams(**{**obj, "sites": tuple(str(s) for s in obj["sites"])})
 
 
 _BYTES = ("c_priv", "c_pub", "s_priv", "s_pub", "b")
@@ -65,7 +70,7 @@ def session_to_bytes(session: SiteSession) -> bytes:
         "adverts": adverts_to_bytes(session.adverts).decode(),
         "own_shares": [s.hex() for s in session.own_shares],
         "shares": {k: [a.hex(), b.hex()] for k, (a, b) in session.shares.items()},
-        "revealed": session.revealed,
+        "revealed": session.revealed, "sharers": list(session.sharers), "survivors": list(session.survivors),
     })
 
 
@@ -80,6 +85,7 @@ def session_from_bytes(data: bytes) -> SiteSession:
         "own_shares": tuple(bytes.fromhex(s) for s in raw["own_shares"]),
         "shares": {k: (bytes.fromhex(a), bytes.fromhex(b)) for k, (a, b) in raw["shares"].items()},
         "revealed": dict(raw["revealed"]),
+        "sharers": tuple(raw.get("sharers", ())), "survivors": tuple(raw.get("survivors", ())),
     }
     return SiteSession(**{k: v for k, v in values.items() if k in names})
 

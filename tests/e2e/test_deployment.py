@@ -147,6 +147,10 @@ def federation(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
             r = install.cli("server.cli", "enroll", "--workspace", str(server), str(ws / "keys" / "node.pub"),
                             "--name", ws.name)
             assert r.returncode == 0, r.stderr
+        roster = json.loads(install.cli("server.cli", "roster", "--workspace", str(server), "--json").stdout)
+        for ws in sites:  # each site pins the roster fingerprint it got from the consortium out of band
+            r = install.cli("client.cli", "roster", "--workspace", str(ws), "--expect", roster["sha256"])
+            assert r.returncode == 0, r.stderr
         for ws in sites:
             procs.start(ws.name, [sys.executable, "-m", "client.cli", "start", "--workspace", str(ws),
                                   "--runtime-port", str(free_port())], **{MARKER: str(root / "marker")})

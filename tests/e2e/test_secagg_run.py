@@ -57,7 +57,8 @@ def test_protocol_outcome_in_metrics_and_audit(runs: tuple[Path, Path]) -> None:
     assert m["config"]["secure_aggregation"] is True
     outcome = [{k: v for k, v in r["secagg"].items() if k != "stage_seconds"} for r in m["rounds"]]
     assert outcome == [{"sites": 3, "dropped": 0, "aborted": False, "k": 3, "threshold": 2}] * 2
-    assert all(set(r["secagg"]["stage_seconds"]) == {"advertise", "share", "input", "unmask"} for r in m["rounds"])
+    assert all(set(r["secagg"]["stage_seconds"]) == {"advertise", "share", "input", "consistency", "unmask"}
+               for r in m["rounds"])
     assert json.loads((plain / "metrics.json").read_text())["config"]["secure_aggregation"] is False
     events = [e for e in read_entries(masked / "audit.jsonl") if e.event == "secure-aggregation"]
     assert [(e.data["round"], e.data["sites"], e.data["aborted"]) for e in events] == [(1, 3, False), (2, 3, False)]

@@ -81,6 +81,29 @@ def test_one_changed_byte_or_an_extra_file_is_another_digest_or_refused(fab: byt
             bundle_digest(bad)
 
 
+def test_ambiguous_or_dangerous_bundles_are_refused(fab: bytes) -> None:
+    """The red team made two bundles share a digest by hiding a file entry inside a clientapp
+    string with a NUL; names with '..', duplicates and zip bombs are refused before use."""
+    members = _members(fab)
+    nul = dict(members)
+    nul["pyproject.toml"] = members["pyproject.toml"].replace(b'"client.app:app"', b'"client.app:app\\u0000x.py"')
+    with pytest.raises(BundleError, match="package.module:attribute"):
+        bundle_digest(_rezip(_with_content(nul)))
+    for name in ("../evil.py", "client/../../x.py", "/abs.py", "a,b.py", "client/\nx.py", "./client/x.py"):
+        with pytest.raises(BundleError, match="member name"):
+            bundle_digest(_rezip(_with_content({**members, name: b"x"})))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in _with_content(members).items():
+            z.writestr(name, data)
+        z.writestr("client/app.py", b"# a second, hidden copy")
+    with pytest.raises(BundleError, match="twice"):
+        bundle_digest(buf.getvalue())
+    bomb = _with_content({**members, "client/zeros.py": b"0" * (17 * 2**20)})
+    with pytest.raises(BundleError, match="expands beyond"):
+        bundle_digest(_rezip(bomb, compression=zipfile.ZIP_DEFLATED))
+
+
 def test_approvals_are_validated_and_audited(tmp_path: Path, small_site: Path) -> None:
     site = load_site_config(make_workspace(tmp_path, "site-a", small_site))
     with pytest.raises(SiteConfigError, match="not a code digest"):

@@ -132,22 +132,31 @@ def test_secagg_mod_refuses_a_substituted_key_and_logs_it(tmp_path: Path, small_
     _, forged = SiteSession.start("run-9", 2, "site-2", Ed25519PrivateKey.generate())
     swapped = _conf("share", **{K.SECAGG_PARAMS: json.dumps(params),
                                 K.SECAGG_ADVERTS: adverts_to_bytes({**adverts, "site-2": forged})})
-    for name in ("site-1", "site-3"):
+    for name, code in (("site-3", "substituted-key"), ("site-1", "out-of-order")):  # site-1 shared already
         out = mods[name](incoming(RecordDict({K.CONFIG: swapped})), contexts[name], _never)
-        assert out.has_error() and out.error.code == SECAGG_REFUSED and "substituted" in out.error.reason
+        assert out.has_error() and out.error.code == SECAGG_REFUSED and f"({code})" in out.error.reason
         log = read_entries(SiteAudit(next(c for c in configs if c.name == name)).log.path)
-        assert log[-1].event == "refused" and log[-1].data["reason"] == "secagg-verification"
+        assert log[-1].event == "refused" and log[-1].data["reason"] == f"secagg-{code}"
 
 
-def test_roster_is_pinned_at_first_use_and_a_changed_one_waits_for_the_operator(tmp_path: Path,
-                                                                                small_site: Path) -> None:
-    from client.roster import PENDING, PINNED, accept_pending, check_delivered
+def test_roster_is_pinned_only_from_an_out_of_band_fingerprint_and_a_changed_one_waits(tmp_path: Path,
+                                                                                      small_site: Path) -> None:
+    from client.roster import EXPECTED, PENDING, PINNED, accept_pending, check_delivered, expect
     from privacy.secagg.site import VerificationError
     from privacy.secagg.wire import roster_bytes, roster_fingerprint
 
     config = load_site_config(make_workspace(tmp_path, "site-a", small_site))
     keys = {n: public_pem(Ed25519PrivateKey.generate().public_key()).decode() for n in ("site-a", "site-b")}
     first = roster_bytes(keys)
+    sybils = roster_bytes({**keys, "sybil-1": public_pem(Ed25519PrivateKey.generate().public_key()).decode()})
+    with pytest.raises(VerificationError, match="none is expected") as info:  # no trust on first use
+        check_delivered(config, first)
+    assert info.value.code == "roster-not-pinned" and not (config.workspace / PINNED).exists()
+    expect(config, roster_fingerprint(first))  # the fingerprint the consortium gave the operator
+    assert (config.workspace / EXPECTED).read_text().strip() == roster_fingerprint(first)
+    with pytest.raises(VerificationError, match="not the one this site expects") as info:
+        check_delivered(config, sybils)  # the server's own roster (with its sybils) is refused
+    assert info.value.code == "roster-mismatch" and not (config.workspace / PINNED).exists()
     check_delivered(config, first)
     assert (config.workspace / PINNED).read_bytes() == first
     check_delivered(config, json.dumps({"sites": dict(reversed(list(keys.items())))}).encode())  # same, other order
@@ -159,4 +168,4 @@ def test_roster_is_pinned_at_first_use_and_a_changed_one_waits_for_the_operator(
     assert accept_pending(config) == roster_fingerprint(changed)
     check_delivered(config, changed)  # now pinned
     events = [e.event for e in read_entries(config.workspace / "audit.jsonl")]
-    assert events == ["roster-pinned", "roster-accepted"]
+    assert events == ["roster-expected", "roster-pinned", "roster-accepted"]

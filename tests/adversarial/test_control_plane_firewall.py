@@ -1,0 +1,78 @@
+"""A local account on the server host cannot reach the SuperLink's loopback port once the
+firewall rules `medfed-server start --print-firewall` prints are installed (Flower's Control
+API authenticates nobody, so the port itself must be kept from other accounts).
+
+Played for real in a private network namespace (nftables tables are per namespace, so the
+host's firewall is never touched): a listener on the SuperLink's port, the printed rules, a
+connection attempt as `nobody` (refused) and one as the service account (accepted)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from server.proxy import firewall_rules
+from server.workspace import init_workspace
+
+TOOLS = ("ip", "nft", "setpriv")
+
+
+def _can_run() -> str:
+    if os.geteuid() != 0:
+        return "needs root to create a network namespace"
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (Debian: iproute2, nftables, util-linux)"
+    probe = subprocess.run(["ip", "netns", "add", "medfed-probe"], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "delete", "medfed-probe"], capture_output=True)
+    return "" if probe.returncode == 0 else f"cannot create a network namespace here: {probe.stderr.strip()}"
+
+
+SCRIPT = """
+set -e
+ip link set lo up
+nft -f {rules}
+python3 -c 'import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); \\
+s.bind(("127.0.0.1", {port})); s.listen(8); time.sleep(20)' &
+for _ in $(seq 1 50); do
+  python3 -c 'import socket; socket.create_connection(("127.0.0.1", {port}), 1)' 2>/dev/null && break; sleep 0.1
+done
+probe='import socket,sys
+try:
+    socket.create_connection(("127.0.0.1", {port}), 2).close(); print("connected")
+except OSError as e:
+    print("refused", type(e).__name__)'
+echo "nobody: $(setpriv --reuid=65534 --regid=65534 --clear-groups python3 -c "$probe")"
+echo "service: $(python3 -c "$probe")"
+kill %1
+"""
+
+
+@pytest.mark.skipif(bool(_can_run()), reason=_can_run() or "ok")
+def test_another_local_account_cannot_reach_the_superlink_port(tmp_path: Path) -> None:
+    ws = init_workspace(tmp_path / "server", "127.0.0.1", 18900, internal_port=18901)
+    rules = tmp_path / "medfed.nft"
+    rules.write_text(firewall_rules(ws, os.getuid()))
+    ns = f"medfed-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        r = subprocess.run(["ip", "netns", "exec", ns, "bash", "-c", SCRIPT.format(rules=rules, port=ws.internal_port)],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+    assert r.returncode == 0, r.stderr
+    assert "nobody: refused" in r.stdout and "service: connected" in r.stdout, r.stdout + r.stderr
+    # control: without the rules the same attempt connects (the test can fail)
+    rules.write_text("table inet medfed_superlink { }\n")
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        r = subprocess.run(["ip", "netns", "exec", ns, "bash", "-c", SCRIPT.format(rules=rules, port=ws.internal_port)],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+    assert "nobody: connected" in r.stdout, r.stdout + r.stderr
