@@ -281,10 +281,11 @@ def roster(
     workspace: Annotated[Path, typer.Option(help="site workspace")],
     expect: Annotated[str | None, typer.Option(help="the roster fingerprint your consortium gave you out of band: "
                                                     "the first delivered roster that matches it is pinned")] = None,
-    accept: Annotated[bool, typer.Option("--accept", help="pin the changed roster the server offered")] = False,
+    accept: Annotated[str | None, typer.Option("--accept", help="pin the changed roster waiting, if its fingerprint "
+                                                                "is this one (compared with the consortium)")] = None,
 ) -> None:
     """Show the pinned federation roster's fingerprint (and a changed one waiting); --expect records the
-    fingerprint to pin; --accept pins the waiting one."""
+    fingerprint to pin; --accept FINGERPRINT pins the waiting one."""
     from client.roster import EXPECTED, PENDING, PINNED, accept_pending
     from client.roster import expect as expect_fingerprint
     from privacy.secagg.wire import roster_fingerprint
@@ -296,7 +297,7 @@ def roster(
                       "fingerprint will be pinned")
             return
         if accept:
-            err.print(f"accepted: roster {accept_pending(config)} is now pinned")
+            err.print(f"accepted: roster {accept_pending(config, accept)} is now pinned")
             return
     except (SiteConfigError, FileNotFoundError) as exc:
         err.print(f"[red]error:[/] {exc}")

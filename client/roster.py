@@ -63,17 +63,24 @@ def check_delivered(site: SiteConfig, delivered: bytes) -> None:
     raise VerificationError(
         f"the federation roster changed (pinned {roster_fingerprint(pinned)[:16]}…, offered "
         f"{roster_fingerprint(offered)[:16]}…): compare the offered fingerprint with your consortium out of "
-        f"band, then run `medfed-site roster --workspace {site.workspace} --accept`", "roster-changed")
+        f"band, then run `medfed-site roster --workspace {site.workspace} --accept FINGERPRINT`", "roster-changed")
 
 
-def accept_pending(site: SiteConfig) -> str:
-    """Make the pending roster the pinned one; returns its fingerprint."""
+def accept_pending(site: SiteConfig, fingerprint: str) -> str:
+    """Pin the waiting roster, only if its fingerprint is ``fingerprint`` (the one the operator
+    compared with the consortium): a roster the server delivers after the comparison is refused."""
     pending_path = site.workspace / PENDING
+    if not (site.workspace / PINNED).exists():
+        raise SiteConfigError("no roster is pinned yet: record the consortium's fingerprint with "
+                              f"`medfed-site roster --workspace {site.workspace} --expect FINGERPRINT`")
     if not pending_path.exists():
         raise FileNotFoundError(f"{pending_path} does not exist: no changed roster is waiting")
     offered = canonical_roster(pending_path.read_bytes())
+    fp = roster_fingerprint(offered)
+    if fp != fingerprint.strip().lower():
+        raise SiteConfigError(f"the waiting roster's fingerprint is {fp}, not {fingerprint.strip()}: it changed since "
+                              "you compared it; compare again")
     atomic_write_bytes(site.workspace / PINNED, offered)
     pending_path.unlink()
-    fp = roster_fingerprint(offered)
     SiteAudit(site).log.append(E.ROSTER_ACCEPTED, {"roster_sha256": fp})
     return fp

@@ -28,6 +28,7 @@ from client.roster import PINNED, check_delivered
 from privacy import egress as K
 from privacy.audit.events import E
 from privacy.audit.keys import KeyFileError, load_private_key
+from privacy.audit.log import read_entries
 from privacy.secagg.params import SecAggConfigError
 from privacy.secagg.site import SiteSession, VerificationError
 from privacy.secagg.wire import (
@@ -64,12 +65,13 @@ def secagg_mod(resolve: Callable[[Context], SiteConfig]) -> Mod:
         stage = str(conf[K.SECAGG_STAGE])
         try:
             return _stage(stage, msg, context, call_next, site, conf)
-        except (VerificationError, KeyFileError, SecAggConfigError, KeyError, ValueError) as exc:
+        except (VerificationError, KeyFileError, SecAggConfigError, KeyError, ValueError, TypeError,
+                AttributeError) as exc:
             code = exc.code if isinstance(exc, VerificationError) else "malformed"
             detail = str(exc) if isinstance(exc, VerificationError | KeyFileError | SecAggConfigError) else \
                 f"malformed {stage} request"
             log.warning("site %s refuses secure-aggregation stage %s: %s", site.name, stage, detail)
-            SiteAudit(site).log.append(E.REFUSED, {"run_id": _safe_id(conf.get(K.RUN_ID)), "round": _round(conf),
+            SiteAudit(site).log.append(E.SECAGG_REFUSED, {"run_id": _safe_id(conf.get(K.RUN_ID)), "round": _round(conf),
                                                    "reason": f"secagg-{code}", "stage": stage if stage in K.STAGES
                                                    else "unknown"})
             return Message(Error(code=SECAGG_REFUSED, reason=f"secure aggregation refused at the {_safe_stage(stage)} "
@@ -80,16 +82,27 @@ def secagg_mod(resolve: Callable[[Context], SiteConfig]) -> Mod:
 
 def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCallable, site: SiteConfig,
            conf: ConfigRecord) -> Message:
+    run_id, round_ = _str(conf, K.RUN_ID), _int(conf, K.SERVER_ROUND)
     if stage == "advertise":
         if K.SECAGG_ROSTER not in conf and not roster_path(site).exists():
             raise VerificationError("no roster delivered and none pinned", "roster-not-pinned")
         if K.SECAGG_ROSTER in conf:
             check_delivered(site, _bytes(conf, K.SECAGG_ROSTER))
-        session, advert = SiteSession.start(_str(conf, K.RUN_ID), _int(conf, K.SERVER_ROUND), site.name,
-                                            load_private_key(site_key_path(site)))
+        audit = SiteAudit(site)
+        earlier = read_entries(audit.log.path) if audit.log.path.exists() else []
+        if any(e.event == E.SECAGG_ADVERTISED and e.data.get("run_id") == run_id and e.data.get("round") == round_
+               for e in earlier):
+            # a restarted round would give the server a second set of keys, masks and signatures
+            raise VerificationError("this site already advertised keys for this round of this run; a round is never "
+                                    "restarted", "re-advertise")
+        session, advert = SiteSession.start(run_id, round_, site.name, load_private_key(site_key_path(site)))
+        audit.log.append(E.SECAGG_ADVERTISED, {"run_id": _safe_id(run_id), "round": round_})
         _save(context, session)
         return _reply(msg, site, {K.ADVERT: adverts_to_bytes({site.name: advert})})
     session = _load(context)
+    if (run_id, round_) != (session.run_id, session.round):
+        raise VerificationError("the request names another run or round than this site's secure-aggregation round",
+                                "wrong-round")
     if stage == "share":
         params = params_from_json(json.loads(_str(conf, K.SECAGG_PARAMS)))
         outbox = session.share_keys(params, adverts_from_bytes(_bytes(conf, K.SECAGG_ADVERTS)),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from client.audit_trail import site_key_path
-from client.config import DataConfig, PrivacyPolicy, SiteConfig, load_site_config, write_site_config
+from client.config import DataConfig, PrivacyPolicy, SecAggPolicy, SiteConfig, load_site_config, write_site_config
 from client.secagg_mod import roster_path
 from client.site import load_site_data
 from client.synth import generate_site, site_profile
@@ -64,7 +64,9 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int) -> list[Site
                 data = DataConfig()
                 if not (ws / data.labels).is_file():
                     generate_site(ws / data.dicom, site_profile(i, patients=plan.patients), seed=plan.data_seed)
-            config = SiteConfig(workspace=ws, name=name, device="auto", data=data, privacy=plan.policy)
+            # a 2-site study is a researcher's choice: the virtual sites accept rounds of all the sites there are
+            secagg = SecAggPolicy(min_sites=min(SecAggPolicy.min_sites, plan.sites)) if plan.sites >= 2 else SecAggPolicy()
+            config = SiteConfig(workspace=ws, name=name, device="auto", data=data, privacy=plan.policy, secagg=secagg)
             write_site_config(config)
             configs.append(config)
     for config in configs:

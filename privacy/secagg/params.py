@@ -64,6 +64,15 @@ class SecAggParams:
 
     def __post_init__(self) -> None:
         n = len(self.sites)
+        if not all(isinstance(s, str) for s in self.sites) or not isinstance(self.run_id, str):
+            raise SecAggConfigError("site names and the run id must be strings")
+        for name in ("round", "k", "threshold", "max_weight"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise SecAggConfigError(f"secagg {name} must be an integer")
+        if not isinstance(self.update_clip, int | float) or not math.isfinite(self.update_clip) or self.update_clip <= 0:
+            raise SecAggConfigError("secagg update_clip must be a finite number > 0")
+        if self.max_weight < 1:
+            raise SecAggConfigError("secagg max_weight must be >= 1")
         if n < 2:
             raise SecAggConfigError("secure aggregation needs at least 2 sites")
         if list(self.sites) != sorted(set(self.sites)):

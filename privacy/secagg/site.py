@@ -22,6 +22,7 @@ Every refusal raises :class:`VerificationError` with a short ``code`` the site a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -81,8 +82,23 @@ def adverts_digest(adverts: dict[str, KeyAdvert]) -> str:
     return h.hexdigest()
 
 
-def consistency_message(params: SecAggParams, survivors: list[str] | tuple[str, ...]) -> bytes:
-    return f"medfed-secagg-consistency|{params.context()}|{','.join(sorted(survivors))}".encode()
+def transcript(params: SecAggParams, adverts: dict[str, KeyAdvert], sharers: tuple[str, ...] | list[str],
+               survivors: tuple[str, ...] | list[str]) -> bytes:
+    """What a survivor signs in the consistency round: the whole round as this site saw it (its
+    parameters, every advertisement, U2 and U3). Two sites' signatures count for each other only
+    when they saw the very same round, so a server cannot tell sites different parameters, replay
+    signatures from an earlier session of the round, or show two groups different sets."""
+    h = hashlib.sha256(b"medfed-secagg-consistency-v2")
+    h.update(json.dumps({"params": params_json(params), "adverts": adverts_digest(adverts),
+                         "sharers": sorted(sharers), "survivors": sorted(survivors)},
+                        sort_keys=True, separators=(",", ":")).encode())
+    return h.digest()
+
+
+def params_json(params: SecAggParams) -> dict[str, object]:
+    return {"run_id": params.run_id, "round": params.round, "sites": list(params.sites), "k": params.k,
+            "threshold": params.threshold, "update_clip": params.update_clip, "max_weight": params.max_weight,
+            "graph_seed": params.graph_seed}
 
 
 def pair_context(params: SecAggParams, a: str, b: str) -> str:
@@ -210,9 +226,10 @@ class SiteSession:
             out[holder] = seal(sealing, sb + sc, share_aad(params, self.site, holder))
         return out
 
-    def check_inbox(self, inbox: dict[str, bytes], sharers: list[str]) -> None:
-        """The stage-3 checks alone (the ClientApp runs them before it trains): the inbox holds
-        a share from every neighbour in ``sharers`` (U2) and enough holders remain.
+    def check_inbox(self, inbox: dict[str, bytes], sharers: list[str]) -> dict[str, tuple[bytes, bytes]]:
+        """The stage-3 checks (the ClientApp runs them before it trains): the inbox holds a share
+        from every neighbour in ``sharers`` (U2), enough holders remain, and every share opens.
+        Returns the opened shares.
 
         Without them a server that withholds a site's inbox gets ``x + PRG(b)`` and then, with
         the honest unmask of ``b``, the site's update."""
@@ -232,22 +249,24 @@ class SiteSession:
         if len(expected) + 1 < params.threshold:
             raise VerificationError(f"{len(expected) + 1} share holder(s) left, fewer than the threshold "
                                     f"{params.threshold}", "too-few-holders")
-
-    def masked_input(self, update: np.ndarray, weight: int, inbox: dict[str, bytes], sharers: list[str]) -> np.ndarray:
-        """Stage 3: :meth:`check_inbox`, open the shares; return the masked ``[w·x, w]`` (uint64)."""
-        self.check_inbox(inbox, sharers)
-        params = self.params
-        u2 = set(sharers)
+        opened = {}
         for sender, sealed in inbox.items():
-            advert = self.adverts[sender]
-            key = share_key(params, self.s_priv, advert.s_pub, sender, self.site)
+            key = share_key(params, self.s_priv, self.adverts[sender].s_pub, sender, self.site)
             try:
                 plain = open_sealed(key, sealed, share_aad(params, sender, self.site))
-            except InvalidTag:
+            except (InvalidTag, ValueError):
                 raise VerificationError(f"the share from {sender} does not decrypt: tampered in transit",
                                         "tampered-share") from None
-            self.shares[sender] = (plain[:33], plain[33:])
-        self.sharers = tuple(sorted(u2))
+            if len(plain) != 66:
+                raise VerificationError(f"the share from {sender} is malformed", "tampered-share")
+            opened[sender] = (plain[:33], plain[33:])
+        return opened
+
+    def masked_input(self, update: np.ndarray, weight: int, inbox: dict[str, bytes], sharers: list[str]) -> np.ndarray:
+        """Stage 3: :meth:`check_inbox`, keep the shares; return the masked ``[w·x, w]`` (uint64)."""
+        self.shares = self.check_inbox(inbox, sharers)
+        params = self.params
+        self.sharers = tuple(sorted(set(sharers)))
         self.clipped = clipped(update, params)
         masked = encode_input(update, weight, params)
         masked += expand_mask(self.b, self_context(params, self.site), len(masked))
@@ -276,7 +295,7 @@ class SiteSession:
             raise VerificationError(f"only {len(u3)} survivors, fewer than the threshold {params.threshold}",
                                     "too-few-survivors")
         self.survivors = u3
-        return identity.sign(consistency_message(params, u3))
+        return identity.sign(transcript(params, self.adverts, self.sharers, u3))
 
     def unmask(self, signatures: dict[str, bytes], roster: dict[str, Ed25519PublicKey]) -> dict[str, tuple[str, bytes]]:
         """Stage 5: ``owner -> ("b" | "c", share)`` once at least ``t`` distinct survivors signed
@@ -285,7 +304,7 @@ class SiteSession:
         params = self.params
         if not self.survivors:
             raise VerificationError("protocol stage out of order: this site signed no survivor set", "out-of-order")
-        u3, message = set(self.survivors), consistency_message(params, self.survivors)
+        u3, message = set(self.survivors), transcript(params, self.adverts, self.sharers, self.survivors)
         valid = 0
         for signer, sig in signatures.items():
             if signer not in u3 or signer not in roster:

@@ -53,26 +53,25 @@ kill %1
 """
 
 
+def _attempt(rules: Path, port: int) -> str:
+    """Run SCRIPT in a fresh network namespace with ``rules``; its output."""
+    ns = f"medfed-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        r = subprocess.run(["ip", "netns", "exec", ns, "bash", "-c", SCRIPT.format(rules=rules, port=port)],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 @pytest.mark.skipif(bool(_can_run()), reason=_can_run() or "ok")
 def test_another_local_account_cannot_reach_the_superlink_port(tmp_path: Path) -> None:
     ws = init_workspace(tmp_path / "server", "127.0.0.1", 18900, internal_port=18901)
     rules = tmp_path / "medfed.nft"
     rules.write_text(firewall_rules(ws, os.getuid()))
-    ns = f"medfed-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        r = subprocess.run(["ip", "netns", "exec", ns, "bash", "-c", SCRIPT.format(rules=rules, port=ws.internal_port)],
-                           capture_output=True, text=True, timeout=120)
-    finally:
-        subprocess.run(["ip", "netns", "delete", ns], check=False)
-    assert r.returncode == 0, r.stderr
-    assert "nobody: refused" in r.stdout and "service: connected" in r.stdout, r.stdout + r.stderr
-    # control: without the rules the same attempt connects (the test can fail)
-    rules.write_text("table inet medfed_superlink { }\n")
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        r = subprocess.run(["ip", "netns", "exec", ns, "bash", "-c", SCRIPT.format(rules=rules, port=ws.internal_port)],
-                           capture_output=True, text=True, timeout=120)
-    finally:
-        subprocess.run(["ip", "netns", "delete", ns], check=False)
-    assert "nobody: connected" in r.stdout, r.stdout + r.stderr
+    out = _attempt(rules, ws.internal_port)
+    assert "nobody: refused" in out and "service: connected" in out, out
+    rules.write_text("table inet medfed_superlink { }\n")  # control: without the rules it connects
+    assert "nobody: connected" in _attempt(rules, ws.internal_port)

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from client.audit_trail import site_key_path
-from client.config import load_site_config
+from client.config import load_site_config, write_site_config
 from client.secagg_mod import SECAGG_REFUSED, roster_path, secagg_mod
 from privacy import egress as K
 from privacy.audit.keys import load_or_create_key, public_pem
@@ -26,12 +26,13 @@ from privacy.files import atomic_write_bytes
 from privacy.secagg.crypto import agree, combine_secret, expand_mask
 from privacy.secagg.params import FRACTION_BITS, SecAggParams
 from privacy.secagg.server import Aggregator
-from privacy.secagg.site import KeyAdvert, holders, pair_context, self_context
+from privacy.secagg.site import KeyAdvert, holders, pair_context, self_context, transcript
 from privacy.secagg.wire import (
     adverts_from_bytes,
     adverts_to_bytes,
     boxes_from_bytes,
     boxes_to_bytes,
+    params_from_json,
     params_to_json,
     reveals_from_bytes,
     roster_bytes,
@@ -52,11 +53,10 @@ class Federation:
         self.configs = {}
         for name in self.names:
             ws = make_workspace(root, name, data)
-            if secagg:
-                text = (ws / "site.toml").read_text() + "\n[secagg]\n" + "".join(
-                    f"{k} = {json.dumps(v)}\n" for k, v in secagg.items())
-                (ws / "site.toml").write_text(text)
             config = load_site_config(ws)
+            if secagg:
+                config = replace(config, secagg=replace(config.secagg, **secagg))  # type: ignore[arg-type]
+                write_site_config(config)
             load_or_create_key(site_key_path(config))
             self.configs[name] = config
         self.roster_doc = roster_bytes({c.name: public_pem(load_or_create_key(site_key_path(c)).public_key()).decode()
@@ -88,7 +88,7 @@ class Federation:
                                self._train(name))
 
     def refusal(self, name: str) -> str:
-        entries = [e for e in read_entries(self.configs[name].workspace / "audit.jsonl") if e.event == "refused"]
+        entries = [e for e in read_entries(self.configs[name].workspace / "audit.jsonl") if e.event == "secagg-refused"]
         return str(entries[-1].data["reason"]) if entries else ""
 
 
@@ -280,7 +280,9 @@ def test_sybil_rosters_and_two_site_rounds_are_refused(tmp_path: Path, small_sit
     assert refused(fed.send(VICTIM, "advertise", **{K.SECAGG_ROSTER: theirs}))
     assert fed.refusal(VICTIM) == "secagg-roster-mismatch"
     assert not fed.send(VICTIM, "advertise", **{K.SECAGG_ROSTER: fed.roster_doc}).has_error()
-    # a 2-site round (the victim and one other) is refused, whoever the other is
+    # a 2-site round (the victim and one other) is refused, whoever the other is (a fresh federation: a site
+    # never advertises twice in one round)
+    fed = Federation(tmp_path / "pair", small_site, n=3)
     server = Server(fed)
     server.advertise()
     pair = SecAggParams(RUN, ROUND, (VICTIM, "site-2"), k=3, threshold=2)
@@ -329,3 +331,31 @@ def test_honest_server_gets_the_exact_sum_through_the_mods(fed: Federation) -> N
     assert weight == sum(fed.weights.values())
     assert np.abs(total / weight - exact / weight).max() <= len(fed.names) / (2 ** (FRACTION_BITS + 1) * weight)
     assert len(holders(params, VICTIM, set(server.adverts))) == 5
+
+
+def test_a_round_is_never_restarted_and_stages_are_bound_to_it(fed: Federation) -> None:
+    """The red team restarted a round (a second advertise gave fresh keys) and mixed per-site
+    rounds, so signatures from one session counted in another: a site now advertises once per
+    round (audited), refuses a stage that names another run or round, and a signature counts only
+    for the very round (parameters, advertisements, U2, U3) the signer saw."""
+    server = Server(fed)
+    _honest_until_input(server)
+    again = fed.send(VICTIM, "advertise")
+    assert refused(again) and fed.refusal(VICTIM) == "secagg-re-advertise"
+    sharers = sorted(server.outboxes)
+    wrong = fed.send(VICTIM, "input", **{K.SECAGG_INBOX: boxes_to_bytes(server.inbox(VICTIM)), K.SECAGG_SHARERS: sharers,
+                                          K.RUN_ID: "another-run"})
+    assert refused(wrong) and fed.refusal(VICTIM) == "secagg-wrong-round"
+    for n in fed.names:
+        assert not server.send_input(n, server.inbox(n), sharers).has_error()
+    survivors = sorted(server.masked)
+    sigs = {n: _secagg(server.consistency(n, survivors), K.CONSISTENCY) for n in survivors}
+    # the same sites' signatures on the same survivor set, but over another view of the round (another U2, as a
+    # server would show a second group), do not count
+    session = json.loads(bytes(fed.contexts[VICTIM].state.config_records["secagg"]["session"]))  # type: ignore[arg-type]
+    params = params_from_json(session["params"])
+    view = transcript(params, server.adverts, [n for n in sharers if n != "site-5"], survivors)
+    keys = {n: load_or_create_key(site_key_path(c)) for n, c in fed.configs.items()}
+    mixed = {**{n: sigs[n] for n in survivors[:2]}, **{n: keys[n].sign(view) for n in survivors[2:]}}
+    assert refused(server.unmask(VICTIM, mixed)) and fed.refusal(VICTIM) == "secagg-equivocation"
+    assert not server.unmask(VICTIM, sigs).has_error()

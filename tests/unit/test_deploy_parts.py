@@ -50,7 +50,7 @@ def test_server_workspace_pki_and_offline_superlink(tmp_path: Path) -> None:
     assert "--superexec-auth-secret-file" in superexec_command(ws)
     conf = nginx_config(ws)
     assert "listen 0.0.0.0:8443 ssl;" in conf and "proxy_pass https://127.0.0.1:8444;" in conf
-    assert "location ~ ^/v1/fleet/[a-z0-9-]+$" in conf and "limit_except POST { deny all; }" in conf
+    assert "location ~ ^/v1/fleet/[a-z0-9-]+\\z" in conf and "limit_except POST { deny all; }" in conf
     assert "proxy_ssl_verify on;" in conf and "return 404" in conf and "/v1/control" not in conf.split("location /")[0]
     connection = (ws.flwr_home / "config.toml").read_text()
     assert 'address = "127.0.0.1:8444"' in connection  # the operator's flwr talks to the loopback SuperLink

@@ -136,11 +136,12 @@ def test_secagg_mod_refuses_a_substituted_key_and_logs_it(tmp_path: Path, small_
         out = mods[name](incoming(RecordDict({K.CONFIG: swapped})), contexts[name], _never)
         assert out.has_error() and out.error.code == SECAGG_REFUSED and f"({code})" in out.error.reason
         log = read_entries(SiteAudit(next(c for c in configs if c.name == name)).log.path)
-        assert log[-1].event == "refused" and log[-1].data["reason"] == f"secagg-{code}"
+        assert log[-1].event == "secagg-refused" and log[-1].data["reason"] == f"secagg-{code}"
 
 
 def test_roster_is_pinned_only_from_an_out_of_band_fingerprint_and_a_changed_one_waits(tmp_path: Path,
                                                                                       small_site: Path) -> None:
+    from client.config import SiteConfigError
     from client.roster import EXPECTED, PENDING, PINNED, accept_pending, check_delivered, expect
     from privacy.secagg.site import VerificationError
     from privacy.secagg.wire import roster_bytes, roster_fingerprint
@@ -165,7 +166,9 @@ def test_roster_is_pinned_only_from_an_out_of_band_fingerprint_and_a_changed_one
         check_delivered(config, changed)
     assert roster_fingerprint(changed)[:16] in str(info.value) and "--accept" in str(info.value)
     assert (config.workspace / PINNED).read_bytes() == first and (config.workspace / PENDING).is_file()
-    assert accept_pending(config) == roster_fingerprint(changed)
+    with pytest.raises(SiteConfigError, match="changed since you compared"):
+        accept_pending(config, roster_fingerprint(sybils))  # the operator compared another roster
+    assert accept_pending(config, roster_fingerprint(changed)) == roster_fingerprint(changed)
     check_delivered(config, changed)  # now pinned
     events = [e.event for e in read_entries(config.workspace / "audit.jsonl")]
     assert events == ["roster-expected", "roster-pinned", "roster-accepted"]
