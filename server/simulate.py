@@ -65,7 +65,9 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int) -> list[Site
                 if not (ws / data.labels).is_file():
                     generate_site(ws / data.dicom, site_profile(i, patients=plan.patients), seed=plan.data_seed)
             # a 2-site study is a researcher's choice: the virtual sites accept rounds of all the sites there are
-            secagg = SecAggPolicy(min_sites=min(SecAggPolicy.min_sites, plan.sites)) if plan.sites >= 2 else SecAggPolicy()
+            secagg = SecAggPolicy(min_sites=min(SecAggPolicy.min_sites, plan.sites),
+                                  min_neighbours=min(SecAggPolicy.min_neighbours, plan.sites - 1)) \
+                if plan.sites >= 2 else SecAggPolicy()
             config = SiteConfig(workspace=ws, name=name, device="auto", data=data, privacy=plan.policy, secagg=secagg)
             write_site_config(config)
             configs.append(config)

@@ -80,8 +80,8 @@ def test_run_logs_verify(run: tuple[Path, str]) -> None:
     # run-start; per round: round-start, 2 site-replies, secure-aggregation, aggregate, checkpoint and the
     # 2 sites' evaluation replies (with their audit heads); run-end
     assert out["logs"]["server"]["entries"] == 1 + 2 * 8 + 1
-    # joined + per round: trained, evaluated
-    assert out["logs"]["site-1"]["entries"] == out["logs"]["site-2"]["entries"] == 1 + 2 * 2
+    # joined + per round: secagg-advertised (one advertisement per round), trained, evaluated
+    assert out["logs"]["site-1"]["entries"] == out["logs"]["site-2"]["entries"] == 1 + 2 * 3
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["audit"]["server_head"] == out["logs"]["server"]["head"]
     server = read_entries(run_dir / "audit.jsonl")
