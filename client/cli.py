@@ -315,7 +315,10 @@ def roster(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: files it creates are the service account's only."""
+    from privacy.files import private_files
+
+    private_files()
     cli(prog_name="medfed-site")
 
 

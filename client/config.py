@@ -13,7 +13,7 @@ from typing import Any
 import tomli_w
 
 from client.dicom.preprocess import FRAME_POLICIES, Preprocessing
-from privacy.files import atomic_write_bytes
+from privacy.files import atomic_write_bytes, private_dir
 from privacy.secagg.params import SecAggFloors
 
 SITE_FILE = "site.toml"
@@ -254,7 +254,7 @@ def load_site_config(workspace: Path) -> SiteConfig:
 
 def write_site_config(config: SiteConfig) -> Path:
     """Write ``site.toml`` atomically into the config's workspace."""
-    config.workspace.mkdir(parents=True, exist_ok=True)
+    private_dir(config.workspace)
     path = config.workspace / SITE_FILE
     atomic_write_bytes(path, tomli_w.dumps(config.to_toml()).encode())
     return path

@@ -39,7 +39,7 @@ def init_site(workspace: Path, *, name: str, server: str, ca: Path, data: Path, 
     config = SiteConfig(workspace=workspace, name=name, server=server,
                         data=DataConfig(dicom=str(data), labels=str(Path(labels).resolve() if labels else data / "labels.csv")))
     private, public = make_node_keys()
-    for rel, content, mode in ((NODE_KEY, private, 0o600), (NODE_PUB, public, 0o644)):
+    for rel, content, mode in ((NODE_KEY, private, 0o600), (NODE_PUB, public, 0o600)):
         if (workspace / rel).exists():
             raise SiteConfigError(f"{workspace / rel} exists: move it away (keys are never overwritten)")
         atomic_write_bytes(workspace / rel, content, mode=mode)

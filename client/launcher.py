@@ -54,6 +54,7 @@ from client.config import SiteConfig, load_site_config
 from privacy.audit.events import E
 from privacy.bundle import BundleError, bundle_code, code_digest, installed_digest
 from privacy.egress import SITE_ERRORS
+from privacy.files import private_files
 
 ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"  # the one Runtime API call the SuperExec secret signs
 SECRET_FILE = Path("keys") / "superexec.secret"
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workspace", required=True, type=Path)
     parser.add_argument("--runtime-api-address", required=True)
     args = parser.parse_args(argv)
+    private_files()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(load_site_config(args.workspace), args.runtime_api_address)
     return 0

@@ -31,7 +31,7 @@ def expect(site: SiteConfig, fingerprint: str) -> str:
     if not _HEX64.match(fp):
         raise SiteConfigError(f"{fingerprint!r} is not a roster fingerprint (64 hex characters, as "
                               "`medfed-server enroll` and `medfed-site roster` print it)")
-    atomic_write_bytes(site.workspace / EXPECTED, (fp + "\n").encode(), mode=0o644)
+    atomic_write_bytes(site.workspace / EXPECTED, (fp + "\n").encode())
     SiteAudit(site).log.append(E.ROSTER_EXPECTED, {"roster_sha256": fp})
     return fp
 

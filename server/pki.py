@@ -26,7 +26,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def write_new(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write a key or certificate that must not exist yet."""
     if path.exists():
         raise KeyExistsError(f"{path} exists: medfed never overwrites keys; move it away to create a new one")

@@ -11,6 +11,9 @@ When the SuperLink is down nginx answers 502, which SuperNodes retry.
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 import shutil
 
 from privacy.files import atomic_write_bytes
@@ -29,6 +32,15 @@ def nginx_binary() -> str:
                          "`apt-get install nginx`); medfed starts and stops it, no system service is needed")
 
 
+def worker_user() -> str:
+    """nginx's ``user`` line: started as root, nginx would run its workers as ``nobody``, whom
+    the firewall rules (``--print-firewall``) keep off the SuperLink's port; they run as the
+    service account instead. Under any other account nginx keeps it and needs no line."""
+    if os.geteuid() != 0:
+        return ""
+    return f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
+
+
 def nginx_config(ws: ServerWorkspace) -> str:
     """The configuration: one TLS server on the public address, the Fleet API only."""
     d = ws.proxy_dir
@@ -36,7 +48,7 @@ def nginx_config(ws: ServerWorkspace) -> str:
                                                                                 "scgi"))
     bind = f"[{ws.bind}]" if ":" in ws.bind else ws.bind
     return f"""# written by medfed-server start: only the Fleet API of the SuperLink faces the network
-worker_processes 1;
+{worker_user()}worker_processes 1;
 pid {d / "nginx.pid"};
 error_log stderr warn;
 events {{ worker_connections 4096; }}

@@ -30,7 +30,7 @@ from typing import Any
 import tomli_w
 
 from privacy.audit.keys import load_or_create_key
-from privacy.files import atomic_write_bytes, atomic_write_json
+from privacy.files import atomic_write_bytes, atomic_write_json, private_dir
 from server.pki import make_ca, make_server_cert, write_new
 
 SERVER_FILE = "server.toml"
@@ -101,6 +101,7 @@ def init_workspace(root: Path, host: str, port: int, *, internal_port: int = 0, 
     if (root / SERVER_FILE).exists():
         raise WorkspaceError(f"{root / SERVER_FILE} exists: this workspace is already initialised (keys are never "
                              "overwritten); use another --workspace")
+    private_dir(root)
     ws = ServerWorkspace(root, host, port, internal_port, bind)
     ca_key, ca_cert = make_ca(host)
     write_new(ws.ca_key, ca_key, 0o600)

@@ -46,3 +46,11 @@ def plant_identifiers(data: Path) -> int:
         ds.save_as(f)
     (data / "cut.dcm").write_bytes(files[0].read_bytes()[:-300])  # an error path that read planted headers
     return len(files)
+
+
+def shared_with_others(root: Path) -> list[str]:
+    """Files and folders under ``root`` (itself included) that another account could read, write
+    or enter: medfed keeps everything 0600/0700."""
+    paths = [root, *root.rglob("*")]
+    return [f"{p.relative_to(root.parent)} {p.stat().st_mode & 0o777:o}" for p in paths
+            if not p.is_symlink() and p.stat().st_mode & 0o077]

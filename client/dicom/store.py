@@ -91,7 +91,7 @@ class IngestStore:
     def __post_init__(self) -> None:
         if self.root is None:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._good = self._replay(self.root / JOURNAL)
         shards = {shard for shard, _ in self.location.values()}
         for path in self.root.iterdir():  # shards of batches whose journal line never landed

@@ -122,7 +122,10 @@ def report(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: files it creates are the service account's only."""
+    from privacy.files import private_files
+
+    private_files()
     cli(prog_name="medfed-audit")
 
 

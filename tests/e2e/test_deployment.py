@@ -31,6 +31,7 @@ from privacy.bundle import code_digest
 from privacy.services import offline_env
 from server.bundle import app_dir
 from server.pki import make_ca
+from tests.helpers import shared_with_others
 
 ROOT = Path(__file__).parents[2]
 MARKER = "MEDFED_TEST_MARKER"  # the tampered bundle writes this file when any of its code runs at a site
@@ -187,6 +188,9 @@ def test_enrolled_sites_train_over_tls(federation: dict[str, object]) -> None:
         assert joined[-1].data["code_sha256"] == server_code  # every site ran the code the server submitted
         assert not (ws / "apps").exists()  # nothing from the bundle was installed at the site
     assert "ran code other than the server" not in (run_dir / "report.html").read_text()
+    # after a run: keys, cache, ledgers, logs, the SuperLink's database, the run's outputs
+    for folder in (server, run_dir, *sites):  # type: ignore[misc]
+        assert shared_with_others(folder) == [], folder
 
 
 def test_outsider_holding_the_ca_cannot_command_the_superlink(federation: dict[str, object], tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from privacy.dp import epsilon
-from tests.helpers import site_ledger
+from tests.helpers import shared_with_others, site_ledger
 
 pytestmark = pytest.mark.e2e
 
@@ -50,6 +50,7 @@ def test_default_simulation_learns_with_dp_and_keeps_the_contract(tmp_path: Path
         assert eps <= 8.0 and eps > 7.0  # the plan uses the budget it was given, no more
         assert rounds[2]["epsilon"][site] == pytest.approx(eps, rel=1e-6)
         assert all(e.noise_multiplier > 0.3 for e in ledger.events)
+    assert shared_with_others(run) == []  # the virtual sites' keys, caches, ledgers and logs are 0600/0700
 
 
 def test_restart_continues_the_ledger_and_exhausted_budgets_are_refused(tmp_path: Path) -> None:
