@@ -190,13 +190,19 @@ def _honest_until_input(server: Server) -> None:
     server.share()
 
 
-def test_the_estimator_recovers_an_update_from_its_secrets_control(fed: Federation) -> None:
-    """Control: handed the victim's own seeds, the estimator reads its update (r > 0.99)."""
+def _honest_until_consistency(fed: Federation) -> Server:
+    """A server that ran advertise, share and input honestly with every site."""
     server = Server(fed)
     _honest_until_input(server)
     sharers = sorted(server.outboxes)
     for n in fed.names:
         assert not server.send_input(n, server.inbox(n), sharers).has_error()
+    return server
+
+
+def test_the_estimator_recovers_an_update_from_its_secrets_control(fed: Federation) -> None:
+    """Control: handed the victim's own seeds, the estimator reads its update (r > 0.99)."""
+    server = _honest_until_consistency(fed)
     session = fed.contexts[VICTIM].state.config_records["secagg"]["session"]
     raw = json.loads(bytes(session))  # type: ignore[arg-type]
     est = server.estimate(VICTIM, {"b": bytes.fromhex(raw["b"]), "c": bytes.fromhex(raw["c_priv"])})
@@ -240,11 +246,7 @@ def test_a_threshold_below_the_site_floor_is_refused(tmp_path: Path, small_site:
 
 
 def test_ghost_survivors_are_refused(fed: Federation) -> None:
-    server = Server(fed)
-    _honest_until_input(server)
-    sharers = sorted(server.outboxes)
-    for n in fed.names:
-        server.send_input(n, server.inbox(n), sharers)
+    server = _honest_until_consistency(fed)
     ghosts = [*sorted(server.masked), "ghost-1"]
     assert refused(server.consistency(VICTIM, ghosts)) and fed.refusal(VICTIM) == "secagg-ghost-site"
     assert refused(server.consistency(VICTIM, [n for n in fed.names if n != VICTIM]))  # a set without the victim
@@ -293,11 +295,7 @@ def test_sybil_rosters_and_two_site_rounds_are_refused(tmp_path: Path, small_sit
 
 
 def test_telling_half_the_sites_that_the_victim_dropped_reveals_nothing(fed: Federation) -> None:
-    server = Server(fed)
-    _honest_until_input(server)
-    sharers = sorted(server.outboxes)
-    for n in fed.names:
-        server.send_input(n, server.inbox(n), sharers)
+    server = _honest_until_consistency(fed)
     full = sorted(server.masked)
     without = [n for n in full if n != VICTIM]
     told_dropped, told_alive = ["site-2", "site-3"], [VICTIM, "site-4", "site-5"]
