@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from client.audit_trail import SiteAudit, site_key_path
 from client.config import load_site_config
-from client.guard import EGRESS_BLOCKED, egress_guard
+from client.guard import BLOCKED_REASON, EGRESS_BLOCKED, egress_guard
 from client.secagg_mod import SECAGG_REFUSED, roster_path, secagg_mod
 from client.site import load_site_data
 from privacy import egress as K
@@ -80,11 +80,12 @@ def test_egress_guard_passes_normal_replies_and_blocks_the_rest(planted_site, ca
     caplog.set_level(logging.WARNING, logger="medfed.site")
     for what, reply in bad_replies.items():
         out = guard(msg, context(), lambda m, c, r=reply: r)
-        assert out.has_error() and out.error.code == EGRESS_BLOCKED, what
+        assert out.has_error() and out.error.code == EGRESS_BLOCKED and out.error.reason == BLOCKED_REASON, what
     entries = [e for e in read_entries(planted_site.workspace / "audit.jsonl") if e.event == "egress-blocked"]
     assert len(entries) == len(bad_replies)
     logged = caplog.text + "".join(json.dumps(e.data) for e in entries)
     assert "egress guard blocked" in caplog.text and "equals an identifying header value" in caplog.text
+    assert "undeclared metric 'age'" in caplog.text  # the detail stays in the site's log
     assert not any(v in logged for v in PLANTED_STRINGS)
 
 
