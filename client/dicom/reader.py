@@ -26,10 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.charset import default_encoding
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.filereader import data_element_generator
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from pydicom.uid import (
     UID,
@@ -37,7 +35,6 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    PrivateTransferSyntaxes,
 )
 
 from client.dicom import header
@@ -63,18 +60,10 @@ def parse(source: str | Path | bytes, name: str) -> Dataset:
     """Parse a file (path or its bytes) into a dataset, classifying what is not DICOM.
 
     Files without file meta are accepted (``force``); their transfer syntax is taken
-    from the encoding pydicom detected. Common Part 10 files are parsed by
-    :func:`_parse_plain` (the same dataset, in half the time), all others by ``dcmread``.
+    from the encoding pydicom detected. Values over ``DEFER_BYTES`` (Pixel Data) stay
+    deferred in the parsed bytes until used.
     """
     raw = source if isinstance(source, bytes) else Path(source).read_bytes()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            plain = _parse_plain(raw)
-    except Exception:  # anything unusual: dcmread's full path below decides
-        plain = None
-    if plain is not None:
-        return plain
     has_preamble = raw[128:132] == b"DICM"
     try:
         with warnings.catch_warnings():
@@ -90,43 +79,6 @@ def parse(source: str | Path | bytes, name: str) -> Dataset:
     if not has_preamble and "SOPClassUID" not in ds and not any(k in ds for k in PIXEL_KEYWORDS):
         raise NotAnImageError(name, "not a DICOM file")
     _fill_transfer_syntax(ds)
-    return ds
-
-
-def _not_meta(tag: int, vr: str | None, length: int) -> bool:
-    return tag >> 16 != 2
-
-
-def _valid_vr(two: bytes) -> bool:
-    """The bytes where an explicit VR would be are two capital letters (pydicom's test)."""
-    return len(two) == 2 and 0x40 < two[0] < 0x5B and 0x40 < two[1] < 0x5B
-
-
-def _parse_plain(raw: bytes) -> FileDataset | None:
-    """What ``dcmread(BytesIO(raw), force=True, defer_size=DEFER_BYTES)`` returns, for the
-    common case only: a Part 10 file (preamble, explicit VR little endian file meta with a
-    transfer syntax) whose data set is little endian, not deflated, encoded as its syntax
-    says and without a command group. The elements come from pydicom's own element
-    generator, as in ``dcmread``; what is skipped are the steps this case does not need
-    (command set, encoding retries, a second copy of the file meta), which halves the
-    parse. ``None`` for every other file, which ``dcmread`` then reads in full."""
-    if raw[128:132] != b"DICM" or not _valid_vr(raw[136:138]):
-        return None
-    fp = io.BytesIO(raw)
-    fp.seek(132)
-    meta = FileMetaDataset({e.tag: e for e in data_element_generator(fp, False, True, stop_when=_not_meta)})
-    meta.set_original_encoding(False, True, default_encoding)
-    syntax = meta.get("TransferSyntaxUID")
-    if not syntax or syntax in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian) \
-            or syntax in PrivateTransferSyntaxes:
-        return None
-    implicit = syntax == ImplicitVRLittleEndian  # every other public syntax is explicit VR little endian
-    start = fp.tell()
-    if len(raw) < start + 6 or raw[start : start + 2] == b"\x00\x00" or _valid_vr(raw[start + 4 : start + 6]) == implicit:
-        return None  # empty, a command group, or encoded otherwise than its syntax says
-    elements = {e.tag: e for e in data_element_generator(fp, implicit, True, defer_size=DEFER_BYTES)}
-    ds = FileDataset(fp, elements, raw[:128], meta, implicit, True)
-    ds.set_original_encoding(implicit, True, ds._character_set)
     return ds
 
 
