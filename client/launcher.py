@@ -144,6 +144,7 @@ def run_task(site: SiteConfig, address: str, token: str, *, installed: str | Non
     """Run one claimed task; returns what happened: ``installed``, ``refused`` or ``failed`` (an
     approved bundle replaces this process and does not return). ``installed``: the installed
     medfed's digest when the caller computed it already."""
+    installed = installed or installed_digest()
     client = task_client(address, token)
     beat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     beat.start()
@@ -153,8 +154,8 @@ def run_task(site: SiteConfig, address: str, token: str, *, installed: str | Non
     outcome, status, details = "failed", SubStatus.FAILED, SITE_ERRORS[469]
     try:
         message, context, run, fab = pull_task_input(client)
-        digest, fab_sha256, clientapp = _identify(fab.content, fab.hash_str, run.fab_hash)
-        if digest is not None and digest == (installed or installed_digest()):
+        digest, fab_sha256, clientapp, files = _identify(fab.content, fab.hash_str, run.fab_hash)
+        if digest is not None and digest == installed:
             from client.app import app  # the installed medfed
 
             reply, outcome, status, details = app(message=message, context=context), "installed", SubStatus.COMPLETED, ""
@@ -162,9 +163,9 @@ def run_task(site: SiteConfig, address: str, token: str, *, installed: str | Non
             SiteAudit(site).log.append(E.CODE_FOREIGN, {"code_sha256": digest, "run_id": str(run.run_id)})
             (site.workspace / "apps").mkdir(mode=0o700, exist_ok=True)
             beat.stop()
-            _exec_foreign(site, fab.content, digest, clientapp, address, token, message, context)  # does not return
+            _exec_foreign(site, files, digest, clientapp, address, token, message, context)  # does not return
         else:
-            _refused(site, digest, fab_sha256, run.run_id, installed or installed_digest())
+            _refused(site, digest, fab_sha256, run.run_id, installed)
             reply = Message(Error(code=CODE_REFUSED, reason=REFUSED_REASON), reply_to=message)
             outcome, details = "refused", REFUSED_REASON
     except Exception:  # the reply says only that the site failed; the detail stays in the site's log
@@ -180,17 +181,17 @@ def run_task(site: SiteConfig, address: str, token: str, *, installed: str | Non
     return outcome
 
 
-def _identify(fab: bytes, claimed: str, announced: str) -> tuple[str | None, str, str | None]:
-    """(code digest, SHA-256 of the bytes, ClientApp reference); the digest is ``None`` for a
-    malformed bundle or bytes that are not the bundle the SuperLink announced."""
+def _identify(fab: bytes, claimed: str, announced: str) -> tuple[str | None, str, str | None, dict[str, bytes]]:
+    """(code digest, SHA-256 of the bytes, ClientApp reference, verified code files); the digest
+    is ``None`` for a malformed bundle or bytes that are not the bundle the SuperLink announced."""
     real = hashlib.sha256(fab).hexdigest()
     if not real == claimed == announced:
-        return None, real, None
+        return None, real, None, {}
     try:
         files, clientapp = bundle_code(fab)
     except BundleError:
-        return None, real, None
-    return code_digest(files, clientapp), real, clientapp
+        return None, real, None, {}
+    return code_digest(files, clientapp), real, clientapp, files
 
 
 def _refused(site: SiteConfig, digest: str | None, fab_sha256: str, flwr_run: int, installed: str) -> None:
@@ -203,12 +204,11 @@ def _refused(site: SiteConfig, digest: str | None, fab_sha256: str, flwr_run: in
                                                 "run_id": str(flwr_run)})
 
 
-def _exec_foreign(site: SiteConfig, fab: bytes, digest: str, clientapp: str, address: str, token: str,
+def _exec_foreign(site: SiteConfig, files: dict[str, bytes], digest: str, clientapp: str, address: str, token: str,
                   message: Message, context: Context | None) -> None:
-    """Install an approved bundle's verified files under ``apps/<digest>/`` and replace this
-    process with a fresh interpreter that runs its ClientApp (its packages must not mix with
-    the installed medfed's)."""
-    files, _ = bundle_code(fab)  # member names already checked: relative, no '..'
+    """Install an approved bundle's verified files (``bundle_code`` checked their names:
+    relative, no '..') under ``apps/<digest>/`` and replace this process with a fresh
+    interpreter that runs its ClientApp (its packages must not mix with the installed medfed's)."""
     app_dir = site.workspace / "apps" / digest
     if not app_dir.is_dir():
         staging = Path(tempfile.mkdtemp(prefix=".install-", dir=site.workspace / "apps"))

@@ -40,6 +40,7 @@ def check_delivered(site: SiteConfig, delivered: bytes) -> None:
     """Pin ``delivered`` when it matches the expected fingerprint and nothing is pinned yet;
     refuse it otherwise (a changed roster is kept pending for the operator)."""
     offered = canonical_roster(delivered)
+    offered_fp = roster_fingerprint(offered)
     pinned_path, pending_path = site.workspace / PINNED, site.workspace / PENDING
     if not pinned_path.exists():
         expected_path = site.workspace / EXPECTED
@@ -48,13 +49,13 @@ def check_delivered(site: SiteConfig, delivered: bytes) -> None:
                 "no federation roster is pinned and none is expected: obtain the roster fingerprint from your "
                 f"consortium (out of band, not from the server) and run `medfed-site roster --workspace "
                 f"{site.workspace} --expect FINGERPRINT`", "roster-not-pinned")
-        if roster_fingerprint(offered) != expected_path.read_text().strip():
+        expected = expected_path.read_text().strip()
+        if offered_fp != expected:
             atomic_write_bytes(pending_path, offered)
-            raise VerificationError(
-                f"the delivered roster ({roster_fingerprint(offered)[:16]}…) is not the one this site expects "
-                f"({expected_path.read_text().strip()[:16]}…); refused", "roster-mismatch")
+            raise VerificationError(f"the delivered roster ({offered_fp[:16]}…) is not the one this site expects "
+                                    f"({expected[:16]}…); refused", "roster-mismatch")
         atomic_write_bytes(pinned_path, offered)
-        SiteAudit(site).log.append(E.ROSTER_PINNED, {"roster_sha256": roster_fingerprint(offered)})
+        SiteAudit(site).log.append(E.ROSTER_PINNED, {"roster_sha256": offered_fp})
         return
     pinned = canonical_roster(pinned_path.read_bytes())
     if pinned == offered:
@@ -62,7 +63,7 @@ def check_delivered(site: SiteConfig, delivered: bytes) -> None:
     atomic_write_bytes(pending_path, offered)
     raise VerificationError(
         f"the federation roster changed (pinned {roster_fingerprint(pinned)[:16]}…, offered "
-        f"{roster_fingerprint(offered)[:16]}…): compare the offered fingerprint with your consortium out of "
+        f"{offered_fp[:16]}…): compare the offered fingerprint with your consortium out of "
         f"band, then run `medfed-site roster --workspace {site.workspace} --accept FINGERPRINT`", "roster-changed")
 
 

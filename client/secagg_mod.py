@@ -72,8 +72,7 @@ def secagg_mod(resolve: Callable[[Context], SiteConfig]) -> Mod:
                 f"malformed {stage} request"
             log.warning("site %s refuses secure-aggregation stage %s: %s", site.name, stage, detail)
             SiteAudit(site).log.append(E.SECAGG_REFUSED, {"run_id": _safe_id(conf.get(K.RUN_ID)), "round": _round(conf),
-                                                   "reason": f"secagg-{code}", "stage": stage if stage in K.STAGES
-                                                   else "unknown"})
+                                                   "reason": f"secagg-{code}", "stage": _safe_stage(stage)})
             return Message(Error(code=SECAGG_REFUSED, reason=f"secure aggregation refused at the {_safe_stage(stage)} "
                                                              f"stage ({code})"), reply_to=msg)
 
