@@ -18,7 +18,7 @@ from privacy.audit.log import AuditLog, read_entries
 from privacy.ledger import LedgerEvent
 
 AUDIT_FILE = "audit.jsonl"
-SITE_KEY = Path("keys") / "audit.key"  # the site's Ed25519 identity key doubles as its audit key
+SITE_KEY = "audit.key"  # in the site's keys folder: its Ed25519 identity key doubles as its audit key
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class RoundIds:
 
 
 def site_key_path(site: SiteConfig) -> Path:
-    return site.workspace / SITE_KEY
+    return site.keys_dir / SITE_KEY
 
 
 class SiteAudit:

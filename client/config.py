@@ -141,6 +141,7 @@ class SiteConfig:
     name: str
     device: str = "auto"
     server: str = ""
+    keys: str = "keys"  # the site's secrets (audit/identity key, identifier key, fingerprints); relative: to the workspace
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     secagg: SecAggPolicy = field(default_factory=SecAggPolicy)
@@ -167,6 +168,12 @@ class SiteConfig:
         return self.path(self.data.labels)
 
     @property
+    def keys_dir(self) -> Path:
+        """The site's secrets: its Ed25519 audit/identity key and the identifier key and
+        fingerprints of the egress guard (0700; a simulation keeps them outside the run directory)."""
+        return self.path(self.keys)
+
+    @property
     def cache_dir(self) -> Path:
         return self.workspace / "cache"
 
@@ -176,7 +183,7 @@ class SiteConfig:
 
     def to_toml(self) -> dict[str, Any]:
         return {
-            "site": {"name": self.name, "server": self.server, "device": self.device},
+            "site": {"name": self.name, "server": self.server, "device": self.device, "keys": self.keys},
             "data": {**asdict(self.data), "window": list(self.data.window)},
             "privacy": {k: v for k, v in asdict(self.privacy).items() if v is not None},  # TOML has no null
             "secagg": asdict(self.secagg),
@@ -242,6 +249,7 @@ def load_site_config(workspace: Path) -> SiteConfig:
             name=str(site.get("name", "")),
             device=str(site.get("device", "auto")),
             server=str(site.get("server", "")),
+            keys=str(site.get("keys", "keys")),
             data=_section(doc, "data", DataConfig),
             privacy=_section(doc, "privacy", PrivacyPolicy),
             secagg=_section(doc, "secagg", SecAggPolicy),
