@@ -37,7 +37,7 @@ from privacy.bundle import installed_digest
 from privacy.dp import BudgetExhausted
 from privacy.dp_metrics import patient_sums, release
 from privacy.ledger import LedgerEvent, PrivacyLedger, now_utc
-from privacy.protocol import RoundRequest, checked_model
+from privacy.protocol import RoundRequest, checked_model, server_head
 from privacy.wire import arrays_sha256, arrays_to_record, record_to_arrays
 
 NODE_SITE_KEY = "site-workspace"
@@ -95,7 +95,7 @@ def _train(msg: Message, site: SiteConfig) -> Message:
     set_arrays(model, global_arrays)
     audit = SiteAudit(site)
     _join(audit, site, req.run_id, data)
-    ids = RoundIds(req.run_id, req.server_round, arrays_sha256(global_arrays))
+    ids = RoundIds(req.run_id, req.server_round, arrays_sha256(global_arrays), server_head(conf))
     device = pick_device(site.device)
     metrics: dict[str, float | int] = {K.PATIENTS: patients}
     if policy.require_secure_aggregation and conf.get(K.SECAGG_STAGE) != "input":
@@ -167,12 +167,13 @@ def _evaluate(msg: Message, site: SiteConfig) -> Message:
     """Validation metrics of the model the server sent, released as the site's policy says:
     ``dp`` noisy and charged to the ledger (once per round the site trained), ``exact``
     unmetered (warned: no guarantee), ``none`` refused."""
-    req = RoundRequest.from_record(msg.content.config_records[K.CONFIG])
+    conf = msg.content.config_records[K.CONFIG]
+    req = RoundRequest.from_record(conf)
     arrays = checked_model(record_to_arrays(msg.content.array_records[K.ARRAYS]))
     policy = site.privacy
     data = load_site_data(site, image_size=req.image_size)
     audit = SiteAudit(site)
-    ids = RoundIds(req.run_id, req.server_round, arrays_sha256(arrays))
+    ids = RoundIds(req.run_id, req.server_round, arrays_sha256(arrays), server_head(conf))
     if policy.metrics == "none":
         return _refuse_evaluation(msg, site, audit, ids, code=REFUSED_METRICS, reason="metrics-withheld")
     model = build_model()

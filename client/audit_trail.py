@@ -23,14 +23,17 @@ SITE_KEY = "audit.key"  # in the site's keys folder: its Ed25519 identity key do
 
 @dataclass(frozen=True)
 class RoundIds:
-    """What ties a site's entry to the server's: run, round, hash of the global model received."""
+    """What ties a site's entry to the server's: run, round, hash of the global model received,
+    and the server's audit-log head the request carried (the site's counter-signature of it)."""
 
     run_id: str
     round: int
     global_sha256: str
+    server_head: str = ""
 
     def data(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "round": self.round, "global_sha256": self.global_sha256}
+        return {"run_id": self.run_id, "round": self.round, "global_sha256": self.global_sha256,
+                "server_head": self.server_head}
 
 
 def site_key_path(site: SiteConfig) -> Path:

@@ -30,6 +30,7 @@ LEARNING_RATE = "learning-rate"
 IMAGE_SIZE = "image-size"
 DP_ENABLED = "dp"
 NOISE_MULTIPLIER_REQUEST = "noise-multiplier"  # the server's minimum; a site may use more
+SERVER_HEAD = "server-audit-head"  # the server's audit-log head when it sent the request (64 hex); sites log it
 
 # Metric keys (site -> server); only these numeric values may leave a site
 NUM_EXAMPLES = "num-examples"

@@ -83,6 +83,16 @@ class RoundRequest:
         return cls(**values)
 
 
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def server_head(record: Mapping[str, object]) -> str:
+    """The server's audit-log head a request carries ("" when absent or not 64 hex): the site
+    logs it with the round, counter-signing the server's log up to that entry."""
+    value = record.get(K.SERVER_HEAD)
+    return value if isinstance(value, str) and _HEX64.match(value) else ""
+
+
 ArraysT = typing.TypeVar("ArraysT", bound=Mapping[str, np.ndarray])
 MAX_WEIGHT = 1e4  # no weight of a trained imaging network comes near this; a crafted model may
 

@@ -15,9 +15,10 @@ from privacy.audit.log import AuditLog, body_hash
 from privacy.bundle import installed_digest
 from privacy.wire import arrays_sha256
 from server.config import RunConfig
+from server.rundir import private_keys_dir
 
 AUDIT_FILE = "audit.jsonl"
-SERVER_KEY = Path("keys") / "server.key"
+SERVER_KEY = "server.key"
 
 
 class ServerAudit:
@@ -25,7 +26,7 @@ class ServerAudit:
 
     def __init__(self, cfg: RunConfig, run_id: str) -> None:
         run_dir = Path(cfg.run_dir)
-        key = load_or_create_key(Path(cfg.audit_key) if cfg.audit_key else run_dir / SERVER_KEY)
+        key = load_or_create_key(Path(cfg.audit_key) if cfg.audit_key else private_keys_dir(run_dir) / SERVER_KEY)
         self.log = AuditLog(run_dir / AUDIT_FILE, SERVER_ACTOR, key)
         self.run_id = run_id
         self.entries = 0
@@ -56,8 +57,13 @@ class ServerAudit:
     def checkpoint(self, rnd: int, file: str, arrays: Mapping[str, np.ndarray]) -> None:
         self._add(E.CHECKPOINT, round=rnd, file=file, sha256=arrays_sha256(arrays))
 
-    def run_end(self, rounds: int, arrays: Mapping[str, np.ndarray]) -> None:
-        self._add(E.RUN_END, rounds=rounds, final_sha256=arrays_sha256(arrays))
+    def round_end(self, rnd: int, row: dict[str, Any]) -> None:
+        """The digest of the round's row of ``metrics.json`` (JSON values), signed: verify checks the file's row."""
+        self._add(E.ROUND_END, round=rnd, metrics_sha256=body_hash(row))
+
+    def run_end(self, rounds: int, arrays: Mapping[str, np.ndarray], ended_early: int | None = None) -> None:
+        """``ended_early``: the round every site refused, when the run stopped there."""
+        self._add(E.RUN_END, rounds=rounds, final_sha256=arrays_sha256(arrays), ended_early=ended_early)
 
     def summary(self) -> dict[str, Any]:
         """What ``metrics.json`` records so that truncating the log is detectable."""

@@ -55,6 +55,8 @@ def simulate(
     sites: Annotated[int, typer.Option(min=1, help="number of virtual hospitals")] = 3,
     rounds: Annotated[int, typer.Option(min=1, help="federated rounds")] = 3,
     out: Annotated[Path, typer.Option(help="run directory to create")] = Path("runs/demo"),
+    keys_dir: Annotated[Path | None, typer.Option(help="the private keys of the server and the virtual sites "
+                                                       "(default OUT.keys, beside the run directory, never in it)")] = None,
     patients: Annotated[int | None, typer.Option(min=4, help="patients per generated site")] = None,
     data: Annotated[list[Path] | None, typer.Option(help="existing site folder (DICOM + labels.csv); once per site")] = None,
     sites_dir: Annotated[Path | None, typer.Option(help="reuse the site workspaces of an earlier run (OLD_RUN/sites)")] = None,
@@ -80,6 +82,10 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="show Flower and Ray logs")] = False,
 ) -> None:
     """Generate (or reuse) virtual hospitals and train across them in Flower's simulation runtime."""
+    from privacy.audit.trust import from_roster
+    from privacy.secagg.wire import roster_fingerprint
+    from server.audit_trail import SERVER_KEY
+    from server.rundir import private_keys_dir
     from server.simulate import KEYS_DIR, ROSTER_FILE, SimulationPlan, prepare_sites, run_simulation_runtime
 
     if no_dp:
@@ -101,11 +107,13 @@ def simulate(
                         learning_rate=learning_rate, run_dir=str(out.resolve()), seed=seed, dp=not no_dp,
                         noise_multiplier=noise_multiplier, secure_aggregation=not no_secagg, secagg_k=secagg_k,
                         secagg_threshold=secagg_threshold,
-                        roster_file=str((out / KEYS_DIR / ROSTER_FILE).resolve()))
+                        roster_file=str((out / KEYS_DIR / ROSTER_FILE).resolve()),
+                        audit_key=str((keys_dir or private_keys_dir(out)).resolve() / SERVER_KEY))
         plan = SimulationPlan(sites=sites, patients=patients, data=tuple(data or ()),
                               sites_dir=sites_dir, data_seed=seed, policy=policy)
         with err.status("preparing site workspaces (generating DICOM, warming caches)…"):
-            configs = prepare_sites(out, plan, cfg.image_size)
+            configs = prepare_sites(out, plan, cfg.image_size, keys_dir)
+        fingerprint = roster_fingerprint((out / KEYS_DIR / ROSTER_FILE).read_bytes())  # kept from before the run
         if len(configs) < 2 and cfg.secure_aggregation:
             raise ValueError("secure aggregation needs at least 2 sites: use --sites 2 or more, or --no-secagg")
     except INPUT_ERRORS as exc:
@@ -134,14 +142,19 @@ def simulate(
         err.print(f"[red]error:[/] the run ended without writing {metrics_file}; rerun with --verbose")
         raise typer.Exit(1)
     metrics = json.loads(metrics_file.read_text())
-    report, built = write_report(out)  # verifies the server's and every site's audit log
+    # verifies the server's and every site's audit log with the roster made before the run
+    report, built = write_report(out, from_roster(out / KEYS_DIR / ROSTER_FILE, fingerprint),
+                                 site_sources=[c.workspace for c in configs] if sites_dir else [])
     if as_json:
         print(json.dumps(metrics))
         return
     err.print(round_table(metrics["rounds"], len(configs)))
     verdict = "verified" if built.verdict.ok else f"[red]FAILED verification: {built.verdict.problems[0]}[/]"
     err.print(f"audit logs: {verdict}; report: {report}")
-    err.print(f"run directory: {out}  (metrics.json, audit.jsonl, report.html, checkpoints/, model-final.npz)")
+    err.print(f"verify it yourself: medfed-audit verify {out}{' ' + str(sites_dir) + '/*' if sites_dir else ''} "
+              f"--roster-fingerprint {fingerprint}")
+    err.print(f"run directory: {out}  (metrics.json, audit.jsonl, report.html, checkpoints/, model-final.npz); "
+              f"private keys: {keys_dir or private_keys_dir(out)}")
 
 
 register_deployment(cli)

@@ -115,12 +115,15 @@ def run_command(app: Path, run_config: dict[str, Any]) -> list[str]:
 
 
 def prepare_run_dir(ws: ServerWorkspace, run_dir: Path) -> None:
-    """The public keys a run directory needs for `medfed-audit verify RUN_DIR`."""
+    """The public keys of the run, and the roster they come from, beside its logs. An auditor
+    trusts them only through the roster's fingerprint obtained out of band
+    (``medfed-audit verify RUN_DIR --roster-fingerprint FP``), or on request (``--trust-run-keys``)."""
     keys = run_dir / "keys"
     keys.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(keys / "server.pub", public_pem(load_or_create_key(ws.audit_key).public_key()))
     for name, site in ws.enrolled().items():
         atomic_write_bytes(keys / f"{name}.pub", site["identity_pem"].encode())
+    atomic_write_bytes(keys / "roster.json", ws.roster.read_bytes())
 
 
 def new_run_dir(ws: ServerWorkspace) -> Path:

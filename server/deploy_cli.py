@@ -165,13 +165,16 @@ def register(cli: typer.Typer) -> None:
             err.print(f"[red]error:[/] the run did not finish (flwr exit {proc.returncode}); see the SuperLink log")
             raise typer.Exit(1)
         from privacy.audit.report import write_report
+        from privacy.audit.trust import from_roster
         from server.cli import round_table
 
-        report, built = write_report(run_dir)
+        # the operator's view: its own roster's keys, and no site log (sites keep theirs; an auditor adds them)
+        report, built = write_report(run_dir, from_roster(ws.roster), server_only=True)
         err.print(round_table(json.loads(metrics.read_text())["rounds"], len(enrolled)))
         verdict = "verified" if built.verdict.ok else f"[red]FAILED: {built.verdict.problems[0]}[/]"
-        err.print(f"audit logs: {verdict}; report: {report}\nrun directory: {run_dir} "
-                  f"({time.monotonic() - started:.0f} s)")
+        err.print(f"audit logs (server's only): {verdict}; report: {report}\nrun directory: {run_dir} "
+                  f"({time.monotonic() - started:.0f} s)\nan auditor verifies it with the sites' logs: medfed-audit "
+                  f"verify {run_dir} SITE_WORKSPACE... --roster-fingerprint {fingerprint(ws.roster.read_bytes())}")
 
 
 def _finished(metrics: Path, wait: float = 60.0) -> bool:

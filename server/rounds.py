@@ -35,13 +35,17 @@ def _weighted(replies: list[Reply], key: str) -> float:
     return float(sum(v * w for v, w in pairs) / total) if total > 0 else math.nan
 
 
-def round_config(cfg: RunConfig, run_id: str, round_: int) -> ConfigRecord:
-    """What every site is told for this round."""
-    return RoundRequest(
+def round_config(cfg: RunConfig, run_id: str, round_: int, server_head: str = "") -> ConfigRecord:
+    """What every site is told for this round, with the head of the server's audit log (which
+    every site records: its counter-signature of the server's log up to there)."""
+    record = RoundRequest(
         server_round=round_, run_id=run_id, num_rounds=cfg.num_server_rounds, local_steps=cfg.local_steps,
         batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, image_size=cfg.image_size,
         dp=cfg.dp, noise_multiplier=cfg.noise_multiplier,
     ).to_record()
+    if server_head:
+        record[K.SERVER_HEAD] = server_head
+    return record
 
 
 def run_federation(
@@ -52,15 +56,16 @@ def run_federation(
     rundir = RunDir(Path(cfg.run_dir))
     audit = ServerAudit(cfg, run_id)
     audit.run_start(cfg, initial)
-    metrics: dict[str, Any] = {"run_id": run_id, "config": cfg.to_dict(), "rounds": []}
+    metrics: dict[str, Any] = {"run_id": run_id, "config": cfg.to_dict(), "rounds": []}  # checked against the log
     arrays = initial
     last_round = 0
+    ended_early: int | None = None
     roster = Path(cfg.roster_file).read_bytes() if cfg.roster_file else b""
     for rnd in range(1, cfg.num_server_rounds + 1):
         started = time.monotonic()
         nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
-        conf = round_config(cfg, run_id, rnd)
         audit.round_start(rnd, arrays, nodes)
+        conf = round_config(cfg, run_id, rnd, audit.log.head())
         secure = None
         if cfg.secure_aggregation:
             secure = secure_train(grid, nodes, arrays, conf, run_id=run_id, round_=rnd, timeout=cfg.round_timeout,
@@ -97,6 +102,7 @@ def run_federation(
         else:
             log.warning("round %d: no site returned an update; the global model is unchanged", rnd)
         row["model_sha256"] = arrays_sha256(arrays)
+        conf = round_config(cfg, run_id, rnd, audit.log.head())  # the sites counter-sign the round so far
         evaluation = exchange(grid, dict.fromkeys(nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf})),
                               MessageType.EVALUATE, cfg.round_timeout, with_arrays=False)
         row["train_loss"] = _weighted(train.replies, K.TRAIN_LOSS)
@@ -110,6 +116,8 @@ def run_federation(
             audit.reply(rnd, r.site, "evaluation-refused" if r.metrics.get(K.REFUSED) else "evaluated",
                         site_head=r.audit_head, epsilon=r.metrics.get(K.EPSILON))
         row["seconds"] = round(time.monotonic() - started, 3)
+        row = _jsonable(row)
+        audit.round_end(rnd, row)  # metrics.json's row, signed: verify checks the file against it
         metrics["rounds"].append(row)
         metrics["audit"] = audit.summary()
         rundir.write_metrics(_jsonable(metrics))
@@ -120,10 +128,11 @@ def run_federation(
         if not updates and refused and len(refused) == len(train.replies) and not train.failed:
             log.warning("every site refused round %d: ending the run (no budget left anywhere)", rnd)
             metrics["ended_early"] = f"all sites refused round {rnd}"
+            ended_early = rnd
             break
     rundir.final(last_round, arrays)
     metrics["final_model_sha256"] = arrays_sha256(arrays)
-    audit.run_end(last_round, arrays)
+    audit.run_end(last_round, arrays, ended_early)
     metrics["audit"] = audit.summary()
     rundir.write_metrics(_jsonable(metrics))
     return metrics

@@ -35,6 +35,14 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in sidecar["keys"]}
 
 
+def private_keys_dir(run_dir: Path) -> Path:
+    """Where a run's private keys live unless the operator names another place: beside the run
+    directory (``RUN.keys/``, 0700), never inside it. A run directory is what an auditor receives,
+    and keys found there prove nothing (``medfed-audit verify`` ignores them unless told)."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.with_name(run_dir.name + ".keys")
+
+
 class RunDir:
     """Writes one run's outputs under ``root``."""
 

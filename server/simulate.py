@@ -15,10 +15,12 @@ from client.secagg_mod import roster_path
 from client.site import load_site_data
 from client.synth import generate_site, site_profile
 from privacy.audit.keys import load_or_create_key, public_pem
-from privacy.files import atomic_write_bytes
+from privacy.files import atomic_write_bytes, private_dir
 from privacy.secagg.wire import roster_bytes
+from server.audit_trail import SERVER_KEY
 from server.config import RunConfig
 from server.rounds import RoundCallback
+from server.rundir import private_keys_dir
 
 SITES_DIR = "sites"
 KEYS_DIR = "keys"
@@ -37,11 +39,15 @@ class SimulationPlan:
     policy: PrivacyPolicy = PrivacyPolicy()
 
 
-def prepare_sites(out: Path, plan: SimulationPlan, image_size: int) -> list[SiteConfig]:
+def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Path | None = None) -> list[SiteConfig]:
     """Create (or reuse) one site workspace per virtual site and warm its data cache.
 
-    Fails early, before the runtime starts, with the site's own data error.
+    Every private key (the server's audit key, each virtual site's identity key and identifier
+    key) lives under ``private`` (default ``OUT.keys``), outside the run directory; the run
+    directory gets the public keys and the roster. Fails early, before the runtime starts, with
+    the site's own data error.
     """
+    private = private_dir(Path(private) if private is not None else private_keys_dir(out))
     if plan.sites_dir is not None:
         workspaces = sorted(p for p in Path(plan.sites_dir).iterdir() if (p / "site.toml").is_file())
         if len(workspaces) < plan.sites:
@@ -68,7 +74,8 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int) -> list[Site
             secagg = SecAggPolicy(min_sites=min(SecAggPolicy.min_sites, plan.sites),
                                   min_neighbours=min(SecAggPolicy.min_neighbours, plan.sites - 1)) \
                 if plan.sites >= 2 else SecAggPolicy()
-            config = SiteConfig(workspace=ws, name=name, device="auto", data=data, privacy=plan.policy, secagg=secagg)
+            config = SiteConfig(workspace=ws, name=name, device="auto", data=data, privacy=plan.policy, secagg=secagg,
+                                keys=str((private / SITES_DIR / name).resolve()))
             write_site_config(config)
             configs.append(config)
     for config in configs:
@@ -76,8 +83,11 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int) -> list[Site
         # the site's identity/audit key, and its public half in the run's roster of keys
         key = load_or_create_key(site_key_path(config))
         atomic_write_bytes(out / KEYS_DIR / f"{config.name}.pub", public_pem(key.public_key()))
+    server = load_or_create_key(private / SERVER_KEY)
+    atomic_write_bytes(out / KEYS_DIR / "server.pub", public_pem(server.public_key()))
     # the federation roster the driver pins at every virtual site (deployments: `medfed-site roster`)
-    roster = roster_bytes({c.name: (out / KEYS_DIR / f"{c.name}.pub").read_text() for c in configs})
+    roster = roster_bytes({c.name: (out / KEYS_DIR / f"{c.name}.pub").read_text() for c in configs},
+                          public_pem(server.public_key()).decode())
     atomic_write_bytes(out / KEYS_DIR / ROSTER_FILE, roster)  # the server delivers it every round
     for config in configs:
         atomic_write_bytes(roster_path(config), roster)

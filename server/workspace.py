@@ -8,7 +8,7 @@ ca/ca.key, ca.pem    the federation CA (key 0600)
 tls/superlink.*      the SuperLink's TLS key (0600) and certificate (SANs: host, localhost, 127.0.0.1, ::1)
 keys/server.key|pub  the server's Ed25519 audit key
 sites/<name>.json    one file per enrolled site: node key, identity key, node id, enrolled at
-roster.json          the enrolled sites' identity keys, delivered to every site each run
+roster.json          the enrolled sites' identity keys and the server's audit key, delivered every run
 flwr/config.toml     FLWR_HOME of the `flwr` CLI: the connection "medfed" (127.0.0.1:internal_port) with the CA
 keys/superexec.secret  the SuperExec shared secret (SuperLink and the SuperExec that runs ServerApps)
 proxy/               the public proxy's (nginx) configuration, pid and logs
@@ -29,8 +29,9 @@ from typing import Any
 
 import tomli_w
 
-from privacy.audit.keys import load_or_create_key
+from privacy.audit.keys import load_or_create_key, public_pem
 from privacy.files import atomic_write_bytes, atomic_write_json, private_dir
+from privacy.secagg.wire import roster_bytes
 from server.pki import make_ca, make_server_cert, write_new
 
 SERVER_FILE = "server.toml"
@@ -86,12 +87,9 @@ class ServerWorkspace:
         return {p.stem: json.loads(p.read_text()) for p in sorted(self.sites_dir.glob("*.json"))}
 
     def write_roster(self) -> None:
-        atomic_write_bytes(self.roster, roster_bytes({n: s["identity_pem"] for n, s in self.enrolled().items()}))
-
-
-def roster_bytes(sites: dict[str, str]) -> bytes:
-    """The canonical roster document (its SHA-256 is the fingerprint operators compare)."""
-    return json.dumps({"sites": dict(sorted(sites.items()))}, sort_keys=True, separators=(",", ":")).encode()
+        """The roster every run delivers: the enrolled identity keys and the server's audit key."""
+        server = public_pem(load_or_create_key(self.audit_key).public_key()).decode()
+        atomic_write_bytes(self.roster, roster_bytes({n: s["identity_pem"] for n, s in self.enrolled().items()}, server))
 
 
 def init_workspace(root: Path, host: str, port: int, *, internal_port: int = 0, bind: str = "0.0.0.0"

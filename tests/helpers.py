@@ -10,15 +10,33 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from privacy.audit.log import Entry
     from privacy.ledger import PrivacyLedger
 
 
 def site_ledger(workspace: Path) -> PrivacyLedger:
-    """A site workspace's ledger, verified with the site's public identity key."""
+    """A site workspace's ledger, verified with the site's public identity key (in its keys folder)."""
+    from client.config import load_site_config
     from privacy.audit.keys import load_public_key
     from privacy.ledger import PrivacyLedger
 
-    return PrivacyLedger.load(workspace / "ledger.json", load_public_key(workspace / "keys" / "audit.pub"))
+    keys = load_site_config(workspace).keys_dir
+    return PrivacyLedger.load(workspace / "ledger.json", load_public_key(keys / "audit.pub"))
+
+
+def resign_log(path: Path, entries: list[Entry], key: Ed25519PrivateKey) -> None:
+    """Rewrite a log as a valid chain of ``entries`` signed with ``key`` (what a forger with that key can do)."""
+    from privacy.audit.log import GENESIS, body_hash, canonical
+
+    prev, lines = GENESIS, []
+    for seq, e in enumerate(entries):
+        body = {**e.body(), "seq": seq, "prev": prev}
+        digest = body_hash(body)
+        lines.append(canonical({**body, "hash": digest, "sig": key.sign(bytes.fromhex(digest)).hex()}) + b"\n")
+        prev = digest
+    path.write_bytes(b"".join(lines))
 
 
 PLANTED = {"PatientName": "ZEBRA^QUOKKA", "PatientBirthDate": "19230405", "InstitutionName": "Xylophone General",

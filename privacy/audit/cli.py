@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from privacy.audit.report import html_to_pdf, write_report
+from privacy.audit.trust import TrustError, resolve
 from privacy.audit.verify import Verdict, required_sites, run_logs, segment_files, verify_paths
 
 cli = typer.Typer(help="medfed audit: verify signed logs, build the compliance report.",
@@ -23,20 +24,19 @@ def _commands() -> None:
     """medfed audit: verify signed logs, build the compliance report."""
 
 
-def collect(paths: list[Path], keys: Path | None) -> tuple[dict[str, list[Path]], Path, dict[str, Any] | None,
-                                                         set[str]]:
-    """Logs by actor, the keys folder, the run's metrics and the sites whose logs must be
+def collect(paths: list[Path]) -> tuple[dict[str, list[Path]], list[Path], dict[str, Any] | None, set[str]]:
+    """Logs by actor, the run directories, the run's metrics and the sites whose logs must be
     present, from run dirs, workspaces or log files."""
     logs: dict[str, list[Path]] = {}
     metrics = None
-    keys_dir = keys
+    run_dirs: list[Path] = []
     required: set[str] = set()
     for path in paths:
         if path.is_dir() and (path / "metrics.json").is_file():
             logs |= run_logs(path)
             required |= required_sites(path)
             metrics = json.loads((path / "metrics.json").read_text())
-            keys_dir = keys_dir or path / "keys"
+            run_dirs.append(path)
         elif path.is_dir() and (path / "audit.jsonl").exists():
             files = segment_files(path / "audit.jsonl")
             logs[_first_actor(files) or path.name] = files
@@ -45,9 +45,7 @@ def collect(paths: list[Path], keys: Path | None) -> tuple[dict[str, list[Path]]
             logs[_first_actor(files) or path.stem] = files
         else:
             raise FileNotFoundError(f"{path}: not a run directory, a workspace with audit.jsonl, or a log file")
-    if keys_dir is None:
-        raise FileNotFoundError("no keys: pass --keys DIR holding <actor>.pub for every log (server.pub, <site>.pub)")
-    return logs, keys_dir, metrics, required
+    return logs, run_dirs, metrics, required
 
 
 def _first_actor(files: list[Path]) -> str | None:
@@ -60,20 +58,41 @@ def _first_actor(files: list[Path]) -> str | None:
     return None
 
 
+RosterOpt = Annotated[Path | None, typer.Option(
+    "--roster", help="a federation roster you trust: your site's pinned SITE/trust/roster.json (the sites' identity "
+                     "keys and the server's audit key)")]
+FingerprintOpt = Annotated[str | None, typer.Option(
+    "--roster-fingerprint", help="the roster fingerprint your consortium gave you out of band; the roster (--roster, "
+                                 "or RUN_DIR/keys/roster.json) must hash to it")]
+KeysOpt = Annotated[Path | None, typer.Option(help="a folder of <actor>.pub public keys you obtained out of band")]
+TrustRunKeysOpt = Annotated[bool, typer.Option(
+    "--trust-run-keys", help="use the keys found in the run directory (NOT out of band: an operator who can edit the "
+                             "logs can replace them)")]
+ServerOnlyOpt = Annotated[bool, typer.Option(
+    "--server-only", help="verify the server's log without the sites' logs (the report says so)")]
+
+
 @cli.command()
 def verify(
     paths: Annotated[list[Path], typer.Argument(help="run directories, site workspaces or audit log files")],
-    keys: Annotated[Path | None, typer.Option(help="folder of <actor>.pub public keys (default: RUN_DIR/keys)")] = None,
+    roster: RosterOpt = None,
+    roster_fingerprint: FingerprintOpt = None,
+    keys: KeysOpt = None,
+    trust_run_keys: TrustRunKeysOpt = False,
+    server_only: ServerOnlyOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Check every chain, signature and sequence, and cross-check server and site logs of a run."""
+    """Check every chain, signature and sequence with out-of-band keys; cross-check server and
+    site logs of a run (counter-signed heads, model hashes, ε) and metrics.json against the log."""
     try:
-        logs, keys_dir, metrics, required = collect(paths, keys)
+        logs, run_dirs, metrics, required = collect(paths)
         required |= {actor for actor in logs if actor != "server"}
-    except FileNotFoundError as exc:
+        trust = resolve(run_dirs, roster=roster, roster_fingerprint=roster_fingerprint, keys=keys,
+                        trust_run_keys=trust_run_keys)
+    except (FileNotFoundError, TrustError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    verdict = verify_paths(logs, keys_dir, metrics, required)
+    verdict = verify_paths(logs, trust, metrics, required, server_only=server_only)
     if as_json:
         print(json.dumps(verdict.to_json()))
     else:
@@ -82,6 +101,7 @@ def verify(
 
 
 def _print(verdict: Verdict) -> None:
+    err.print(f"keys: {verdict.trust}")
     for actor, chain in verdict.chains.items():
         torn = " (incomplete last line from an interrupted append: ignored)" if chain.torn_tail else ""
         err.print(f"{actor}: {len(chain.entries)} entries, head {chain.head[:16]}…{torn}")
@@ -89,7 +109,10 @@ def _print(verdict: Verdict) -> None:
         err.print(f"[yellow]not cross-checked[/] (their logs were not given; pass their workspaces or exports): "
                   f"{', '.join(verdict.unchecked)}")
     if verdict.ok:
-        err.print("[green]verified[/]: every chain, signature and sequence holds; server and site logs agree")
+        sites = [a for a in verdict.checked if a != "server"]
+        agree = f"server and site logs agree ({', '.join(sites)})" if sites else "NO site log checked (--server-only)"
+        err.print(f"[green]verified[/]: every chain, signature and sequence holds; {agree}"
+                  + ("; metrics.json is what the server's log signed" if verdict.metrics_checked else ""))
     else:
         err.print(f"[red]FAILED[/]: {verdict.problems[0]}")
         for p in verdict.problems[1:10]:
@@ -103,12 +126,18 @@ def report(
                                                           "signed site exports (repeatable)")] = None,
     out: Annotated[Path | None, typer.Option(help="HTML file to write (default RUN_DIR/report.html)")] = None,
     pdf: Annotated[bool, typer.Option("--pdf", help="also print it to a PDF beside the HTML (needs Chromium)")] = False,
-    keys: Annotated[Path | None, typer.Option(help="folder of <actor>.pub public keys (default RUN_DIR/keys)")] = None,
+    roster: RosterOpt = None,
+    roster_fingerprint: FingerprintOpt = None,
+    keys: KeysOpt = None,
+    trust_run_keys: TrustRunKeysOpt = False,
+    server_only: ServerOnlyOpt = False,
 ) -> None:
     """Build the compliance report: verdict, participants, curves, privacy, protection, fingerprints, hashes."""
     try:
-        path, data = write_report(run_dir, out, site_logs or [], keys)
-    except FileNotFoundError as exc:
+        trust = resolve([run_dir], roster=roster, roster_fingerprint=roster_fingerprint, keys=keys,
+                        trust_run_keys=trust_run_keys)
+        path, data = write_report(run_dir, trust, out, site_logs or [], server_only=server_only)
+    except (FileNotFoundError, TrustError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     err.print(f"report: {path} ({'verified' if data.verdict.ok else 'VERIFICATION FAILED'})")

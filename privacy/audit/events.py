@@ -11,12 +11,13 @@ class E:
     # server
     RUN_START = "run-start"  # run_id, config_sha256, code_sha256, versions, sites, secure_aggregation
     SITE_ENROLLED = "site-enrolled"
-    ROUND_START = "round-start"  # run_id, round, global_sha256, sites
+    ROUND_START = "round-start"  # run_id, round, global_sha256, nodes
     SITE_REPLY = "site-reply"  # run_id, round, site, status (trained|refused|error|timeout), site_head, epsilon
     SECAGG = "secure-aggregation"  # run_id, round, sites, dropped, aborted, k, threshold
     AGGREGATE = "aggregate-applied"  # run_id, round, sites, new_sha256
     CHECKPOINT = "checkpoint-written"  # run_id, round, file, sha256
-    RUN_END = "run-end"  # run_id, rounds, final_sha256
+    ROUND_END = "round-end"  # run_id, round, metrics_sha256: digest of the round's row of metrics.json
+    RUN_END = "run-end"  # run_id, rounds, final_sha256, ended_early (the round every site refused, or null)
     # site
     RUN_JOINED = "run-joined"  # run_id, config_sha256
     CONFIG = "config-changed"  # config_sha256
@@ -33,4 +34,6 @@ class E:
     SECAGG_ADVERTISED = "secagg-advertised"  # run_id, round: keys advertised (a round is never restarted)
     SECAGG_REFUSED = "secagg-refused"  # run_id, round, reason (secagg-<check>), stage
     SECAGG_CLIPPED = "secagg-clipped"  # run_id, round, count, max_abs: update values the round's range clipped
-    ROSTER_ACCEPTED = "roster-accepted"  # roster_sha256  # run_id, round, key, reason
+    ROSTER_ACCEPTED = "roster-accepted"  # roster_sha256
+    # every site entry of a round (trained, refused, evaluated) also records server_head: the server's chain head
+    # the request carried, the site's counter-signature of the server's log up to there

@@ -19,10 +19,10 @@ from typing import Any
 
 from privacy.audit.events import SERVER_ACTOR, E
 from privacy.audit.export import KIND, ExportError, summarize, verify_export
-from privacy.audit.keys import KeyFileError, public_key_from_pem
 from privacy.audit.log import Entry, read_entries
 from privacy.audit.svg import line_chart
-from privacy.audit.verify import Verdict, find_key, required_sites, run_logs, segment_files, verify_paths
+from privacy.audit.trust import Trust
+from privacy.audit.verify import Verdict, required_sites, run_logs, segment_files, verify_paths
 from privacy.files import atomic_write_bytes
 
 NOT_RECORDED = '<p class="muted">not recorded</p>'
@@ -39,14 +39,13 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
 
 
-def gather(run_dir: Path, site_sources: Sequence[Path] = (), keys: Path | None = None) -> ReportData:
-    """Read and verify everything the report shows."""
+def gather(run_dir: Path, site_sources: Sequence[Path], trust: Trust, *, server_only: bool = False) -> ReportData:
+    """Read and verify (with the out-of-band keys of ``trust``) everything the report shows."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path} not found: pass the run directory that `simulate` or `run` wrote")
     metrics = json.loads(metrics_path.read_text())
-    keys_dir = keys or run_dir / "keys"
     logs = run_logs(run_dir)
     exports: list[dict[str, Any]] = []
     for src in site_sources:
@@ -61,7 +60,8 @@ def gather(run_dir: Path, site_sources: Sequence[Path] = (), keys: Path | None =
                 continue
             if isinstance(obj, dict) and obj.get("kind") == KIND:
                 exports.append(obj)
-    verdict = verify_paths(logs, keys_dir, metrics, required_sites(run_dir) | {a for a in logs if a != SERVER_ACTOR})
+    verdict = verify_paths(logs, trust, metrics, required_sites(run_dir) | {a for a in logs if a != SERVER_ACTOR},
+                           server_only=server_only)
     run_id = str(metrics.get("run_id"))
     server = verdict.chains[SERVER_ACTOR].entries if SERVER_ACTOR in verdict.chains else []
     data = ReportData(run_dir, metrics, verdict, server)
@@ -71,15 +71,18 @@ def gather(run_dir: Path, site_sources: Sequence[Path] = (), keys: Path | None =
             data.sources[actor] = "signed log (verified)" if not chain.problems else "signed log (FAILED verification)"
     for exp in exports:
         site = str(exp.get("site"))
-        pinned = find_key(keys_dir, site)
+        pinned = trust.key(site)
+        if pinned is None:  # an export's own embedded key proves nothing
+            data.notes.append(f"export of site {site} not used: its key is not among the out-of-band keys")
+            continue
         try:
-            verify_export(exp, pinned or public_key_from_pem(str(exp.get("public_key", "")).encode(), f"export of {site}"))
-        except (ExportError, KeyFileError) as exc:
+            verify_export(exp, pinned)
+        except ExportError as exc:
             data.notes.append(str(exc))
             continue
         if site not in data.sites and run_id in exp.get("runs", {}):
             data.sites[site] = exp["runs"][run_id] | {"head": exp.get("head"), "entries": exp.get("entries")}
-            data.sources[site] = "signed export" + ("" if pinned else " (key not pinned: embedded key used)")
+            data.sources[site] = "signed export"
     return data
 
 
@@ -105,9 +108,17 @@ def _section(anchor: str, title: str, body: str) -> str:
 
 def summary_section(d: ReportData) -> str:
     v = d.verdict
-    verdict = ('<p class="ok">Audit logs verified: every chain, signature and sequence holds, and the server and '
-               'site logs agree.</p>' if v.ok else
-               f'<p class="bad">Audit verification FAILED: {escape(str(v.problems[0]))}</p>')
+    checked_sites = [a for a in v.checked if a != SERVER_ACTOR]
+    agree = (f"the server's log and the logs of {escape(', '.join(checked_sites))} agree" if checked_sites else
+             "NO site log was checked (verified with --server-only): what the sites did rests on the server's word")
+    verdict = (f'<p class="ok">Audit logs verified: every chain, signature and sequence holds, and {agree}'
+               + ("; metrics.json is what the server's log signed" if v.metrics_checked else "") + ".</p>"
+               if v.ok else f'<p class="bad">Audit verification FAILED: {escape(str(v.problems[0]))}</p>')
+    keys_note = escape(v.trust) + ("" if v.out_of_band else " (not out of band)")
+    verdict += f'<p>Logs checked: {escape(", ".join(v.checked)) or "none"}. Keys: {keys_note}.</p>'
+    if v.counter_signed >= 0:
+        verdict += (f'<p class="muted">The sites counter-signed the server\'s log through entry {v.counter_signed}; '
+                    "later entries are signed by the server alone.</p>")
     start = next((e for e in d.server if e.event == E.RUN_START), None)
     end = next((e for e in d.server if e.event == E.RUN_END), None)
     rounds = d.metrics.get("rounds", [])
@@ -241,10 +252,10 @@ def render(d: ReportData) -> str:
             f"<style>{CSS}</style></head><body><h1>{title}</h1>{body}</body></html>")
 
 
-def write_report(run_dir: Path, out: Path | None = None, site_sources: Sequence[Path] = (),
-                 keys: Path | None = None) -> tuple[Path, ReportData]:
+def write_report(run_dir: Path, trust: Trust, out: Path | None = None, site_sources: Sequence[Path] = (),
+                 *, server_only: bool = False) -> tuple[Path, ReportData]:
     """Build the report of ``run_dir`` into ``out`` (default ``RUN_DIR/report.html``)."""
-    data = gather(run_dir, site_sources, keys)
+    data = gather(run_dir, site_sources, trust, server_only=server_only)
     out = out or Path(run_dir) / "report.html"
     atomic_write_bytes(out, render(data).encode())
     return out, data

@@ -90,18 +90,24 @@ def session_from_bytes(data: bytes) -> SiteSession:
     return SiteSession(**{k: v for k, v in values.items() if k in names})
 
 
-def roster_bytes(sites: dict[str, str]) -> bytes:
-    """The canonical federation roster ``{"sites": {name: Ed25519 PEM}}``; its SHA-256 is the
-    fingerprint operators compare out of band."""
-    return _dump({"sites": dict(sorted(sites.items()))})
+def roster_bytes(sites: dict[str, str], server: str | None = None) -> bytes:
+    """The canonical federation roster ``{"sites": {name: Ed25519 PEM}, "server": PEM}``: the
+    enrolled sites' identity keys and the server's audit key. Its SHA-256 is the fingerprint
+    operators compare out of band, so pinning it pins every key an audit is verified with."""
+    doc: dict[str, Any] = {"sites": dict(sorted(sites.items()))}
+    if server is not None:
+        doc["server"] = server
+    return _dump(doc)
 
 
 def canonical_roster(data: bytes) -> bytes:
     """Re-encode a roster document canonically (raises ValueError when it is not one)."""
     raw = json.loads(data)
-    if not isinstance(raw, dict) or not isinstance(raw.get("sites"), dict):
-        raise ValueError("a roster is {\"sites\": {name: PEM}}")
-    return roster_bytes({str(k): str(v) for k, v in raw["sites"].items()})
+    if not isinstance(raw, dict) or not isinstance(raw.get("sites"), dict) or set(raw) - {"sites", "server"} \
+            or not isinstance(raw.get("server", ""), str):
+        raise ValueError("a roster is {\"sites\": {name: PEM}, \"server\": PEM}")
+    server = raw.get("server")
+    return roster_bytes({str(k): str(v) for k, v in raw["sites"].items()}, None if server is None else str(server))
 
 
 def roster_fingerprint(data: bytes) -> str:

@@ -18,10 +18,11 @@ from PIL import Image
 
 from client.synth import generate_site, site_profile
 from privacy.audit.keys import load_private_key
-from privacy.audit.log import body_hash, canonical, read_entries
+from privacy.audit.log import read_entries
 from privacy.audit.report import chromium
+from privacy.audit.trust import from_roster
 from privacy.audit.verify import run_logs, verify_paths
-from tests.helpers import PLANTED_STRINGS, plant_identifiers
+from tests.helpers import PLANTED_STRINGS, plant_identifiers, resign_log
 
 ROOT = Path(__file__).parents[2]
 SECTIONS = ["Run summary and verdict", "Participants per round", "Training curves", "Privacy",
@@ -56,24 +57,19 @@ def _mini(run_dir: Path, dest: Path) -> Path:
     return dest
 
 
-def _verdict(run_dir: Path):  # type: ignore[no-untyped-def]
-    return verify_paths(run_logs(run_dir), run_dir / "keys", json.loads((run_dir / "metrics.json").read_text()))
+def _verdict(run_dir: Path, roster: Path):  # type: ignore[no-untyped-def]
+    """Verified with the roster the auditor holds (a copy made before any mutation)."""
+    return verify_paths(run_logs(run_dir), from_roster(roster), json.loads((run_dir / "metrics.json").read_text()))
 
 
-def _resign(path: Path, entries: list, key: Ed25519PrivateKey) -> None:  # type: ignore[type-arg]
-    """Rewrite a log as a valid chain of ``entries`` signed with ``key``."""
-    prev, lines = "0" * 64, []
-    for seq, e in enumerate(entries):
-        body = {**e.body(), "seq": seq, "prev": prev}
-        digest = body_hash(body)
-        lines.append(canonical({**body, "hash": digest, "sig": key.sign(bytes.fromhex(digest)).hex()}) + b"\n")
-        prev = digest
-    path.write_bytes(b"".join(lines))
+def _fingerprint(output: str) -> str:
+    """The roster fingerprint `simulate` printed (what the researcher keeps out of band)."""
+    return output.split("--roster-fingerprint ", 1)[1].split()[0]
 
 
 def test_run_logs_verify(run: tuple[Path, str]) -> None:
-    run_dir, _ = run
-    r = _cli("privacy.audit.cli", "verify", str(run_dir), "--json")
+    run_dir, output = run
+    r = _cli("privacy.audit.cli", "verify", str(run_dir), "--json", "--roster-fingerprint", _fingerprint(output))
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["ok"] and out["problems"] == []
@@ -101,6 +97,8 @@ def test_every_mutation_is_detected(run: tuple[Path, str], tmp_path: Path) -> No
     logs = ["audit.jsonl", "sites/site-1/audit.jsonl", "sites/site-2/audit.jsonl"]
     kinds = ["flip", "delete", "reorder", "duplicate", "truncate", "foreign-key"]
     detected: dict[str, int] = dict.fromkeys(kinds, 0)
+    roster = tmp_path / "pinned-roster.json"
+    shutil.copy(run_dir / "keys" / "roster.json", roster)
     for i in range(150):
         mini = _mini(run_dir, tmp_path / f"m{i}")
         path = mini / logs[int(rng.integers(len(logs)))]
@@ -124,20 +122,20 @@ def test_every_mutation_is_detected(run: tuple[Path, str], tmp_path: Path) -> No
         elif kind == "truncate":
             path.write_bytes(data[: int(rng.integers(len(data)))])
         else:
-            _resign(path, read_entries(path), Ed25519PrivateKey.generate())
-        verdict = _verdict(mini)
+            resign_log(path, read_entries(path), Ed25519PrivateKey.generate())
+        verdict = _verdict(mini, roster)
         assert not verdict.ok, (kind, str(path))
         detected[kind] += 1
     assert all(n >= 20 for n in detected.values()), detected
-    assert _verdict(_mini(run_dir, tmp_path / "clean")).ok
+    assert _verdict(_mini(run_dir, tmp_path / "clean"), roster).ok
 
 
 def test_site_log_that_omits_a_round_fails_precisely(run: tuple[Path, str], tmp_path: Path) -> None:
     run_dir, _ = run
-    mini = _mini(run_dir, tmp_path / "omit")
+    mini = _mini(run_dir, tmp_path / "omit")  # the site forges its own log: it holds its key
     log = mini / "sites" / "site-2" / "audit.jsonl"
     kept = [e for e in read_entries(log) if not (e.event == "round-trained" and e.data["round"] == 2)]
-    _resign(log, kept, load_private_key(run_dir / "sites" / "site-2" / "keys" / "audit.key"))  # a valid chain
+    resign_log(log, kept, load_private_key(run_dir / "sites" / "site-2" / "keys" / "audit.key"))  # a valid chain
     r = _cli("privacy.audit.cli", "verify", str(mini))
     assert r.returncode == 1
     assert f"{log}" in r.stderr and "site site-2 trained round 2" in r.stderr and "no such entry" in r.stderr
@@ -158,7 +156,8 @@ def _console_errors(log: str) -> list[str]:
 
 def test_report_html_renders_and_pdf_has_the_sections(run: tuple[Path, str], tmp_path: Path) -> None:
     run_dir, _ = run
-    r = _cli("privacy.audit.cli", "report", str(run_dir), "--out", str(tmp_path / "report.html"), "--pdf")
+    r = _cli("privacy.audit.cli", "report", str(run_dir), "--out", str(tmp_path / "report.html"), "--pdf",
+             "--roster", str(run_dir / "keys" / "roster.json"))
     assert r.returncode == 0, r.stderr
     html = (tmp_path / "report.html").read_text()
     assert all(f">{title}" in html for title in ["Run summary and verdict", "Participants per round", "Training curves"])
@@ -182,7 +181,7 @@ def test_no_identifying_value_in_logs_exports_or_report(run: tuple[Path, str]) -
     assert r.returncode == 0, r.stderr
     export = json.loads((run_dir / "sites" / "site-1" / "audit-export.json").read_text())
     assert export["runs"] and export["head"] == read_entries(run_dir / "sites" / "site-1" / "audit.jsonl")[-1].hash
-    report = _cli("privacy.audit.cli", "report", str(run_dir), "--pdf")
+    report = _cli("privacy.audit.cli", "report", str(run_dir), "--pdf", "--roster", str(run_dir / "keys" / "roster.json"))
     assert report.returncode == 0
     pdf_text = " ".join(p.extract_text() for p in pypdf.PdfReader(run_dir / "report.pdf").pages)
     blobs = [output, r.stdout + r.stderr, pdf_text]

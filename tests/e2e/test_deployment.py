@@ -179,8 +179,16 @@ def test_enrolled_sites_train_over_tls(federation: dict[str, object]) -> None:
                  "report.html"):
         assert (run_dir / name).is_file(), name
     assert max(max(r_["epsilon"].values()) for r_ in m["rounds"]) <= 8.0
-    v = install.cli("privacy.audit.cli", "verify", str(run_dir), *map(str, sites), "--json")  # type: ignore[call-overload]
-    assert v.returncode == 0 and json.loads(v.stdout)["unchecked_sites"] == [], v.stdout + v.stderr
+    # a site's privacy officer verifies with the roster its site pinned (the sites' and the server's keys)
+    pinned = sites[0] / "trust" / "roster.json"  # type: ignore[index]
+    v = install.cli("privacy.audit.cli", "verify", str(run_dir), *map(str, sites), "--json",  # type: ignore[call-overload]
+                    "--roster", str(pinned))
+    verdict = json.loads(v.stdout)
+    assert v.returncode == 0 and verdict["unchecked_sites"] == [] and verdict["keys"]["out_of_band"], v.stdout + v.stderr
+    assert sorted(verdict["logs"]) == sorted(["server", *names]) and verdict["metrics_checked"]
+    # the run directory alone (no site log) is not a verified run, unless the auditor says --server-only
+    alone = install.cli("privacy.audit.cli", "verify", str(run_dir), "--roster", str(pinned))  # type: ignore[call-overload]
+    assert alone.returncode == 1 and "no site log was given" in alone.stderr, alone.stderr
     server_code = next(e for e in read_entries(run_dir / "audit.jsonl") if e.event == "run-start").data["code_sha256"]
     for ws in sites:  # type: ignore[attr-defined]
         assert (ws / "trust" / "roster.json").is_file()  # pinned at first use
