@@ -49,6 +49,8 @@ def main() -> None:
             log = AuditLog(replay / f"{actor}.jsonl", actor, Ed25519PrivateKey.generate())
             for e in items:
                 log.append(e.event, e.data)
+                if actor == "server" and e.event in ("round-start", "checkpoint-written"):
+                    log.head()  # the head each request carries (the sites counter-sign it)
                 if actor != "server" and e.event in ("round-trained", "refused"):
                     read_entries(log.path)  # what a site reads per round: has it joined this run?
                     log.head()  # the head it sends back with its reply

@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 
+from client.config import load_site_config
 from client.synth import generate_site, site_profile
 from privacy.audit.keys import load_private_key
 from privacy.audit.log import read_entries
@@ -74,8 +75,9 @@ def test_run_logs_verify(run: tuple[Path, str]) -> None:
     out = json.loads(r.stdout)
     assert out["ok"] and out["problems"] == []
     # run-start; per round: round-start, 2 site-replies, secure-aggregation, aggregate, checkpoint and the
-    # 2 sites' evaluation replies (with their audit heads); run-end
-    assert out["logs"]["server"]["entries"] == 1 + 2 * 8 + 1
+    # 2 sites' evaluation replies (with their audit heads), round-end (the signed metrics row); run-end
+    assert out["logs"]["server"]["entries"] == 1 + 2 * 9 + 1
+    assert out["keys"]["out_of_band"] and out["metrics_checked"] and out["counter_signed_through"] > 0
     # joined + per round: secagg-advertised (one advertisement per round), trained, evaluated
     assert out["logs"]["site-1"]["entries"] == out["logs"]["site-2"]["entries"] == 1 + 2 * 3
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -135,8 +137,8 @@ def test_site_log_that_omits_a_round_fails_precisely(run: tuple[Path, str], tmp_
     mini = _mini(run_dir, tmp_path / "omit")  # the site forges its own log: it holds its key
     log = mini / "sites" / "site-2" / "audit.jsonl"
     kept = [e for e in read_entries(log) if not (e.event == "round-trained" and e.data["round"] == 2)]
-    resign_log(log, kept, load_private_key(run_dir / "sites" / "site-2" / "keys" / "audit.key"))  # a valid chain
-    r = _cli("privacy.audit.cli", "verify", str(mini))
+    resign_log(log, kept, load_private_key(load_site_config(run_dir / "sites" / "site-2").keys_dir / "audit.key"))
+    r = _cli("privacy.audit.cli", "verify", str(mini), "--roster", str(run_dir / "keys" / "roster.json"))
     assert r.returncode == 1
     assert f"{log}" in r.stderr and "site site-2 trained round 2" in r.stderr and "no such entry" in r.stderr
 
