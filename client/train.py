@@ -142,7 +142,7 @@ def train_private(
         max_grad_norm=max_grad_norm, noise_generator=noise, secure_mode=secure_mode,
     )
     result = run_steps(dp_model, dp_optimizer, dp_loader, steps=plan.steps, device=device, summed=True)
-    dp_model._close()  # remove Opacus hooks; the caller's module is trained in place
+    dp_model.to_standard_module()  # Opacus removes its hooks; the caller's module is trained in place
     return result
 
 

@@ -265,7 +265,7 @@ def make_private(*, module: Any, optimizer: Any, data_loader: Any, noise_multipl
     from opacus.data_loader import DPDataLoader
     from opacus.validators import ModuleValidator
 
-    from privacy.conv_grad_sample import skip_summed_weight_grads  # also registers the Conv2d sampler
+    import privacy.conv_grad_sample  # noqa: F401  (registers the Conv2d per-sample gradient sampler)
 
     problems = ModuleValidator.validate(module, strict=False)
     if problems:
@@ -280,15 +280,6 @@ def make_private(*, module: Any, optimizer: Any, data_loader: Any, noise_multipl
     dp_loader = DPDataLoader.from_data_loader(data_loader, distributed=False, generator=data_loader.generator)
     gs_module = GradSampleModule(module, batch_first=True, loss_reduction="sum",
                                  force_functorch=grad_sample_mode == "functorch")
-    if grad_sample_mode == "hooks":  # autograd's summed conv weight gradients would be thrown away
-        restore = skip_summed_weight_grads(module, lambda: gs_module.hooks_enabled)
-        close = gs_module._close
-
-        def _close() -> None:
-            close()
-            restore()
-
-        gs_module._close = _close
     expected = max(1, round(len(data_loader.dataset) * dp_loader.sample_rate))
     dp_optimizer = _finite_sample_optimizer()(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                expected_batch_size=expected, loss_reduction="mean", generator=noise_generator,

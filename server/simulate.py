@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,18 +99,43 @@ def run_simulation_runtime(
     cfg: RunConfig, configs: Sequence[SiteConfig], *, on_round: RoundCallback | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """Run the federation with Flower's simulation runtime, one Ray actor CPU per site."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    """Run the federation with Flower's simulation runtime, one Ray actor CPU per site.
+
+    The environment the runtime and its Ray workers need (telemetry off; quiet unless
+    ``verbose``) is set for the run only and restored after it."""
+    env = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    if not verbose:
+        env["PYTHONWARNINGS"] = "ignore"  # inherited by the Ray workers
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    with scoped_environment(env):
+        if not verbose:
+            flwr_log.setLevel(logging.ERROR)
+        try:
+            return _run(cfg, configs, on_round, verbose)
+        finally:
+            flwr_log.setLevel(level)
+
+
+@contextlib.contextmanager
+def scoped_environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set the variables of ``values`` that are not set already, for the block only."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _run(cfg: RunConfig, configs: Sequence[SiteConfig], on_round: RoundCallback | None, verbose: bool
+         ) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app
     from server.app import build_server_app
 
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # inherited by the Ray workers
     result: dict[str, Any] = {}
 
     def record(row: dict[str, Any]) -> None:

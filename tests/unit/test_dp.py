@@ -166,7 +166,7 @@ def _one_step(poison: torch.Tensor | None) -> list[torch.Tensor]:
             p.grad_sample[2] = 0.0
     opt.step()
     out = [p.detach().clone() for p in model.parameters()]
-    gsm._close()
+    gsm.to_standard_module()
     return out
 
 

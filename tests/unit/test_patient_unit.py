@@ -54,7 +54,7 @@ def _update_norm(cohort: Cohort, clip: float) -> tuple[float, float]:
     dp_opt.expected_batch_size = 1
     dp_opt.step()
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
-    dp_model._close()
+    dp_model.to_standard_module()
     return float((after - before).norm()), raw
 
 
