@@ -9,9 +9,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from privacy.audit.crosscheck import load_metrics
 from privacy.audit.report import html_to_pdf, write_report
 from privacy.audit.trust import TrustError, resolve
-from privacy.audit.verify import Verdict, required_sites, run_logs, segment_files, verify_paths
+from privacy.audit.verify import Verdict, run_logs, segment_files, verify_paths
 
 cli = typer.Typer(help="medfed audit: verify signed logs, build the compliance report.",
                   no_args_is_help=True, add_completion=False)
@@ -24,18 +25,15 @@ def _commands() -> None:
     """medfed audit: verify signed logs, build the compliance report."""
 
 
-def collect(paths: list[Path]) -> tuple[dict[str, list[Path]], list[Path], dict[str, Any] | None, set[str]]:
-    """Logs by actor, the run directories, the run's metrics and the sites whose logs must be
-    present, from run dirs, workspaces or log files."""
+def collect(paths: list[Path]) -> tuple[dict[str, list[Path]], list[Path], dict[str, Any] | None]:
+    """Logs by actor, the run directories and the run's metrics, from run dirs, workspaces or log files."""
     logs: dict[str, list[Path]] = {}
     metrics = None
     run_dirs: list[Path] = []
-    required: set[str] = set()
     for path in paths:
         if path.is_dir() and (path / "metrics.json").is_file():
             logs |= run_logs(path)
-            required |= required_sites(path)
-            metrics = json.loads((path / "metrics.json").read_text())
+            metrics = load_metrics(path / "metrics.json")
             run_dirs.append(path)
         elif path.is_dir() and (path / "audit.jsonl").exists():
             files = segment_files(path / "audit.jsonl")
@@ -45,7 +43,7 @@ def collect(paths: list[Path]) -> tuple[dict[str, list[Path]], list[Path], dict[
             logs[_first_actor(files) or path.stem] = files
         else:
             raise FileNotFoundError(f"{path}: not a run directory, a workspace with audit.jsonl, or a log file")
-    return logs, run_dirs, metrics, required
+    return logs, run_dirs, metrics
 
 
 def _first_actor(files: list[Path]) -> str | None:
@@ -70,6 +68,8 @@ TrustRunKeysOpt = Annotated[bool, typer.Option(
                              "logs can replace them)")]
 ServerOnlyOpt = Annotated[bool, typer.Option(
     "--server-only", help="verify the server's log without the sites' logs (the report says so)")]
+AllowMissingOpt = Annotated[list[str] | None, typer.Option(
+    "--allow-missing", help="a site the server names whose log you do not hold (repeatable; listed as not checked)")]
 
 
 @cli.command()
@@ -80,19 +80,19 @@ def verify(
     keys: KeysOpt = None,
     trust_run_keys: TrustRunKeysOpt = False,
     server_only: ServerOnlyOpt = False,
+    allow_missing: AllowMissingOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Check every chain, signature and sequence with out-of-band keys; cross-check server and
     site logs of a run (counter-signed heads, model hashes, ε) and metrics.json against the log."""
     try:
-        logs, run_dirs, metrics, required = collect(paths)
-        required |= {actor for actor in logs if actor != "server"}
+        logs, run_dirs, metrics = collect(paths)
         trust = resolve(run_dirs, roster=roster, roster_fingerprint=roster_fingerprint, keys=keys,
                         trust_run_keys=trust_run_keys)
-    except (FileNotFoundError, TrustError) as exc:
+    except (FileNotFoundError, TrustError, ValueError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    verdict = verify_paths(logs, trust, metrics, required, server_only=server_only)
+    verdict = verify_paths(logs, trust, metrics, server_only=server_only, allow_missing=allow_missing or ())
     if as_json:
         print(json.dumps(verdict.to_json()))
     else:
@@ -131,13 +131,15 @@ def report(
     keys: KeysOpt = None,
     trust_run_keys: TrustRunKeysOpt = False,
     server_only: ServerOnlyOpt = False,
+    allow_missing: AllowMissingOpt = None,
 ) -> None:
     """Build the compliance report: verdict, participants, curves, privacy, protection, fingerprints, hashes."""
     try:
         trust = resolve([run_dir], roster=roster, roster_fingerprint=roster_fingerprint, keys=keys,
                         trust_run_keys=trust_run_keys)
-        path, data = write_report(run_dir, trust, out, site_logs or [], server_only=server_only)
-    except (FileNotFoundError, TrustError) as exc:
+        path, data = write_report(run_dir, trust, out, site_logs or [], server_only=server_only,
+                                  allow_missing=allow_missing or ())
+    except (FileNotFoundError, TrustError, ValueError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     err.print(f"report: {path} ({'verified' if data.verdict.ok else 'VERIFICATION FAILED'})")

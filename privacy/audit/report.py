@@ -17,12 +17,13 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from privacy.audit.crosscheck import load_metrics
 from privacy.audit.events import SERVER_ACTOR, E
 from privacy.audit.export import KIND, ExportError, summarize, verify_export
 from privacy.audit.log import Entry, read_entries
 from privacy.audit.svg import line_chart
 from privacy.audit.trust import Trust
-from privacy.audit.verify import Verdict, required_sites, run_logs, segment_files, verify_paths
+from privacy.audit.verify import Verdict, run_logs, segment_files, verify_paths
 from privacy.files import atomic_write_bytes
 
 NOT_RECORDED = '<p class="muted">not recorded</p>'
@@ -39,13 +40,14 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
 
 
-def gather(run_dir: Path, site_sources: Sequence[Path], trust: Trust, *, server_only: bool = False) -> ReportData:
+def gather(run_dir: Path, site_sources: Sequence[Path], trust: Trust, *, server_only: bool = False,
+           allow_missing: Sequence[str] = ()) -> ReportData:
     """Read and verify (with the out-of-band keys of ``trust``) everything the report shows."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path} not found: pass the run directory that `simulate` or `run` wrote")
-    metrics = json.loads(metrics_path.read_text())
+    metrics = load_metrics(metrics_path)
     logs = run_logs(run_dir)
     exports: list[dict[str, Any]] = []
     for src in site_sources:
@@ -60,8 +62,7 @@ def gather(run_dir: Path, site_sources: Sequence[Path], trust: Trust, *, server_
                 continue
             if isinstance(obj, dict) and obj.get("kind") == KIND:
                 exports.append(obj)
-    verdict = verify_paths(logs, trust, metrics, required_sites(run_dir) | {a for a in logs if a != SERVER_ACTOR},
-                           server_only=server_only)
+    verdict = verify_paths(logs, trust, metrics, server_only=server_only, allow_missing=allow_missing)
     run_id = str(metrics.get("run_id"))
     server = verdict.chains[SERVER_ACTOR].entries if SERVER_ACTOR in verdict.chains else []
     data = ReportData(run_dir, metrics, verdict, server)
@@ -253,9 +254,9 @@ def render(d: ReportData) -> str:
 
 
 def write_report(run_dir: Path, trust: Trust, out: Path | None = None, site_sources: Sequence[Path] = (),
-                 *, server_only: bool = False) -> tuple[Path, ReportData]:
+                 *, server_only: bool = False, allow_missing: Sequence[str] = ()) -> tuple[Path, ReportData]:
     """Build the report of ``run_dir`` into ``out`` (default ``RUN_DIR/report.html``)."""
-    data = gather(run_dir, site_sources, trust, server_only=server_only)
+    data = gather(run_dir, site_sources, trust, server_only=server_only, allow_missing=allow_missing)
     out = out or Path(run_dir) / "report.html"
     atomic_write_bytes(out, render(data).encode())
     return out, data
