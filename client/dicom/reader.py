@@ -28,7 +28,7 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder, pixel_array
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -40,8 +40,6 @@ from pydicom.uid import (
 from client.dicom import header
 from client.dicom.errors import CorruptFileError, DicomReadError, NotAnImageError, UnsupportedImageError
 
-NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
-                             DeflatedExplicitVRLittleEndian})
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -129,37 +127,6 @@ def check_image(ds: Dataset, name: str) -> tuple[int, int, int]:
     return frames, rows, cols
 
 
-def _native_stored(ds: Dataset, frames: int, rows: int, cols: int) -> np.ndarray | None:
-    """Stored values of uncompressed single-sample integer pixel data, without pydicom's
-    generic decoder (3x faster); ``None`` when the fast path does not apply."""
-    if (ds.file_meta.get("TransferSyntaxUID") not in NATIVE_SYNTAXES or "PixelData" not in ds
-            or header.integer(ds, "SamplesPerPixel", 1) != 1):
-        return None
-    bits, stored = header.integer(ds, "BitsAllocated", 0), header.integer(ds, "BitsStored", 0)
-    if bits not in (8, 16, 32) or not 0 < stored <= bits:
-        return None
-    signed = header.integer(ds, "PixelRepresentation", 0) == 1
-    big = ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian
-    dtype = np.dtype(f"{'>' if big else '<'}{'i' if signed else 'u'}{bits // 8}")
-    count = frames * rows * cols
-    data = _pixel_bytes(ds)
-    if len(data) < count * dtype.itemsize:
-        raise ValueError("pixel data shorter than the header says")
-    arr = np.frombuffer(data, dtype=dtype, count=count).reshape(frames, rows, cols)
-    if stored < bits:  # unused high bits: sign-extend or mask, as pydicom does (only when set)
-        lo, hi = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if signed else (0, (1 << stored) - 1)
-        if arr.max() > hi or (signed and arr.min() < lo):
-            shift = bits - stored
-            arr = np.right_shift(np.left_shift(arr.astype(dtype.newbyteorder("=")), shift), shift)
-    return arr
-
-
-def _pixel_bytes(ds: Dataset) -> bytes | memoryview:
-    """Native Pixel Data, without a copy when it is still in the parsed bytes."""
-    data = raw_bytes(ds, ds.get_item(PIXEL_DATA_TAG, keep_deferred=True))
-    return ds.PixelData if data is None else data
-
-
 def raw_bytes(ds: Dataset, elem: object) -> bytes | memoryview | None:
     """The encoded value of a raw element of ``ds``: its bytes, or for a deferred element a
     view of the bytes :func:`parse` read (no copy), cut at the element's own length or at
@@ -223,11 +190,7 @@ def decode_linear(ds: Dataset, name: str, index: int | None = None, geometry: Ge
     if pi not in ("MONOCHROME1", "MONOCHROME2") or "ModalityLUTSequence" in ds:
         return None
     with _decoding(ds, name):
-        stored = _native_stored(ds, frames, rows, cols)
-        if stored is None:
-            stored = _decoded(ds, index)
-        elif index is not None:
-            stored = stored[index : index + 1]
+        stored = _decoded(ds, index)
         slope = header.number(ds, "RescaleSlope", 1.0) or 1.0
         intercept = header.number(ds, "RescaleIntercept", 0.0) or 0.0
         sign = -1.0 if pi == "MONOCHROME1" else 1.0
@@ -281,14 +244,33 @@ def _palette_luma(stored: np.ndarray, ds: Dataset) -> np.ndarray:
 
 
 def _decode_error(ds: Dataset, name: str, exc: BaseException) -> Exception:
-    text = str(exc)
-    if "shorter" in text or "less than expected" in text:
+    """Why pydicom could not decode: no decoder for the syntax (pydicom's decoder registry says,
+    with the packages it lacks), native pixel data shorter than the header says, or damage."""
+    syntax = UID(_syntax(ds))
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        return UnsupportedImageError(name, f"pydicom has no pixel decoder for {syntax_name(ds)}")
+    if not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+        return UnsupportedImageError(name, f"no decoder installed for {syntax_name(ds)} (install one of: {needs})")
+    if not syntax.is_compressed and _native_too_short(ds):
         return CorruptFileError(name, "pixel data shorter than the header says (truncated file?); export it again")
-    if "no pixel data decoders" in text.lower() or "missing required dependencies" in text.lower() \
-            or "no decoders" in text.lower():
-        return UnsupportedImageError(name, f"no decoder installed for {syntax_name(ds)}")
     return CorruptFileError(name, f"pixel data cannot be decoded as {syntax_name(ds)} "
                             f"({type(exc).__name__}); export it again or uncompressed")
+
+
+def _native_too_short(ds: Dataset) -> bool:
+    try:
+        frames, rows, cols = (header.integer(ds, k, d) or d for k, d in (("NumberOfFrames", 1), ("Rows", 0),
+                                                                         ("Columns", 0)))
+        bits = header.integer(ds, "BitsAllocated", 0)
+        samples = header.integer(ds, "SamplesPerPixel", 1) or 1
+        data = raw_bytes(ds, ds.get_item(PIXEL_DATA_TAG, keep_deferred=True))  # what the file holds
+        held = len(data) if data is not None else len(ds.PixelData)
+    except Exception:
+        return False
+    return held < frames * rows * cols * samples * bits // 8
 
 
 def read_image(path: str | Path) -> tuple[Dataset, np.ndarray]:

@@ -175,3 +175,22 @@ def test_fuzzed_files_raise_only_dicom_read_errors(tmp_path: Path) -> None:
             assert exc.reason
             outcomes["refused"] += 1
     assert outcomes["read"] > 20 and outcomes["refused"] > 50, outcomes
+
+
+def test_decode_failures_are_classified_from_pydicom_not_from_its_error_text(tmp_path: Path) -> None:
+    """A truncated native file is corrupt (its bytes against its header); a transfer syntax pydicom
+    has no decoder for is unsupported (pydicom's decoder registry, ``get_decoder``)."""
+    from client.dicom import UnsupportedImageError
+    from client.synth import generate_site, site_profile
+
+    generate_site(tmp_path / "site", site_profile(0, patients=4), seed=1)
+    source = sorted((tmp_path / "site").rglob("*.dcm"))[0]
+    (tmp_path / "cut.dcm").write_bytes(source.read_bytes()[:-1000])
+    with pytest.raises(CorruptFileError, match="pixel data shorter than the header says"):
+        read_pixels(tmp_path / "cut.dcm")
+    ds = pydicom.dcmread(source)
+    ds.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.2.1143.99"  # a private syntax no decoder knows
+    ds.save_as(tmp_path / "odd.dcm", enforce_file_format=False)
+    with pytest.raises(UnsupportedImageError, match="pydicom has no pixel decoder for"):
+        read_pixels(tmp_path / "odd.dcm")
+    np.testing.assert_array_equal(read_pixels(source), _pydicom_reference(source))
