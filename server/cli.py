@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from client.config import PrivacyPolicy, SiteConfigError
 from client.dicom import SiteDataError
 from privacy.audit.report import write_report
 from server.config import RunConfig, RunConfigError
+from server.console import fmt, round_table
 from server.deploy_cli import register as register_deployment
 
 cli = typer.Typer(help="medfed central server: simulate federations, run training.",
@@ -29,25 +28,6 @@ INPUT_ERRORS = (SiteDataError, SiteConfigError, RunConfigError, FileNotFoundErro
 @cli.callback()
 def _root() -> None:
     """medfed central server."""
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def round_table(rows: list[dict[str, Any]], total_sites: int) -> Table:
-    """The per-round table shown during and after a run."""
-    table = Table(title="medfed rounds")
-    for col in ("round", "sites", "refused", "train loss", "val AUROC", "max ε", "seconds"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        eps = max(r.get("epsilon", {}).values(), default=None)
-        table.add_row(str(r["round"]), f"{len(r['sites'])}/{total_sites}",
-                      ", ".join(r.get("refused", [])) or "–", _fmt(r.get("train_loss")),
-                      _fmt(r.get("val_auroc")), _fmt(eps, 3), _fmt(r.get("seconds"), 1))
-    return table
 
 
 @cli.command()
@@ -132,8 +112,8 @@ def simulate(
             eps = max(row.get("epsilon", {}).values(), default=None)
             progress.console.print(
                 f"round {row['round']}: sites {len(row['sites'])}/{len(configs)}  "
-                f"refused {len(row.get('refused', []))}  train loss {_fmt(row.get('train_loss'))}  "
-                f"val AUROC {_fmt(row.get('val_auroc'))}  max ε {_fmt(eps, 3)}  {_fmt(row['seconds'], 1)}s")
+                f"refused {len(row.get('refused', []))}  train loss {fmt(row.get('train_loss'))}  "
+                f"val AUROC {fmt(row.get('val_auroc'))}  max ε {fmt(eps, 3)}  {fmt(row['seconds'], 1)}s")
 
         run_simulation_runtime(cfg, configs, on_round=on_round, verbose=verbose)
 

@@ -166,7 +166,7 @@ def register(cli: typer.Typer) -> None:
             raise typer.Exit(1)
         from privacy.audit.report import write_report
         from privacy.audit.trust import from_roster
-        from server.cli import round_table
+        from server.console import round_table
 
         # the operator's view: its own roster's keys, and no site log (sites keep theirs; an auditor adds them)
         report, built = write_report(run_dir, from_roster(ws.roster), server_only=True)
