@@ -4,7 +4,8 @@ rebuilt from the fields the schema names, never passed through.
 - ``metrics``: whitelisted numbers, quantised to the metric grid (``privacy.quantise``);
 - ``site``: the site's own name and a 64-hex audit head;
 - ``arrays``: exactly the model's manifest (names, shapes, dtypes), finite;
-- ``masked``: one uint64 array named ``masked`` of the secure-aggregation layout length;
+- ``masked``: one uint64 array named ``masked`` of the secure-aggregation layout length whose
+  bytes look uniform (a masked vector does; a view of a file does not);
 - ``secagg``: one protocol message that parses as ``privacy.secagg.wire`` and re-encodes to
   the same bytes, within the byte cap the round's sites (the pinned roster) allow.
 
@@ -239,7 +240,23 @@ def _masked(record: ArrayRecord, schema: ReplySchema, problems: list[str]) -> Ar
     if a.dtype != np.uint64 or a.ndim != 1 or len(a) != schema.masked_length:
         problems.append(f"{K.MASKED} must be one uint64 vector of the layout length {schema.masked_length}")
         return ArrayRecord()
+    if not looks_masked(a):
+        problems.append(f"{K.MASKED} is not uniformly distributed: it is not a masked vector (raw data?)")
+        return ArrayRecord()
     return ArrayRecord({K.MASKED: Array(np.ascontiguousarray(a))})
+
+
+def looks_masked(a: np.ndarray) -> bool:
+    """Whether a vector's bytes are uniform, as a vector masked with ChaCha20 streams is: the
+    chi-square statistic of its byte histogram (255 degrees of freedom, mean 255, standard
+    deviation 22.6) below 255 + 12 standard deviations. A view of a file, an image or an
+    unmasked update (zero bytes, ASCII, small integers) is far above it."""
+    data = np.frombuffer(np.ascontiguousarray(a).tobytes(), dtype=np.uint8)
+    if len(data) < 2048:  # too short for the test to mean anything (no real model is this small)
+        return True
+    expected = len(data) / 256.0
+    chi2 = float((((np.bincount(data, minlength=256) - expected) ** 2) / expected).sum())
+    return chi2 < 255.0 + 12.0 * math.sqrt(2 * 255.0)
 
 
 def _name(name: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_egress_guard_passes_normal_replies_and_blocks_the_rest(planted_site, ca
     sent = record_to_arrays(out.content.array_records[K.ARRAYS])
     assert list(sent) == list(delta) and all(np.array_equal(sent[k], delta[k]) for k in delta)
     assert dict(out.content.config_records[K.SITE]) == dict(good.content.config_records[K.SITE])
-    layout = np.arange(ReplySchema("site-a", manifest()).masked_length, dtype=np.uint64)
+    layout = np.frombuffer(os.urandom(8 * ReplySchema("site-a", manifest()).masked_length), dtype=np.uint64)
     masked = _reply(msg, **{K.METRICS: MetricRecord({K.NUM_EXAMPLES: 12}),
                             K.MASKED: ArrayRecord({K.MASKED: Array(layout)})})
     out = guard(msg, context(), lambda m, c: masked)
