@@ -112,7 +112,7 @@ def egress_guard(resolve: Resolver) -> Mod:
 
 def _guarded(msg: Message, context: Context, reply: Message, resolve: Resolver) -> Message:
     if reply.has_error():
-        code, text = error_text(reply.error.code, reply.error.reason)
+        code, text = error_text(reply.error.code, reply.error.reason or "")
         if (code, text) != (reply.error.code, reply.error.reason):
             log.warning("an error reply to %s (code %d) leaves as code %d with its fixed text; its own text stays "
                         "here: %s", msg.metadata.message_type, reply.error.code, code, reply.error.reason)
