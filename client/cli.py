@@ -86,16 +86,17 @@ def check(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Preflight the DICOM export: usable images, skipped files and why, identifying tags (counts only)."""
-    cache = None
+    cache = keys = None
     pre = Preprocessing()
     try:
         if workspace is not None:
             config = load_site_config(workspace)
             data, labels, cache = data or config.dicom_dir, labels or config.labels_file, config.cache_dir
+            keys = config.keys_dir
             pre = config.data.preprocessing(pre.image_size)
         if data is None:
             raise SiteDataError("pass --data DIR (the folder of the DICOM export) or --workspace DIR")
-        report = preflight(data, labels or default_labels(data), pre, cache_dir=cache, workers=workers,
+        report = preflight(data, labels or default_labels(data), pre, cache_dir=cache, keys_dir=keys, workers=workers,
                            progress=not as_json)
     except (SiteConfigError, SiteDataError) as exc:
         err.print(f"[red]error:[/] {exc}")
@@ -189,7 +190,8 @@ def init(
     err.print(f"identity key sha256 {identity_fingerprint(config)} (compare it out of band)")
     try:
         report = preflight(config.dicom_dir, config.labels_file if config.labels_file.is_file() else None,
-                           config.data.preprocessing(Preprocessing().image_size), cache_dir=config.cache_dir)
+                           config.data.preprocessing(Preprocessing().image_size), cache_dir=config.cache_dir,
+                           keys_dir=config.keys_dir)
     except SiteDataError as exc:
         err.print(f"[yellow]preflight:[/] {exc}")
         return

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -93,6 +96,16 @@ def build_model(name: str = "slicenet", *, seed: int = 0) -> nn.Module:
 def get_arrays(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     """Model weights as numpy arrays in ``state_dict`` order."""
     return OrderedDict((k, v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items())
+
+
+@functools.lru_cache(maxsize=4)
+def manifest(name: str = "slicenet") -> Mapping[str, tuple[tuple[int, ...], str]]:
+    """The model's arrays as the egress guard lets them leave: ``name -> (shape, dtype)``.
+
+    Built once per process, under a forked torch RNG (building a model seeds it)."""
+    with torch.random.fork_rng(devices=[]):
+        arrays = get_arrays(build_model(name))
+    return MappingProxyType({k: (tuple(v.shape), v.dtype.name) for k, v in arrays.items()})
 
 
 def set_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:

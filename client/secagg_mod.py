@@ -46,7 +46,7 @@ from privacy.wire import record_to_arrays
 
 STATE = "secagg"
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-SECAGG_REFUSED = 452  # error code of a round the site refused for a protocol check
+SECAGG_REFUSED = K.SECAGG_REFUSED  # error code of a round the site refused for a protocol check
 log = logging.getLogger("medfed.site")
 
 
@@ -73,8 +73,8 @@ def secagg_mod(resolve: Callable[[Context], SiteConfig]) -> Mod:
             log.warning("site %s refuses secure-aggregation stage %s: %s", site.name, stage, detail)
             SiteAudit(site).log.append(E.SECAGG_REFUSED, {"run_id": _safe_id(conf.get(K.RUN_ID)), "round": _round(conf),
                                                    "reason": f"secagg-{code}", "stage": _safe_stage(stage)})
-            return Message(Error(code=SECAGG_REFUSED, reason=f"secure aggregation refused at the {_safe_stage(stage)} "
-                                                             f"stage ({code})"), reply_to=msg)
+            return Message(Error(code=SECAGG_REFUSED, reason=K.secagg_refusal_text(_safe_stage(stage), code)),
+                           reply_to=msg)
 
     return mod
 

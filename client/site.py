@@ -20,7 +20,8 @@ def load_site_data(config: SiteConfig, *, image_size: int, progress: bool = Fals
     """Load (from the workspace cache when possible) and split the site's cohort by patient."""
     cohort = load_cohort(
         config.dicom_dir, config.labels_file, config.data.preprocessing(image_size),
-        cache_dir=config.cache_dir, allow_unlabelled=config.data.allow_unlabelled,
+        cache_dir=config.cache_dir, keys_dir=config.keys_dir,
+        allow_unlabelled=config.data.allow_unlabelled,
         workers=config.data.workers, progress=progress,
     )
     train, val = split_patients(cohort, val_fraction=config.data.val_fraction,

@@ -1,16 +1,12 @@
-"""Every key that crosses the wire between server and site, defined once, and the egress
-guard's check of a site's reply against them (:func:`check_reply`).
+"""Every key, metric and error code that crosses the wire between server and site, defined
+once (the closed schema a reply is checked against is ``privacy.reply_schema``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import re
-from typing import Any
-
-import numpy as np
 
 # Record names inside a Message's RecordDict
 ARRAYS = "arrays"  # server -> site: global model; site -> server: update (delta)
@@ -53,8 +49,44 @@ SITE_ERRORS = {
     461: "site privacy ledger refused",
     462: "round request malformed or out of range",
     463: "site data unusable",
+    464: "site identifier fingerprints unavailable",
     469: "internal error at the site",
 }
+EGRESS_BLOCKED = 451  # error code of a reply the egress guard stopped
+# fixed text: the problems name the reply's keys, which a malicious server may have chosen to
+# be identifying (``undeclared metric 'DOE_JOHN'``); they stay in the site's log
+BLOCKED_REASON = "egress guard blocked the reply (the site's log says why)"
+SECAGG_REFUSED = 452  # error code of a secure-aggregation round the site refused for a protocol check
+# the codes a secure-aggregation refusal names (``privacy.secagg`` and ``client.roster`` checks)
+SECAGG_REFUSAL_CODES = frozenset({
+    "clip-below-bound", "equivocation", "ghost-site", "graph-not-complete", "graph-seed", "incomplete-inbox",
+    "malformed", "not-in-roster", "out-of-order", "params", "re-advertise", "roster-changed", "roster-mismatch",
+    "roster-not-pinned", "substituted-key", "tampered-share", "threshold-below-floor", "too-few-holders",
+    "too-few-neighbours", "too-few-sites", "too-few-survivors", "verification", "wrong-round",
+})
+SECAGG_REFUSED_REASON = "secure aggregation refused"
+INTERNAL_ERROR = 469
+
+
+def secagg_refusal_text(stage: str, code: str) -> str:
+    """The fixed text of a secure-aggregation refusal (stage and code from closed sets)."""
+    stage = stage if stage in STAGES else "unknown"
+    return f"{SECAGG_REFUSED_REASON} at the {stage} stage ({code})" if code in SECAGG_REFUSAL_CODES else \
+        SECAGG_REFUSED_REASON
+
+
+def error_text(code: int, reason: str = "") -> tuple[int, str]:
+    """The code and fixed text an error reply leaves the site with: a known code keeps its
+    text (a secure-aggregation refusal its stage and check, when both are from the closed
+    sets); any other code becomes 469."""
+    if code == SECAGG_REFUSED:
+        parsed = _SECAGG_TEXT.match(reason)
+        return code, secagg_refusal_text(*parsed.groups()) if parsed else SECAGG_REFUSED_REASON
+    if code == EGRESS_BLOCKED:
+        return code, BLOCKED_REASON
+    if code in SITE_ERRORS:
+        return code, SITE_ERRORS[code]
+    return INTERNAL_ERROR, SITE_ERRORS[INTERNAL_ERROR]
 
 TRAIN_METRICS = frozenset({NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, NOISE_MULTIPLIER,
                            NOISE_OVERRIDDEN, PATIENTS})
@@ -79,8 +111,7 @@ STAGES = ("advertise", "share", "input", "consistency", "unmask")
 ALL_METRICS = TRAIN_METRICS | REFUSAL_METRICS | EVAL_METRICS
 SITE_KEYS = frozenset({SITE_NAME, AUDIT_HEAD})
 SECAGG_REPLY_KEYS = frozenset({ADVERT, OUTBOX, CONSISTENCY, REVEALS})
-_IDENTIFIER = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_SECAGG_TEXT = re.compile(r"^secure aggregation refused at the ([a-z]+) stage \(([a-z-]+)\)$")
 FINGERPRINT_HEX = 32
 
 
@@ -88,68 +119,3 @@ def fingerprint(key: bytes, value: str) -> str:
     """Keyed fingerprint of an identifying value (HMAC-SHA256 of the normalised text, hex,
     truncated): what a site keeps of its header values, and what outgoing values are compared by."""
     return hmac.new(key, value.strip().upper().encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:FINGERPRINT_HEX]
-
-
-def _identifying(value: Any, prints: frozenset[str], key: bytes | None) -> bool:
-    if key is None or not prints:
-        return False
-    texts = {str(value)}
-    if isinstance(value, float) and value.is_integer():
-        texts.add(str(int(value)))
-    return any(fingerprint(key, t) in prints for t in texts)
-
-
-def check_reply(content: Any, prints: frozenset[str] = frozenset(), key: bytes | None = None) -> list[str]:
-    """What in a reply's ``RecordDict`` may not leave the site (empty list: all declared).
-
-    Allowed: the ``METRICS`` record with whitelisted, finite numbers; the ``SITE`` record
-    with the site name and a 64-hex audit head; the ``SECAGG`` record with protocol bytes;
-    the ``ARRAYS`` record of finite float arrays or the ``MASKED`` record of one uint64 array.
-    Values equal to an identifying header value (by keyed fingerprint) are refused. The
-    descriptions name keys, never values.
-    """
-    problems: list[str] = []
-    for name, record in content.metric_records.items():
-        if name != METRICS:
-            problems.append(f"undeclared metric record {_name(name)}")
-            continue
-        for k, v in record.items():
-            if k not in ALL_METRICS:
-                problems.append(f"undeclared metric {_name(k)}")
-            elif not isinstance(v, int | float) or isinstance(v, bool):
-                problems.append(f"metric {k} is not a number")
-            elif not math.isfinite(float(v)):
-                problems.append(f"metric {k} is not finite")
-            elif _identifying(v, prints, key):
-                problems.append(f"metric {k} equals an identifying header value")
-    for name, record in content.config_records.items():
-        allowed = {SITE: SITE_KEYS, SECAGG: SECAGG_REPLY_KEYS}.get(name)
-        if allowed is None:
-            problems.append(f"undeclared config record {_name(name)}")
-            continue
-        for k, v in record.items():
-            if k not in allowed:
-                problems.append(f"undeclared key {_name(k)} in {name}")
-            elif name == SECAGG and not isinstance(v, bytes):
-                problems.append(f"{name}.{k} must be protocol bytes")
-            elif name == SITE and not (isinstance(v, str) and (_HEX64.match(v) if k == AUDIT_HEAD
-                                                                   else _IDENTIFIER.match(v))):
-                problems.append(f"{name}.{k} is not an identifier")
-            elif name == SITE and _identifying(v, prints, key):
-                problems.append(f"{name}.{k} equals an identifying header value")
-    for name, record in content.array_records.items():
-        if name not in (ARRAYS, MASKED):
-            problems.append(f"undeclared array record {_name(name)}")
-            continue
-        for k, arr in record.items():
-            a = arr.numpy()
-            if name == MASKED and (k != MASKED or a.dtype.kind != "u"):
-                problems.append(f"{name} must hold one unsigned array named {MASKED}")
-            elif name == ARRAYS and (a.dtype.kind != "f" or not bool(np.isfinite(a).all())):
-                problems.append(f"array {_name(k)} is not finite floating point")
-    return problems
-
-
-def _name(name: str) -> str:
-    """A key name fit for a log line (an undeclared key could itself carry a value)."""
-    return repr(name) if _IDENTIFIER.match(str(name)) else "(a non-identifier key)"

@@ -112,7 +112,7 @@ def join_labels(data: Ingested, labels: Labels) -> Joined:
 
 def load_cohort(
     folder: Path, labels_path: Path, pre: Preprocessing, *, cache_dir: Path | None = None,
-    allow_unlabelled: bool = False, workers: int = 0, progress: bool = False,
+    keys_dir: Path | None = None, allow_unlabelled: bool = False, workers: int = 0, progress: bool = False,
 ) -> Cohort:
     """Read, label and preprocess every image under ``folder``.
 
@@ -124,7 +124,8 @@ def load_cohort(
         raise SiteDataError(f"data folder {folder} holds no DICOM files: point --data at the folder of the "
                             "site's DICOM export")
     labels = read_labels(labels_path)
-    data = ingest(folder, pre, cache_dir=cache_dir, workers=workers, progress=progress, exclude=[labels_path])
+    data = ingest(folder, pre, cache_dir=cache_dir, keys_dir=keys_dir, workers=workers, progress=progress,
+                  exclude=[labels_path])
     images = sum(r.status == "image" for r in data.records)
     if images == 0:
         errors = [f"{rel}: {r.reason}" for rel, r in zip(data.rels, data.records, strict=True) if r.status == "error"]

@@ -11,17 +11,23 @@ import struct
 from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
 from client.dicom import header
 from client.dicom.reader import raw_bytes
 from privacy.egress import fingerprint
+from privacy.identifier_forms import header_forms
 
 # Attributes of the basic profile that carry identifying values in practice: names, IDs,
 # dates of birth, addresses, phone numbers, institution and staff, free-text comments.
 # UIDs and acquisition dates/times are also in the profile but are structural; they are
-# handled by hashing (UIDs) and not reported per file.
+# handled by hashing (UIDs) and not reported per file. Every DA/DT/TM value (study, series,
+# acquisition, content dates and times...) is fingerprinted all the same, in the forms of
+# ``privacy.identifier_forms`` (a date as YYYYMMDD, digit strings without leading zeros): those
+# of the top-level dataset (sequence items, e.g. per-frame functional groups, repeat them and
+# are left unparsed unless they hold a profile tag).
 PHI_KEYWORDS = frozenset({
     "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientIDsSequence",
     "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientBirthDate",
@@ -41,6 +47,7 @@ PHI_KEYWORDS = frozenset({
 PHI_TAGS = {Tag(kw): kw for kw in PHI_KEYWORDS}
 # Any of those tags as encoded in a file (little or big endian): a sequence whose encoded
 # bytes hold none of them has no such attribute in any item at any depth, and is not parsed.
+DATE_TIME_VRS = ("DA", "DT", "TM")
 _ENCODED_PHI_TAG = re.compile(b"|".join(
     re.escape(struct.pack(f"{order}HH", tag >> 16, tag & 0xFFFF)) for tag in PHI_TAGS for order in "<>"))
 
@@ -68,7 +75,7 @@ def scan(ds: Dataset, key: bytes) -> DeidScan:
     )
 
 
-def _scan(ds: Dataset, key: bytes, found: set[str], prints: set[str]) -> None:
+def _scan(ds: Dataset, key: bytes, found: set[str], prints: set[str], top: bool = True) -> None:
     # Only the profile's tags and sequences are converted from their raw bytes: converting
     # every element (``iterall``) costs more than decoding the pixels.
     for tag in ds.keys():
@@ -78,15 +85,22 @@ def _scan(ds: Dataset, key: bytes, found: set[str], prints: set[str]) -> None:
                 if elem.value:
                     found.add(PHI_TAGS[tag])
                 continue
-            values = elem.value if elem.VM > 1 else [elem.value]
-            texts = [str(v).strip() for v in values if v is not None and str(v).strip()]
+            texts = _texts(elem)
             if texts:
                 found.add(PHI_TAGS[tag])
-                prints.update(fingerprint(key, t) for t in texts)
+                prints.update(fingerprint(key, f) for t in texts for f in header_forms(t, elem.VR))
+        elif top and _SEQUENCE_VR[tag] in DATE_TIME_VRS:
+            elem = ds[tag]
+            prints.update(fingerprint(key, f) for t in _texts(elem) for f in header_forms(t, elem.VR))
         elif (_SEQUENCE_VR[tag] in ("SQ", None) and tag.group != 0x7FE0 and _is_sequence(ds, tag)
               and _may_hold_phi(ds, tag)):
             for item in ds[tag].value:
-                _scan(item, key, found, prints)
+                _scan(item, key, found, prints, top=False)
+
+
+def _texts(elem: DataElement) -> list[str]:
+    values = elem.value if elem.VM > 1 else [elem.value]
+    return [str(v).strip() for v in values if v is not None and str(v).strip()]
 
 
 class _DictionaryVR(dict[int, str | None]):

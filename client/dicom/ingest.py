@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import secrets
+import shutil
 import stat
 import sys
 import time
@@ -24,13 +25,15 @@ from threadpoolctl import threadpool_limits
 from client.dicom import header
 from client.dicom.deid import DeidScan, scan
 from client.dicom.errors import DicomReadError, SiteDataError
+from client.dicom.identifiers import KEY_FILE as KEY_FILE  # where a standalone check keeps its key
+from client.dicom.identifiers import identifier_key, key_id, save_fingerprints
 from client.dicom.preprocess import Preprocessing, frame_index, prepare, prepare_linear, window_for
 from client.dicom.reader import check_image, decode, decode_linear, parse, syntax_name
 from client.dicom.store import FileRecord, IngestStore, Processed
 from privacy.egress import fingerprint
 from privacy.files import atomic_write_bytes
 
-KEY_FILE = "identifier.key"
+KEY_ID_FILE = "key-id"  # in a store: which identifier key its records' hashes were made with
 CHUNK = 8  # files per task at the end of a parallel pass, and per step of a serial one
 GUIDED = 4  # a parallel task takes 1/(GUIDED * workers) of the files not yet handed out...
 MAX_CHUNK = 64  # ...but at most this many (bounds a worker's held results, e.g. all frames of cine loops)
@@ -38,8 +41,9 @@ BATCH = 512  # at most this many files per cache commit (shard + journal line)
 MIN_BATCH = 64  # parallel passes: at least this many, else an eighth of the pass (a short last commit)
 MIN_PARALLEL = 64  # below this many files to decode, worker start-up costs more than it saves
 # What a cached record holds; a new version is a new store, so no record is reused that an
-# older scan made (2: identifying values inside sequence items are scanned as well).
-RECORD_VERSION = 2
+# older scan made (2: identifying values inside sequence items are scanned as well; 3: every
+# DA/DT/TM value and the numeric forms of identifiers are fingerprinted).
+RECORD_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -107,14 +111,19 @@ def store_dir(cache_dir: Path, pre: Preprocessing) -> Path:
     return cache_dir / f"ingest-{pre.key()}-v{RECORD_VERSION}"
 
 
-def identifier_key(cache_dir: Path | None) -> bytes:
-    """The site's secret key for hashing identifiers (kept in the cache folder, 0600)."""
+def _store(cache_dir: Path | None, pre: Preprocessing, key: bytes) -> IngestStore:
+    """The cache store of this preprocessing; a store made with another identifier key (its
+    records' hashes and fingerprints could not be compared any more) is discarded."""
     if cache_dir is None:
-        return secrets.token_bytes(32)
-    path = Path(cache_dir) / KEY_FILE
-    if not path.is_file():
-        atomic_write_bytes(path, secrets.token_bytes(32), mode=0o600)
-    return path.read_bytes()
+        return IngestStore(None)
+    root = store_dir(Path(cache_dir), pre)
+    marker = root / KEY_ID_FILE
+    if root.is_dir() and not (marker.is_file() and marker.read_text().strip() == key_id(key)):
+        shutil.rmtree(root)
+    store = IngestStore(root)
+    if not marker.is_file():
+        atomic_write_bytes(marker, key_id(key).encode(), mode=0o600)
+    return store
 
 
 def process_file(path: Path, rel: str, pre: Preprocessing, key: bytes) -> Processed:
@@ -223,15 +232,22 @@ def guided_chunks(n: int, workers: int) -> Iterator[tuple[int, int]]:
 
 
 def ingest(
-    folder: Path, pre: Preprocessing, *, cache_dir: Path | None = None, workers: int = 0,
-    progress: bool = False, exclude: Iterable[Path] = (),
+    folder: Path, pre: Preprocessing, *, cache_dir: Path | None = None, keys_dir: Path | None = None,
+    workers: int = 0, progress: bool = False, exclude: Iterable[Path] = (),
 ) -> Ingested:
-    """Ingest every file under ``folder``; files already in the cache are not opened."""
+    """Ingest every file under ``folder``; files already in the cache are not opened.
+
+    ``keys_dir`` (a site's ``keys/``) holds the identifier key, made before any worker
+    hashes, and receives the fingerprints of the identifying values this pass saw (the
+    egress guard's set). Without it the key is kept in ``cache_dir`` (a standalone check of
+    a folder), or is random for this pass when there is neither.
+    """
     start = time.perf_counter()
     folder = Path(folder)
     listing = candidate_files(folder, exclude)
-    store = IngestStore(None if cache_dir is None else store_dir(Path(cache_dir), pre))
-    key = identifier_key(cache_dir)
+    key_folder = keys_dir if keys_dir is not None else cache_dir
+    key = identifier_key(Path(key_folder)) if key_folder is not None else secrets.token_bytes(32)
+    store = _store(cache_dir, pre, key)
     rels = [rel for rel, _ in listing]
     digests: dict[str, str] = {}
     todo = []
@@ -248,6 +264,8 @@ def ingest(
         _decode_all(store, [item[1:] for item in todo], pre, key, workers or default_workers(), progress,
                     digests)
     records = [store.records[digests[rel]] for rel in rels]
+    if keys_dir is not None:
+        save_fingerprints(Path(keys_dir), key, {p for r in records for p in r.fingerprints})
     counts = np.array([0] + [r.frames if r.status == "image" else 0 for r in records])
     offsets = np.cumsum(counts)
     frames = store.gather([digests[rel] for rel, n in zip(rels, counts[1:], strict=True) if n],
@@ -276,20 +294,3 @@ def _decode_all(store: IngestStore, todo: list[tuple[Path, str]], pre: Preproces
             digests.update((p.rel, p.digest) for p in chunk)
         if pending:
             store.commit(pending)
-
-
-def identifying_fingerprints(cache_dir: Path) -> tuple[frozenset[str], bytes | None]:
-    """Keyed fingerprints of every identifying header value the site's ingests saw, and the key.
-
-    Read from the ingest journals in ``cache_dir`` (the preflight's de-identification scan):
-    the list of values the egress guard never lets out.
-    """
-    cache_dir = Path(cache_dir)
-    key_file = cache_dir / KEY_FILE
-    if not key_file.is_file():
-        return frozenset(), None
-    prints: set[str] = set()
-    for store_dir in sorted(cache_dir.glob("ingest-*")):
-        for record in IngestStore.read_only(store_dir).records.values():
-            prints.update(record.fingerprints)
-    return frozenset(prints), key_file.read_bytes()

@@ -17,7 +17,7 @@ from client.dicom.store import FileRecord
 
 def preflight(
     folder: Path, labels_path: Path | None, pre: Preprocessing, *, cache_dir: Path | None = None,
-    workers: int = 0, progress: bool = False,
+    keys_dir: Path | None = None, workers: int = 0, progress: bool = False,
 ) -> dict[str, Any]:
     """The preflight report as one JSON-able dict (schema in ``docs/data.md``).
 
@@ -26,7 +26,7 @@ def preflight(
     start = time.perf_counter()
     require_folder(folder)
     labels = read_labels(labels_path) if labels_path is not None else None
-    data = ingest(folder, pre, cache_dir=cache_dir, workers=workers, progress=progress,
+    data = ingest(folder, pre, cache_dir=cache_dir, keys_dir=keys_dir, workers=workers, progress=progress,
                   exclude=[labels_path] if labels_path is not None else [])
     images = [r for r in data.records if r.status == "image"]
     phi: Counter[str] = Counter()

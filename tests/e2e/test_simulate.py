@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from privacy.dp import epsilon
+from privacy.egress import EPSILON
+from privacy.quantise import quantise
 from tests.helpers import shared_with_others, site_ledger
 
 pytestmark = pytest.mark.e2e
@@ -48,7 +50,7 @@ def test_default_simulation_learns_with_dp_and_keeps_the_contract(tmp_path: Path
         assert [e.round for e in ledger.events] == [1, 2, 3]
         eps = ledger.epsilon(delta=ledger.events[-1].delta)
         assert eps <= 8.0 and eps > 7.0  # the plan uses the budget it was given, no more
-        assert rounds[2]["epsilon"][site] == pytest.approx(eps, rel=1e-6)
+        assert rounds[2]["epsilon"][site] == quantise(EPSILON, eps)  # as it left the site: 4 digits, rounded up
         assert all(e.noise_multiplier > 0.3 for e in ledger.events)
     assert shared_with_others(run) == []  # the virtual sites' keys, caches, ledgers and logs are 0600/0700
 
@@ -75,7 +77,7 @@ def test_restart_continues_the_ledger_and_exhausted_budgets_are_refused(tmp_path
         assert len({e.run_id for e in ledger.events}) == 2
         delta = ledger.events[-1].delta
         expected = epsilon(ledger.mechanisms(), delta=delta)
-        assert m["rounds"][-1]["epsilon"][name] == pytest.approx(expected, rel=1e-6)
+        assert m["rounds"][-1]["epsilon"][name] == quantise(EPSILON, expected)  # as it left the site
         assert expected <= 3.0 and expected > 2.9  # the second run spent exactly what remained
 
     # a third run finds no budget: every site refuses, ε never exceeds 3, the run ends cleanly

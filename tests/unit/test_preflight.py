@@ -17,7 +17,8 @@ import pytest
 from client.config import DataConfig
 from client.dicom import Preprocessing, deid, load_cohort
 from client.dicom.errors import DicomReadError
-from client.dicom.ingest import identifying_fingerprints, ingest
+from client.dicom.identifiers import load_fingerprints
+from client.dicom.ingest import ingest
 from client.dicom.reader import parse
 from privacy.egress import fingerprint
 from tests.conftest import make_workspace
@@ -74,8 +75,10 @@ def test_no_identifying_value_in_outputs_or_cache(tmp_path: Path, small_site: Pa
     assert report["phi_tags"]["PatientName"] == planted and report["phi_tags"]["PatientBirthDate"] == planted
     assert report["phi_tags"]["ImageComments"] == planted and report["burned_in"] == 2
     assert report["phi_tags"]["RequestingPhysician"] == planted  # only inside a sequence item
-    prints, key = identifying_fingerprints(ws / "cache")
-    assert key is not None and fingerprint(key, PLANTED_NESTED) in prints and fingerprint(key, PLANTED_ID) in prints
+    found = load_fingerprints(ws / "keys")  # the workspace's keys/, not its cache
+    assert found is not None
+    prints, key = found.prints, found.key
+    assert fingerprint(key, PLANTED_NESTED) in prints and fingerprint(key, PLANTED_ID) in prints
     assert "identifying attributes present" in outputs[1] and f"PatientAddress {planted}" in outputs[1]
     cached = b"".join(p.read_bytes() for p in (ws / "cache").rglob("*") if p.is_file())
     for value in [*PLANTED.values(), PLANTED_ID, PLANTED_NESTED, "ZEBRA", "QUOKKA", "Wombat", "19230405"]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -18,14 +19,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from client.audit_trail import SiteAudit, site_key_path
 from client.config import load_site_config
 from client.guard import BLOCKED_REASON, EGRESS_BLOCKED, egress_guard
+from client.models import manifest
 from client.secagg_mod import SECAGG_REFUSED, roster_path, secagg_mod
 from client.site import load_site_data
 from privacy import egress as K
 from privacy.audit.keys import load_or_create_key, public_pem
 from privacy.audit.log import read_entries
 from privacy.files import atomic_write_json
+from privacy.reply_schema import ReplySchema
 from privacy.secagg.site import SiteSession
 from privacy.secagg.wire import adverts_from_bytes, adverts_to_bytes
+from privacy.wire import arrays_to_record, record_to_arrays
 from tests.conftest import make_workspace
 from tests.helpers import PLANTED_STRINGS, plant_identifiers
 
@@ -62,20 +66,29 @@ def _reply(msg: Message, **records: object) -> Message:
 def test_egress_guard_passes_normal_replies_and_blocks_the_rest(planted_site, caplog) -> None:  # type: ignore[no-untyped-def]
     guard = egress_guard(lambda _: planted_site)
     msg = incoming(RecordDict({K.CONFIG: ConfigRecord({K.SERVER_ROUND: 1})}))
+    delta = {k: np.full(shape, 0.25, dtype=dtype) for k, (shape, dtype) in manifest().items()}
     good = _reply(msg, **{K.METRICS: MetricRecord({K.NUM_EXAMPLES: 12, K.TRAIN_LOSS: 0.4}),
-                          K.ARRAYS: ArrayRecord({"w": Array(np.ones(3, dtype=np.float32))})})
-    assert guard(msg, context(), lambda m, c: good) is good
+                          K.ARRAYS: arrays_to_record(delta)})
+    out = guard(msg, context(), lambda m, c: good)
+    assert not out.has_error() and dict(out.content.metric_records[K.METRICS]) == {K.NUM_EXAMPLES: 12, K.TRAIN_LOSS: 0.4}
+    sent = record_to_arrays(out.content.array_records[K.ARRAYS])
+    assert list(sent) == list(delta) and all(np.array_equal(sent[k], delta[k]) for k in delta)
+    assert dict(out.content.config_records[K.SITE]) == dict(good.content.config_records[K.SITE])
+    layout = np.frombuffer(os.urandom(8 * ReplySchema("site-a", manifest()).masked_length), dtype=np.uint64)
     masked = _reply(msg, **{K.METRICS: MetricRecord({K.NUM_EXAMPLES: 12}),
-                            K.MASKED: ArrayRecord({K.MASKED: Array(np.arange(4, dtype=np.uint64))})})
-    assert guard(msg, context(), lambda m, c: masked) is masked
+                            K.MASKED: ArrayRecord({K.MASKED: Array(layout)})})
+    out = guard(msg, context(), lambda m, c: masked)
+    assert not out.has_error() and np.array_equal(out.content.array_records[K.MASKED][K.MASKED].numpy(), layout)
     bad_replies = {
+        "an array outside the manifest": _reply(msg, **{K.ARRAYS: ArrayRecord({"w": Array(np.ones(3, dtype=np.float32))})}),
         "a string": _reply(msg, notes=ConfigRecord({"text": "hello"})),
-        "an extra array": _reply(msg, **{K.ARRAYS: ArrayRecord({"w": Array(np.ones(2, dtype=np.float32))}),
+        "an extra array": _reply(msg, **{K.ARRAYS: arrays_to_record(delta),
                                          "debug": ArrayRecord({"x": Array(np.ones(2, dtype=np.float32))})}),
         "NaN": _reply(msg, **{K.METRICS: MetricRecord({K.TRAIN_LOSS: float("nan")})}),
         "an undeclared metric": _reply(msg, **{K.METRICS: MetricRecord({"age": 42})}),
         "a planted PatientID": Message(RecordDict({K.SITE: ConfigRecord({K.SITE_NAME: "PLANT-987654"})}), reply_to=msg),
-        "a planted birth date as a number": _reply(msg, **{K.METRICS: MetricRecord({K.PATIENTS: 19230405})}),
+        "a planted birth date as a number": _reply(msg, **{K.METRICS: MetricRecord({K.PATIENTS: 19230405})}),  # > counts
+        "a planted birth date in a real's digits": _reply(msg, **{K.METRICS: MetricRecord({K.EPSILON: 192.30405})}),
     }
     caplog.set_level(logging.WARNING, logger="medfed.site")
     for what, reply in bad_replies.items():
@@ -84,7 +97,7 @@ def test_egress_guard_passes_normal_replies_and_blocks_the_rest(planted_site, ca
     entries = [e for e in read_entries(planted_site.workspace / "audit.jsonl") if e.event == "egress-blocked"]
     assert len(entries) == len(bad_replies)
     logged = caplog.text + "".join(json.dumps(e.data) for e in entries)
-    assert "egress guard blocked" in caplog.text and "equals an identifying header value" in caplog.text
+    assert "egress guard blocked" in caplog.text and "matches an identifying header value" in caplog.text
     assert "undeclared metric 'age'" in caplog.text  # the detail stays in the site's log
     assert not any(v in logged for v in PLANTED_STRINGS)
 
