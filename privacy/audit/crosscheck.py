@@ -11,20 +11,20 @@ participants in ``metrics.json`` must follow from entries the sites confirm.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from privacy import egress as K
 from privacy.audit.events import E
 from privacy.audit.log import Entry, body_hash
+from privacy.quantise import OffGrid, quantise
 
 SITE_ROUND_EVENTS = (E.ROUND_TRAINED, E.REFUSED, E.EVALUATED)
 TRAIN_STATUSES = frozenset({"trained", "refused", "error", "failed"})
 EVAL_STATUSES = frozenset({"evaluated", "evaluation-refused"})
 STATUS_OF_EVENT = {E.ROUND_TRAINED: {"trained"}, E.REFUSED: {"refused"}, E.EVALUATED: EVAL_STATUSES}
-EPSILON_REL = 1e-3  # a reply's ε is quantised before it leaves the site; the site's log keeps it exact
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,14 @@ def _site_epsilon(entry: Entry) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _same_epsilon(a: Any, b: float | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return isinstance(a, int | float) and math.isclose(float(a), b, rel_tol=EPSILON_REL, abs_tol=1e-9)
+def _same_epsilon(released: Any, logged: float | None) -> bool:
+    """The ε the server recorded is the site's logged ε as the egress guard quantised it (exactly)."""
+    if released is None or logged is None:
+        return released is None and logged is None
+    try:
+        return isinstance(released, int | float) and float(released) == float(quantise(K.EPSILON, logged))
+    except OffGrid:
+        return False
 
 
 def cross_check(server: Logs, sites: dict[str, Logs], metrics: dict[str, Any] | None, *,
