@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from client.config import PrivacyPolicy
 from privacy.dp import BudgetExhausted, GaussianSteps, calibrate_noise, epsilon
+from privacy.errors import RefusedError
 from privacy.ledger import PrivacyLedger
 
 # refusal codes, sent as numbers (never free text)
@@ -21,11 +22,11 @@ REFUSED_METRICS = 4  # the site releases no metrics (policy), or this round was 
 REFUSED_REPEAT = 5  # this round of this run was already trained (a request is answered once)
 
 
-class RoundCapReached(Exception):
+class RoundCapReached(RefusedError):
     """The site trained as many rounds of this run as its policy allows."""
 
 
-class RepeatedRelease(Exception):
+class RepeatedRelease(RefusedError):
     """The server asked again for a release this site already made (same run, round and kind)."""
 
 

@@ -318,10 +318,11 @@ def roster(
 
 def main() -> None:
     """Console-script entry point: files it creates are the service account's only."""
+    from privacy.errors import run_cli
     from privacy.files import private_files
 
     private_files()
-    cli(prog_name="medfed-site")
+    run_cli(cli, "medfed-site")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ from typing import Any
 import tomli_w
 
 from client.dicom.preprocess import FRAME_POLICIES, Preprocessing
+from privacy.errors import InputError
 from privacy.files import atomic_write_bytes, private_dir
 from privacy.secagg.params import SecAggFloors
 
 SITE_FILE = "site.toml"
 
 
-class SiteConfigError(ValueError):
+class SiteConfigError(InputError, ValueError):
     """``site.toml`` is missing or invalid; the message names the field and the fix."""
 
 

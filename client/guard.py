@@ -32,6 +32,7 @@ from client.roster import PINNED
 from privacy.audit.events import E
 from privacy.egress import BLOCKED_REASON as BLOCKED_REASON  # re-exported: the guard's fixed text
 from privacy.egress import EGRESS_BLOCKED, INTERNAL_ERROR, error_text
+from privacy.errors import IntegrityError
 from privacy.files import LockTimeout
 from privacy.ledger import LedgerChangedError, LedgerCorruptError
 from privacy.protocol import RoundRequestError
@@ -41,7 +42,7 @@ FINGERPRINTS_UNAVAILABLE = 464
 log = logging.getLogger("medfed.site")
 
 
-class FingerprintsUnavailable(RuntimeError):
+class FingerprintsUnavailable(IntegrityError, RuntimeError):
     """The site's fingerprint set is missing and cannot be rebuilt; the message names the file
     and the fix. The site sends nothing until it exists."""
 

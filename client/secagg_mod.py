@@ -32,6 +32,7 @@ from privacy.audit.log import read_entries
 from privacy.secagg.params import SecAggConfigError
 from privacy.secagg.site import SiteSession, VerificationError
 from privacy.secagg.wire import (
+    WireFormatError,
     adverts_from_bytes,
     adverts_to_bytes,
     boxes_from_bytes,
@@ -65,11 +66,12 @@ def secagg_mod(resolve: Callable[[Context], SiteConfig]) -> Mod:
         stage = str(conf[K.SECAGG_STAGE])
         try:
             return _stage(stage, msg, context, call_next, site, conf)
-        except (VerificationError, KeyFileError, SecAggConfigError, KeyError, ValueError, TypeError,
-                AttributeError) as exc:
+        except (VerificationError, KeyFileError, SecAggConfigError, WireFormatError) as exc:
+            # a check failed or the request is not in the protocol's format; any other exception is a
+            # defect and reaches the egress guard (logged with its traceback, answered 469)
             code = exc.code if isinstance(exc, VerificationError) else "malformed"
             detail = str(exc) if isinstance(exc, VerificationError | KeyFileError | SecAggConfigError) else \
-                f"malformed {stage} request"
+                f"malformed {stage} request ({exc})"
             log.warning("site %s refuses secure-aggregation stage %s: %s", site.name, stage, detail)
             SiteAudit(site).log.append(E.SECAGG_REFUSED, {"run_id": _safe_id(conf.get(K.RUN_ID)), "round": _round(conf),
                                                    "reason": f"secagg-{code}", "stage": _safe_stage(stage)})
@@ -103,7 +105,7 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
         raise VerificationError("the request names another run or round than this site's secure-aggregation round",
                                 "wrong-round")
     if stage == "share":
-        params = params_from_json(json.loads(_str(conf, K.SECAGG_PARAMS)))
+        params = params_from_json(_json(_str(conf, K.SECAGG_PARAMS)))
         outbox = session.share_keys(params, adverts_from_bytes(_bytes(conf, K.SECAGG_ADVERTS)),
                                     load_roster(roster_path(site)), site.secagg.floors())
         _save(context, session)
@@ -176,8 +178,15 @@ def _round(conf: ConfigRecord) -> int:
 def _value(record: Mapping[str, object], key: str, kind: Any) -> Any:
     value = record.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"{key} has the wrong type")
+        raise WireFormatError(f"{key} has the wrong type")
     return value
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise WireFormatError("secure-aggregation parameters are not JSON") from None
 
 
 def _str(record: Mapping[str, object], key: str) -> str:
@@ -195,5 +204,5 @@ def _bytes(record: Mapping[str, object], key: str) -> bytes:
 def _strs(record: Mapping[str, object], key: str) -> list[str]:
     values = _value(record, key, list)
     if not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{key} must be a list of site names")
+        raise WireFormatError(f"{key} must be a list of site names")
     return list(values)

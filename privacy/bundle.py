@@ -19,6 +19,8 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from privacy.errors import IntegrityError
+
 PACKAGES = ("client", "privacy", "server")  # medfed's packages: what a medfed bundle holds
 CLIENTAPP = "client.app:app"
 CONTENT = ".info/CONTENT"  # Flower's list of (path, sha256, size) of every file of a FAB
@@ -30,7 +32,7 @@ CLIENTAPP_REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
-class BundleError(ValueError):
+class BundleError(IntegrityError, ValueError):
     """An app bundle is malformed (not a zip, a file that does not match its listed hash, ...)."""
 
 

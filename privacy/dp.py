@@ -14,6 +14,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
+from privacy.errors import InputError, RefusedError
+
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -26,7 +28,7 @@ class GaussianSteps:
     steps: int
 
 
-class BudgetExhausted(Exception):
+class BudgetExhausted(RefusedError):
     """The remaining budget cannot pay for the requested training within the site policy."""
 
 
@@ -204,7 +206,7 @@ def auto_delta(patients: int) -> float:
     return min(1e-5, 10.0 ** math.floor(math.log10(1.0 / (10.0 * max(patients, 1)))))
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InputError, ValueError):
     """The model has layers DP-SGD cannot handle (e.g. BatchNorm mixes patients in a batch)."""
 
 

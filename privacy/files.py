@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from privacy.errors import ServiceError
+
 PRIVATE_UMASK = 0o077
 
 
@@ -34,7 +36,7 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-class LockTimeout(TimeoutError):
+class LockTimeout(ServiceError, TimeoutError):
     """Another process held a lock longer than the caller would wait."""
 
 

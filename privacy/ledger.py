@@ -14,17 +14,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from privacy.audit.log import canonical
 from privacy.dp import GaussianSteps, epsilon
+from privacy.errors import IntegrityError
 from privacy.files import atomic_write_json, exclusive_lock
 
 LEDGER_VERSION = 2
 KINDS = ("train", "evaluate")  # DP-SGD of a round; a noisy release of validation metrics
 
 
-class LedgerCorruptError(Exception):
+class LedgerCorruptError(IntegrityError):
     """ledger.json cannot be trusted; the site refuses to train rather than restart at ε = 0."""
 
 
-class LedgerChangedError(Exception):
+class LedgerChangedError(IntegrityError):
     """Another process appended since this view was loaded: reload, re-plan, append again."""
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import ConfigRecord
 
 from privacy import egress as K
+from privacy.errors import InputError
 
 _KEYS = {
     "server_round": K.SERVER_ROUND, "run_id": K.RUN_ID, "num_rounds": K.NUM_ROUNDS,
@@ -26,7 +27,7 @@ _KEYS = {
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
-class RoundRequestError(ValueError):
+class RoundRequestError(InputError, ValueError):
     """The server's round configuration is missing a key, has a wrong type or is out of range."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 
 from privacy import egress as K
+from privacy.errors import RefusedError
 
 SIGNIFICANT = 4
 TINY = 1e-12
@@ -25,7 +26,7 @@ MAX_COUNT = 10_000_000
 REFUSAL_CODES = frozenset({1, 2, 3, 4, 5})  # client.budget.REFUSED_*
 
 
-class OffGrid(ValueError):
+class OffGrid(RefusedError, ValueError):
     """A metric value outside its range or kind; the message names the key, never the value."""
 
 

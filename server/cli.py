@@ -142,10 +142,11 @@ register_deployment(cli)
 
 def main() -> None:
     """Console-script entry point: files it creates are the service account's only."""
+    from privacy.errors import run_cli
     from privacy.files import private_files
 
     private_files()
-    cli(prog_name="medfed-server")
+    run_cli(cli, "medfed-server")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from privacy.errors import InputError
 
-class RunConfigError(ValueError):
+
+class RunConfigError(InputError, ValueError):
     """A run configuration value is invalid; the message names the key and the fix."""
 
 

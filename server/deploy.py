@@ -15,6 +15,7 @@ from typing import Any
 
 from privacy.audit.keys import load_or_create_key, public_fingerprint, public_key_from_pem, public_pem
 from privacy.audit.log import AuditLog
+from privacy.errors import ServiceError
 from privacy.files import atomic_write_bytes
 from privacy.services import offline_env
 from server.pki import fingerprint, write_new
@@ -23,7 +24,7 @@ from server.workspace import CONNECTION, ServerWorkspace, WorkspaceError, record
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
-class EnrolError(RuntimeError):
+class EnrolError(ServiceError, RuntimeError):
     """Enrolment failed; the message says why and what to do."""
 
 

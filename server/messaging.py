@@ -14,12 +14,13 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from privacy import egress as K
+from privacy.errors import ServiceError
 from privacy.wire import record_to_arrays
 
 log = logging.getLogger("medfed.server")
 
 
-class NotEnoughSitesError(RuntimeError):
+class NotEnoughSitesError(ServiceError, RuntimeError):
     """Fewer sites connected than the run's ``min-sites`` within the timeout."""
 
 

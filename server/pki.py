@@ -12,13 +12,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from privacy.errors import InputError
 from privacy.files import atomic_write_bytes
 
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest validity browsers and most TLS stacks accept for a leaf
 
 
-class KeyExistsError(FileExistsError):
+class KeyExistsError(InputError, FileExistsError):
     """A key or certificate is already there: re-running never overwrites keys silently."""
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import tomli_w
 
 from privacy.audit.keys import load_or_create_key, public_pem
+from privacy.errors import InputError
 from privacy.files import atomic_write_bytes, atomic_write_json, private_dir
 from privacy.secagg.wire import roster_bytes
 from server.pki import make_ca, make_server_cert, write_new
@@ -38,7 +39,7 @@ SERVER_FILE = "server.toml"
 CONNECTION = "medfed"
 
 
-class WorkspaceError(ValueError):
+class WorkspaceError(InputError, ValueError):
     """The server workspace is missing or incomplete; the message says how to fix it."""
 
 

@@ -8,12 +8,14 @@ Reasons never contain a header value of the file.
 
 from __future__ import annotations
 
+from privacy.errors import InputError
 
-class SiteDataError(Exception):
+
+class SiteDataError(InputError):
     """A site's data folder or labels file cannot be used; the message says how to fix it."""
 
 
-class DicomReadError(Exception):
+class DicomReadError(InputError):
     """A file cannot serve as a grayscale image; ``reason`` says why (no patient values)."""
 
     skipped = False

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from privacy.errors import IntegrityError
 from privacy.files import atomic_write_bytes, atomic_write_json, exclusive_lock, private_dir
 
 KEY_FILE = "identifier.key"
@@ -26,7 +27,7 @@ KEY_BYTES = 32
 PRINTS_VERSION = 1
 
 
-class IdentifierKeyError(ValueError):
+class IdentifierKeyError(IntegrityError, ValueError):
     """The identifier key file is unusable; the message names the file and the fix."""
 
 

@@ -154,10 +154,11 @@ def report(
 
 def main() -> None:
     """Console-script entry point: files it creates are the service account's only."""
+    from privacy.errors import run_cli
     from privacy.files import private_files
 
     private_files()
-    cli(prog_name="medfed-audit")
+    run_cli(cli, "medfed-audit")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ from privacy.audit.events import E
 from privacy.audit.keys import public_fingerprint, public_pem
 from privacy.audit.log import Entry, canonical, now_iso
 from privacy.audit.verify import check_chain, segment_files
+from privacy.errors import IntegrityError
 
 KIND = "medfed-site-audit-export"
 
 
-class ExportError(ValueError):
+class ExportError(IntegrityError, ValueError):
     """The site's own log does not verify, or an export's signature does not."""
 
 

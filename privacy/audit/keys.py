@@ -8,10 +8,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from privacy.errors import IntegrityError
 from privacy.files import atomic_write_bytes
 
 
-class KeyFileError(ValueError):
+class KeyFileError(IntegrityError, ValueError):
     """A key file is missing or not an Ed25519 key; the message names the file and the fix."""
 
 

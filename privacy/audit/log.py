@@ -33,13 +33,15 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from privacy.errors import IntegrityError
+
 GENESIS = "0" * 64
 FIELDS = ("actor", "data", "event", "hash", "prev", "seq", "sig", "time")
 _SAFE = re.compile(r"^[A-Za-z0-9_.:+\-/]{0,160}$")
 _TAIL = 65536
 
 
-class AuditLogError(ValueError):
+class AuditLogError(IntegrityError, ValueError):
     """An entry cannot be written (unsafe data) or the log file is unusable."""
 
 

@@ -19,13 +19,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from privacy.audit.events import SERVER_ACTOR
 from privacy.audit.keys import KeyFileError, load_public_key, public_key_from_pem
+from privacy.errors import InputError
 from privacy.secagg.wire import canonical_roster, roster_fingerprint
 
 ROSTER_IN_RUN = Path("keys") / "roster.json"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class TrustError(ValueError):
+class TrustError(InputError, ValueError):
     """No out-of-band keys, or a roster that is not the one the auditor expects."""
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from privacy.errors import InputError
+
 FRACTION_BITS = 24  # fixed point: resolution 2^-24 ≈ 6e-8
 MODULUS_BITS = 64  # arithmetic mod 2^64 (numpy uint64 wraps)
 COMPLETE_GRAPH_MAX = 64  # up to this many sites every site neighbours every other (nothing to steer)
@@ -18,7 +20,7 @@ def round_context(run_id: str, round_: int) -> str:
     return f"run={run_id}|round={round_}"
 
 
-class SecAggConfigError(ValueError):
+class SecAggConfigError(InputError, ValueError):
     """Invalid secure-aggregation parameters; the message names the parameter."""
 
 

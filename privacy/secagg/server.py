@@ -15,12 +15,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from privacy.errors import ServiceError
 from privacy.secagg.crypto import agree, combine_secret, expand_mask
 from privacy.secagg.params import SecAggParams, decode_sum
 from privacy.secagg.site import KeyAdvert, adverts_digest, holders, pair_context, self_context
 
 
-class RoundAborted(RuntimeError):
+class RoundAborted(ServiceError, RuntimeError):
     """Too few sites at a stage, or a secret could not be reconstructed: no update is applied."""
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from privacy.errors import RefusedError
 from privacy.secagg.crypto import agree, expand_mask, hkdf, new_x25519, open_sealed, seal, split_secret
 from privacy.secagg.params import (
     COMPLETE_GRAPH_MAX,
@@ -42,7 +43,7 @@ from privacy.secagg.params import (
 )
 
 
-class VerificationError(RuntimeError):
+class VerificationError(RefusedError, RuntimeError):
     """A protocol check failed at this site (forged or substituted key, parameters below the
     site's floors, an inconsistent request): the site refuses the round. ``code`` names the
     check for the audit log; the message says what, never any secret."""

@@ -3,17 +3,46 @@ site's per-round state for ``context.state``."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from privacy.audit.keys import public_key_from_pem
-from privacy.secagg.params import SecAggParams
+from privacy.errors import InputError
+from privacy.secagg.params import SecAggConfigError, SecAggParams
 from privacy.secagg.site import KeyAdvert, SiteSession
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class WireFormatError(InputError, ValueError):
+    """A protocol message (attacker input) that is not in the wire format: refused as malformed."""
+
+
+def _parsed(what: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """Parse failures of a message (missing keys, wrong types, bad hex or JSON) become one
+    :class:`WireFormatError` naming ``what``; nothing else is relabelled."""
+
+    def wrap(parse: Callable[P, T]) -> Callable[P, T]:
+        @functools.wraps(parse)
+        def parsed(*args: P.args, **kwargs: P.kwargs) -> T:
+            try:
+                return parse(*args, **kwargs)
+            except SecAggConfigError:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise WireFormatError(f"malformed {what}") from None
+
+        return parsed
+
+    return wrap
 
 
 def _dump(obj: Any) -> bytes:
@@ -24,6 +53,7 @@ def adverts_to_bytes(adverts: dict[str, KeyAdvert]) -> bytes:
     return _dump({k: {"c": a.c_pub.hex(), "s": a.s_pub.hex(), "sig": a.sig.hex()} for k, a in adverts.items()})
 
 
+@_parsed("key advertisements")
 def adverts_from_bytes(data: bytes) -> dict[str, KeyAdvert]:
     raw = json.loads(data)
     return {k: KeyAdvert(k, bytes.fromhex(v["c"]), bytes.fromhex(v["s"]), bytes.fromhex(v["sig"])) for k, v in raw.items()}
@@ -33,6 +63,7 @@ def boxes_to_bytes(boxes: dict[str, bytes]) -> bytes:
     return _dump({k: v.hex() for k, v in boxes.items()})
 
 
+@_parsed("share boxes")
 def boxes_from_bytes(data: bytes) -> dict[str, bytes]:
     return {k: bytes.fromhex(v) for k, v in json.loads(data).items()}
 
@@ -41,6 +72,7 @@ def reveals_to_bytes(reveals: dict[str, tuple[str, bytes]]) -> bytes:
     return _dump({k: [kind, share.hex()] for k, (kind, share) in reveals.items()})
 
 
+@_parsed("reveals")
 def reveals_from_bytes(data: bytes) -> dict[str, tuple[str, bytes]]:
     return {k: (str(kind), bytes.fromhex(share)) for k, (kind, share) in json.loads(data).items()}
 
@@ -49,6 +81,7 @@ def params_to_json(params: SecAggParams) -> dict[str, Any]:
     return {**asdict(params), "sites": list(params.sites)}
 
 
+@_parsed("secure-aggregation parameters")
 def params_from_json(obj: dict[str, Any]) -> SecAggParams:
     """The round parameters from the server's JSON (attacker input: unknown keys and wrong
     types are refused; the dataclass checks the ranges)."""
