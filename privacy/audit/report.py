@@ -13,9 +13,11 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from html import escape
 from pathlib import Path
 from typing import Any
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 
 from privacy.audit.crosscheck import load_metrics
 from privacy.audit.events import SERVER_ACTOR, E
@@ -26,7 +28,7 @@ from privacy.audit.trust import Trust
 from privacy.audit.verify import Verdict, run_logs, segment_files, verify_paths
 from privacy.files import atomic_write_bytes
 
-NOT_RECORDED = '<p class="muted">not recorded</p>'
+NOT_RECORDED = "not recorded"
 
 
 @dataclass
@@ -87,79 +89,96 @@ def gather(run_dir: Path, site_sources: Sequence[Path], trust: Trust, *, server_
     return data
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: "–" for none or not finite, floats to ``digits`` significant digits."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if isinstance(value, float):
         return f"{value:.{digits}g}"
-    return escape(str(value))
+    return str(value)
 
 
-def _table(head: list[str], rows: list[list[Any]]) -> str:
-    if not rows:
-        return NOT_RECORDED
-    th = "".join(f"<th>{escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+@dataclass
+class Section:
+    """One section of the report: paragraphs (``(css class, text)``), tables, charts, in order."""
+
+    anchor: str
+    title: str
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+
+    def p(self, text: str, cls: str = "") -> Section:
+        self.blocks.append({"kind": "p", "text": text, "cls": cls})
+        return self
+
+    def table(self, head: list[str], rows: list[list[Any]]) -> Section:
+        self.blocks.append({"kind": "table", "head": head, "rows": [[fmt(c) for c in r] for r in rows]})
+        return self
+
+    def chart(self, svg: str) -> Section:
+        """An SVG chart from :func:`privacy.audit.svg.line_chart` (it escapes every text it draws)."""
+        self.blocks.append({"kind": "svg", "svg": Markup(svg)})
+        return self
+
+    def code(self, label: str, value: Any) -> Section:
+        self.blocks.append({"kind": "code", "label": label, "value": fmt(value)})
+        return self
 
 
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{escape(title)}</h2>{body}</section>'
-
-
-def summary_section(d: ReportData) -> str:
+def summary_section(d: ReportData) -> Section:
     v = d.verdict
+    sec = Section("summary", "Run summary and verdict")
     checked_sites = [a for a in v.checked if a != SERVER_ACTOR]
-    agree = (f"the server's log and the logs of {escape(', '.join(checked_sites))} agree" if checked_sites else
+    agree = (f"the server's log and the logs of {', '.join(checked_sites)} agree" if checked_sites else
              "NO site log was checked (verified with --server-only): what the sites did rests on the server's word")
-    verdict = (f'<p class="ok">Audit logs verified: every chain, signature and sequence holds, and {agree}'
-               + ("; metrics.json is what the server's log signed" if v.metrics_checked else "") + ".</p>"
-               if v.ok else f'<p class="bad">Audit verification FAILED: {escape(str(v.problems[0]))}</p>')
-    keys_note = escape(v.trust) + ("" if v.out_of_band else " (not out of band)")
-    verdict += f'<p>Logs checked: {escape(", ".join(v.checked)) or "none"}. Keys: {keys_note}.</p>'
+    if v.ok:
+        sec.p("Audit logs verified: every chain, signature and sequence holds, and " + agree
+              + ("; metrics.json is what the server's log signed" if v.metrics_checked else "") + ".", "ok")
+    else:
+        sec.p(f"Audit verification FAILED: {v.problems[0]}", "bad")
+    sec.p(f"Logs checked: {', '.join(v.checked) or 'none'}. Keys: {v.trust}"
+          + ("" if v.out_of_band else " (not out of band)") + ".")
     if v.counter_signed >= 0:
-        verdict += (f'<p class="muted">The sites counter-signed the server\'s log through entry {v.counter_signed}; '
-                    "later entries are signed by the server alone.</p>")
+        sec.p(f"The sites counter-signed the server's log through entry {v.counter_signed}; later entries are signed "
+              "by the server alone.", "muted")
+    for note in d.notes:
+        sec.p(note, "bad")
+    if v.unchecked:
+        sec.p(f"Not cross-checked (their logs or exports were not given): {', '.join(v.unchecked)}", "muted")
     start = next((e for e in d.server if e.event == E.RUN_START), None)
     end = next((e for e in d.server if e.event == E.RUN_END), None)
     rounds = d.metrics.get("rounds", [])
     final = rounds[-1] if rounds else {}
-    rows = [["run id", d.metrics.get("run_id")], ["started", start.time if start else None],
-            ["ended", end.time if end else None], ["rounds completed", len(rounds)],
-            ["sites", len(d.sites)], ["final validation AUROC", final.get("val_auroc")],
-            ["final model sha256", d.metrics.get("final_model_sha256")],
-            ["ended early", d.metrics.get("ended_early")]]
-    notes = "".join(f'<p class="bad">{escape(n)}</p>' for n in d.notes)
-    if v.unchecked:
-        notes += (f'<p class="muted">Not cross-checked (their logs or exports were not given): '
-                  f'{escape(", ".join(v.unchecked))}</p>')
-    return _section("summary", "Run summary and verdict", verdict + notes + _table(["", ""], rows))
+    return sec.table(["", ""], [
+        ["run id", d.metrics.get("run_id")], ["started", start.time if start else None],
+        ["ended", end.time if end else None], ["rounds completed", len(rounds)], ["sites", len(d.sites)],
+        ["final validation AUROC", final.get("val_auroc")], ["final model sha256", d.metrics.get("final_model_sha256")],
+        ["ended early", d.metrics.get("ended_early")]])
 
 
-def participants_section(d: ReportData) -> str:
+def participants_section(d: ReportData) -> Section:
     rows = [[r["round"], ", ".join(r.get("sites", [])) or "none", ", ".join(r.get("refused", [])) or "–",
              ", ".join(r.get("failed", [])) or "–", str(r.get("model_sha256", ""))[:16]]
             for r in d.metrics.get("rounds", [])]
-    return _section("participants", "Participants per round",
-                    _table(["round", "trained", "refused", "failed / no reply", "global model (sha256, first 16)"], rows))
+    return Section("participants", "Participants per round").table(
+        ["round", "trained", "refused", "failed / no reply", "global model (sha256, first 16)"], rows)
 
 
-def training_section(d: ReportData) -> str:
+def training_section(d: ReportData) -> Section:
     rounds = d.metrics.get("rounds", [])
     curves = {"train loss": [(r["round"], _num(r.get("train_loss"))) for r in rounds],
               "validation loss": [(r["round"], _num(r.get("val_loss"))) for r in rounds]}
     auroc = {"validation AUROC": [(r["round"], _num(r.get("val_auroc"))) for r in rounds]}
-    return _section("training", "Training curves",
-                    line_chart(curves, title="Loss", y_label="loss") + line_chart(auroc, title="AUROC", y_label="AUROC"))
+    return (Section("training", "Training curves").chart(line_chart(curves, title="Loss", y_label="loss"))
+            .chart(line_chart(auroc, title="AUROC", y_label="AUROC")))
 
 
 def _num(v: Any) -> float:
     return float(v) if isinstance(v, int | float) and v is not None else math.nan
 
 
-def privacy_section(d: ReportData) -> str:
+def privacy_section(d: ReportData) -> Section:
     if not d.sites:
-        return _section("privacy", "Privacy", NOT_RECORDED)
+        return Section("privacy", "Privacy").p(NOT_RECORDED, "muted")
     series, budgets, rows = {}, {}, []
     for site, s in sorted(d.sites.items()):
         trained = [r for r in s["rounds"] if r.get("epsilon") is not None]
@@ -179,37 +198,38 @@ def privacy_section(d: ReportData) -> str:
                      last.get("patients") or s.get("joined", {}).get("patients"),
                      ", ".join(refusals) or "–", noise, joined.get("metrics"), d.sources.get(site)])
     chart = line_chart(series, title="ε per site per round (dashed: the site's budget)", y_label="ε", hlines=budgets)
-    table = _table(["site", "budget ε", "ε after run", "δ", "noise multiplier σ", "patients", "refused rounds",
-                    "noise drawn from", "validation metrics", "source"], rows)
-    return _section("privacy", "Privacy (patient-level differential privacy)", chart + table)
+    return Section("privacy", "Privacy (patient-level differential privacy)").chart(chart).table(
+        ["site", "budget ε", "ε after run", "δ", "noise multiplier σ", "patients", "refused rounds",
+         "noise drawn from", "validation metrics", "source"], rows)
 
 
-def protection_section(d: ReportData) -> str:
+def protection_section(d: ReportData) -> Section:
+    sec = Section("protection", "Protection of updates")
     rounds = d.metrics.get("rounds", [])
     if not any("secagg" in r for r in rounds):
         start = next((e for e in d.server if e.event == E.RUN_START), None)
         on = start.data.get("secure_aggregation") if start else None
-        text = ("secure aggregation: off in every round of this run (the server saw each site's update)"
-                if on is False else "secure aggregation: not recorded")
-        return _section("protection", "Protection of updates", f"<p>{escape(text)}</p>")
+        return sec.p("secure aggregation: off in every round of this run (the server saw each site's update)"
+                     if on is False else "secure aggregation: not recorded")
     rows = [[r["round"], r["secagg"].get("sites"), r["secagg"].get("dropped"), r["secagg"].get("aborted")]
             for r in rounds if "secagg" in r]
-    return _section("protection", "Protection of updates", _table(["round", "sites", "dropped (recovered)", "aborted"], rows))
+    return sec.table(["round", "sites", "dropped (recovered)", "aborted"], rows)
 
 
-def attacks_section(d: ReportData) -> str:
+def attacks_section(d: ReportData) -> Section:
+    sec = Section("attacks", "Empirical privacy audit")
     path = d.run_dir / "attacks.json"
     if not path.is_file():
-        return _section("attacks", "Empirical privacy audit", NOT_RECORDED)
+        return sec.p(NOT_RECORDED, "muted")
     results = json.loads(path.read_text())
-    rows = [[k, v] for k, v in sorted(results.items()) if isinstance(v, int | float | str)]
-    return _section("attacks", "Empirical privacy audit", _table(["measure", "value"], rows))
+    return sec.table(["measure", "value"], [[k, v] for k, v in sorted(results.items()) if isinstance(v, int | float | str)])
 
 
-def software_section(d: ReportData) -> str:
+def software_section(d: ReportData) -> Section:
+    sec = Section("software", "Software and fingerprints")
     start = next((e for e in d.server if e.event == E.RUN_START), None)
     if start is None:
-        return _section("software", "Software and fingerprints", NOT_RECORDED)
+        return sec.p(NOT_RECORDED, "muted")
     rows = [[k, v] for k, v in sorted(start.data.get("versions", {}).items())]
     rows += [["code sha256", start.data.get("code_sha256")], ["run config sha256", start.data.get("config_sha256")],
              ["initial model sha256", start.data.get("initial_sha256")]]
@@ -223,34 +243,30 @@ def software_section(d: ReportData) -> str:
         rows.append([f"{site}: code sha256 it ran", code or "not recorded"])
         if code is not None and code != server_code:
             flags.append(site)
-    note = (f'<p class="bad">Sites that ran code other than the server\'s: {escape(", ".join(flags))} (an approved '
-            "bundle, or another medfed version)</p>" if flags else "")
-    return _section("software", "Software and fingerprints", note + _table(["", ""], rows))
+    if flags:
+        sec.p(f"Sites that ran code other than the server's: {', '.join(flags)} (an approved bundle, or another "
+              "medfed version)", "bad")
+    return sec.table(["", ""], rows)
 
 
-def hashes_section(d: ReportData) -> str:
+def hashes_section(d: ReportData) -> Section:
     rows = [[actor, len(c.entries), c.head] for actor, c in d.verdict.chains.items()]
     rows += [[f"{site} (export)", s.get("entries"), s.get("head")] for site, s in d.sites.items()
              if site not in d.verdict.chains]
-    recorded = (d.metrics.get("audit") or {}).get("server_head")
-    extra = f"<p>server head recorded in metrics.json: <code>{_fmt(recorded)}</code></p>"
-    return _section("hashes", "Audit logs: final hashes", _table(["log", "entries", "head (sha256)"], rows) + extra)
+    return (Section("hashes", "Audit logs: final hashes").table(["log", "entries", "head (sha256)"], rows)
+            .code("server head recorded in metrics.json", (d.metrics.get("audit") or {}).get("server_head")))
 
 
 SECTIONS = (summary_section, participants_section, training_section, privacy_section, protection_section,
             attacks_section, software_section, hashes_section)
-CSS = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1000px}h1{font-size:22px}
-h2{font-size:17px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:28px}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
-th{background:#f2f2f2}.ok{color:#176b2c;font-weight:bold}.bad{color:#b00020;font-weight:bold}.muted{color:#777}
-code{font-size:12px}svg{display:block;margin:8px 0}"""
+TEMPLATES = Environment(loader=PackageLoader("privacy.audit", "templates"), autoescape=select_autoescape(["html"]),
+                        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
 def render(d: ReportData) -> str:
-    body = "".join(section(d) for section in SECTIONS)
-    title = f"medfed compliance report, run {escape(str(d.metrics.get('run_id')))}"
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{CSS}</style></head><body><h1>{title}</h1>{body}</body></html>")
+    """The report page, from the autoescaped template ``templates/report.html``."""
+    return TEMPLATES.get_template("report.html").render(run_id=str(d.metrics.get("run_id")),
+                                                        sections=[section(d) for section in SECTIONS])
 
 
 def write_report(run_dir: Path, trust: Trust, out: Path | None = None, site_sources: Sequence[Path] = (),
