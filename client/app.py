@@ -28,7 +28,7 @@ from client.config import SiteConfig, load_site_config
 from client.guard import egress_guard
 from client.models import build_model, get_arrays, pick_device, set_arrays
 from client.randomness import round_seeds
-from client.secagg_mod import secagg_mod
+from client.secagg_mod import masking, secagg_mod
 from client.site import SiteData, load_site_data
 from client.site_ledger import commit, open_ledger
 from client.train import LocalPlan, evaluate, logits, train_plain, train_private
@@ -84,7 +84,9 @@ def _refuse_evaluation(msg: Message, site: SiteConfig, audit: SiteAudit, ids: Ro
     return _reply(msg, site, {K.REFUSED: 1, K.REFUSAL_CODE: code}, audit_head=audit.head())
 
 
-def _train(msg: Message, site: SiteConfig) -> Message:
+def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
+    """``masked``: the site's SecAgg+ mod runs this round and masks the update (its own state
+    says so, not the request)."""
     conf = msg.content.config_records[K.CONFIG]
     req = RoundRequest.from_record(conf)
     global_arrays = checked_model(record_to_arrays(msg.content.array_records[K.ARRAYS]))
@@ -98,7 +100,7 @@ def _train(msg: Message, site: SiteConfig) -> Message:
     ids = RoundIds(req.run_id, req.server_round, arrays_sha256(global_arrays), server_head(conf))
     device = pick_device(site.device)
     metrics: dict[str, float | int] = {K.PATIENTS: patients}
-    if policy.require_secure_aggregation and conf.get(K.SECAGG_STAGE) != "input":
+    if policy.require_secure_aggregation and not masked:
         return _refuse(msg, site, audit, ids, code=REFUSED_POLICY, reason="secure-aggregation-required",
                        metrics={K.PATIENTS: patients})
     if policy.dp or req.dp:  # the site's policy wins; DP if either asks for it
@@ -228,7 +230,7 @@ def build_client_app(sim_sites: Sequence[str] = ()) -> ClientApp:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _train(msg, resolve_site(context, sim_sites))
+        return _train(msg, resolve_site(context, sim_sites), masked=masking(context))
 
     @client_app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import Callable
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from client.audit_trail import SiteAudit
@@ -39,6 +39,8 @@ from privacy.protocol import RoundRequestError
 from privacy.reply_schema import ReplySchema, check_reply
 
 FINGERPRINTS_UNAVAILABLE = 464
+REQUEST_MALFORMED = 462
+MESSAGE_TYPES = frozenset({MessageType.TRAIN, MessageType.EVALUATE})  # exactly; no "train.<action>"
 log = logging.getLogger("medfed.site")
 
 
@@ -92,13 +94,21 @@ def reply_schema(site: SiteConfig) -> ReplySchema:
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("site %s: the pinned roster %s is unreadable; secure-aggregation replies are blocked until "
                         "it is pinned again (`medfed-site roster`)", site.name, roster)
-    return ReplySchema(site_name=site.name, manifest=manifest(), peers=peers)
+    return ReplySchema(site_name=site.name, manifest=manifest(), peers=peers,
+                       masked_only=site.privacy.require_secure_aggregation)
 
 
 def egress_guard(resolve: Resolver) -> Mod:
     """The mod; ``resolve`` finds the site's configuration from the node context."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type not in MESSAGE_TYPES:
+            # Flower routes "train.<action>" to the train handler too; only the two exact types run
+            # (the secure-aggregation mod and the site's checks are written for them)
+            log.warning("site refuses a request of message type %r: only %s are answered",
+                        _safe_type(msg), ", ".join(sorted(MESSAGE_TYPES)))
+            _audit(resolve, context, msg, reason="message-type", code=REQUEST_MALFORMED)
+            return _error(msg, REQUEST_MALFORMED)
         try:
             return _guarded(msg, context, call_next(msg, context), resolve)
         except Exception as exc:  # the outermost layer: detail stays here, a code leaves
@@ -134,6 +144,12 @@ def _guarded(msg: Message, context: Context, reply: Message, resolve: Resolver) 
     return _error(msg, EGRESS_BLOCKED)
 
 
+def _safe_type(msg: Message) -> str:
+    """The request's message type for a log line or audit entry (the server chose it: only known ones)."""
+    kind = msg.metadata.message_type
+    return kind if kind in MESSAGE_TYPES else "other"
+
+
 def _error(msg: Message, code: int) -> Message:
     code, text = error_text(code)
     return Message(Error(code=code, reason=text), reply_to=msg)
@@ -143,7 +159,7 @@ def _audit(resolve: Resolver, context: Context, msg: Message, **data: object) ->
     """An ``egress-blocked`` entry in the site's audit log (when the site can be found at all)."""
     try:
         site = resolve(context)
-        SiteAudit(site).log.append(E.EGRESS_BLOCKED, {"message_type": msg.metadata.message_type.replace(".", "-"),
+        SiteAudit(site).log.append(E.EGRESS_BLOCKED, {"message_type": _safe_type(msg),
                                                       **data})
     except Exception as exc:  # a broken workspace must not turn a numeric answer into a crash
         log.error("the egress guard could not write its audit entry: %s", exc)

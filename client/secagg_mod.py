@@ -46,9 +46,16 @@ from privacy.secagg.wire import (
 from privacy.wire import record_to_arrays
 
 STATE = "secagg"
+MASKING = "secagg-masking"  # in context.state while this mod runs the train handler: its update will be masked
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 SECAGG_REFUSED = K.SECAGG_REFUSED  # error code of a round the site refused for a protocol check
 log = logging.getLogger("medfed.site")
+
+
+def masking(context: Context) -> bool:
+    """Whether this mod is running the train handler now (its update leaves masked): set by the
+    site's own mod in the node's local state, never by anything the server sends."""
+    return MASKING in context.state.config_records
 
 
 def roster_path(site: SiteConfig) -> Path:
@@ -59,7 +66,8 @@ def secagg_mod(resolve: Callable[[Context], SiteConfig]) -> Mod:
     """The mod; ``resolve`` finds the site's configuration from the node context."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        conf = msg.content.config_records.get(K.CONFIG) if msg.metadata.message_type == MessageType.TRAIN else None
+        is_train = msg.metadata.message_type.split(".", 1)[0] == MessageType.TRAIN  # "train.<action>" too
+        conf = msg.content.config_records.get(K.CONFIG) if is_train else None
         if conf is None or K.SECAGG_STAGE not in conf:
             return call_next(msg, context)
         site = resolve(context)
@@ -113,7 +121,11 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
     if stage == "input":
         inbox, sharers = boxes_from_bytes(_bytes(conf, K.SECAGG_INBOX)), _strs(conf, K.SECAGG_SHARERS)
         session.check_inbox(inbox, sharers)  # before training: a withheld inbox is refused at no privacy cost
-        reply = call_next(msg, context)
+        context.state[MASKING] = ConfigRecord({"run": run_id, "round": round_})  # what the train handler trusts
+        try:
+            reply = call_next(msg, context)
+        finally:
+            del context.state[MASKING]
         if reply.has_error() or K.ARRAYS not in reply.content.array_records:
             return reply  # a refusal: the site drops out of this round; its masks are recovered
         update = record_to_arrays(reply.content.array_records[K.ARRAYS])

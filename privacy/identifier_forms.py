@@ -38,7 +38,7 @@ def header_forms(text: str, vr: str | None = None) -> set[str]:
     if vr == "DA" or vr == "DT":
         date = text.replace("-", "").replace(".", "")[:8]  # old ACR-NEMA dates: YYYY.MM.DD
         if date.isdigit() and len(date) == 8:
-            forms.add(date)
+            forms.update(date_orders(date))
     if vr == "DT":
         forms.add(text.split(".")[0].split("+")[0].split("-")[0][:14])
         forms.add(text[8:].split(".")[0][:6])
@@ -48,6 +48,13 @@ def header_forms(text: str, vr: str | None = None) -> set[str]:
         forms.update(part.strip() for group in text.split("=") for part in group.split("^"))
     forms.update(f.lstrip("0") for f in list(forms) if f.isdigit() and f.lstrip("0"))
     return {f for f in forms if len(f) >= MIN_FORM}
+
+
+def date_orders(date: str) -> set[str]:
+    """A ``YYYYMMDD`` date in the orders people write it: YYYYMMDD, MMDDYYYY, DDMMYYYY, YYMMDD,
+    MMDDYY, DDMMYY (a number carrying a birth date in any of them is caught)."""
+    y, m, d = date[:4], date[4:6], date[6:8]
+    return {y + m + d, m + d + y, d + m + y, y[2:] + m + d, m + d + y[2:], d + m + y[2:]}
 
 
 def number_forms(value: float) -> set[str]:

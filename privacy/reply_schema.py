@@ -53,6 +53,7 @@ class ReplySchema:
     site_name: str
     manifest: Mapping[str, tuple[tuple[int, ...], str]]  # array name -> (shape, dtype name)
     peers: frozenset[str] = frozenset()  # the pinned federation roster (this site included)
+    masked_only: bool = False  # the site requires secure aggregation: an update leaves masked or not at all
 
     @property
     def masked_length(self) -> int:
@@ -213,6 +214,9 @@ _PARSERS: dict[str, Callable[[bytes, ReplySchema], bytes]] = {
 
 
 def _model_arrays(record: ArrayRecord, schema: ReplySchema, problems: list[str]) -> ArrayRecord:
+    if schema.masked_only:
+        problems.append(f"an unmasked update ({K.ARRAYS}) while the site requires secure aggregation")
+        return ArrayRecord()
     names = list(record.keys())
     if set(names) != set(schema.manifest):
         unknown = len(set(names) - set(schema.manifest))

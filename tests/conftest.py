@@ -9,6 +9,16 @@ import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+# The slow tier: real processes, real simulations and deployments. `pytest -m "not slow"` is the
+# contributors' fast tier (under 3 minutes on 2 cores); CI runs everything.
+SLOW_MODULES = frozenset({"test_audit_against_operator.py", "test_control_plane_firewall.py"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "e2e" in item.path.parts or item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def small_site(tmp_path_factory: pytest.TempPathFactory) -> Path:

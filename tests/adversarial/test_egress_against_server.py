@@ -397,3 +397,51 @@ def test_honest_secure_aggregation_stages_pass(tmp_path: Path, small_site: Path)
     assert len({m.tobytes() for m in masked.values()}) == 3  # three masked vectors, none the other's
     for c in configs:
         assert blocked(c) == []
+
+
+@pytest.fixture()
+def guarded(tmp_path: Path, small_site: Path) -> SiteConfig:
+    """A site with the default policy: DP on, secure aggregation required."""
+    export = tmp_path / FOLDER / "export"
+    shutil.copytree(small_site, export)
+    _plant(export)
+    config = load_site_config(make_workspace(tmp_path / FOLDER, "site-a", export))
+    load_site_data(config, image_size=16)
+    return config
+
+
+def test_a_train_action_cannot_skip_secure_aggregation(guarded: SiteConfig) -> None:
+    """The red team sent ``train.default`` (Flower routes it to the train handler, with the mods)
+    with ``secagg-stage = input``: the SecAgg+ mod stepped aside (it looked for "train" exactly), the
+    handler trusted the server's stage string, and the site's unmasked update left although its
+    policy requires secure aggregation. Now only the exact message types are answered, the handler
+    trusts only the site's own mod, and an unmasked update never leaves such a site."""
+    server = MaliciousServer(guarded.workspace)
+    for kind in ("train.default", "evaluate.default"):  # (an unregistered "query" fails in Flower, before the mods)
+        reply = server.send(kind, request(), extra={K.SECAGG_STAGE: "input"})
+        assert reply.has_error() and (reply.error.code, reply.error.reason) == (462, K.SITE_ERRORS[462]), kind
+        assert not reply.has_content()  # an error reply: no records at all
+    assert [(e["reason"], e["message_type"]) for e in blocked(guarded)] == [("message-type", "other")] * 2
+    # the exact type with the stage alone (no advertised session): the SecAgg+ mod refuses it
+    reply = server.send(MessageType.TRAIN, request(), extra={K.SECAGG_STAGE: "input"})
+    assert reply.has_error() and reply.error.code == K.SECAGG_REFUSED
+    # without a stage: the site's policy refuses to train unmasked
+    reply = server.train(request())
+    assert not reply.has_error() and not reply.content.array_records
+    assert reply.content.metric_records[K.METRICS][K.REFUSED] == 1
+    assert not (guarded.workspace / "ledger.json").exists()  # nothing charged, nothing trained
+    # and a handler defect that returns the update anyway is stopped by the schema
+    update = {k: np.zeros(shape, dtype=dtype) for k, (shape, dtype) in manifest().items()}
+    app = defective_app(lambda: RecordDict({K.ARRAYS: arrays_to_record(update), K.SITE: _site_record(guarded),
+                                            K.METRICS: MetricRecord({K.NUM_EXAMPLES: 3})}))
+    reply = send(app, guarded)
+    assert reply.has_error() and reply.error.code == 451
+    assert blocked(guarded)[-1]["reason"] == "schema"
+
+
+@pytest.mark.parametrize("value", [3141962, 14031962, 620314, 31462])
+def test_a_birth_date_in_other_orders_is_caught(doe: SiteConfig, value: int) -> None:
+    """MMDDYYYY, DDMMYYYY, YYMMDD and MMDDYY forms of the birth date in a count (counts hold 7 digits)."""
+    reply = send(defective_app(lambda: _metrics(**{K.NUM_EXAMPLES: value})(doe)), doe)
+    assert reply.has_error() and reply.error.code == 451, value
+    assert blocked(doe)[-1]["reason"] == "schema"

@@ -53,7 +53,9 @@ def test_every_metric_has_a_grid_and_refusal_codes_are_the_sites() -> None:
 
 
 def test_header_forms_of_dates_times_names_and_digit_ids() -> None:
-    assert header_forms("19620314", "DA") == {"19620314"}
+    # YYYYMMDD, MMDDYYYY, DDMMYYYY, YYMMDD, MMDDYY, DDMMYY (and without leading zeros)
+    assert header_forms("19620314", "DA") == {"19620314", "03141962", "3141962", "14031962", "620314", "031462",
+                                              "31462", "140362"}
     assert header_forms("1962.03.14", "DA") >= {"19620314"}
     assert header_forms("19620314083015.123+0100", "DT") >= {"19620314", "19620314083015", "083015", "83015"}
     assert header_forms("083015.5", "TM") >= {"083015", "83015"}
