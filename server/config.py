@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -50,13 +51,13 @@ class RunConfig:
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any], **overrides: Any) -> RunConfig:
         """Build from Flower's ``context.run_config`` (hyphenated keys); unknown keys are errors."""
-        names = {f.name.replace("_", "-"): f for f in fields(cls)}
+        names = {f.name.replace("_", "-"): f.name for f in fields(cls)}
+        hints = typing.get_type_hints(cls)  # the real types, not the annotation strings
         values: dict[str, Any] = {}
         for key, value in run_config.items():
             if key not in names:
                 raise RunConfigError(f"run config: unknown key {key!r}; known: {sorted(names)}")
-            f = names[key]
-            values[f.name] = value if f.type in ("str",) else _coerce(f.type, key, value)
+            values[names[key]] = _coerce(hints[names[key]], key, value)
         values.update(overrides)
         return cls(**values)
 
@@ -64,12 +65,26 @@ class RunConfig:
         return asdict(self)
 
 
-def _coerce(type_name: Any, key: str, value: Any) -> Any:
+_TRUE, _FALSE = frozenset({"1", "true", "yes"}), frozenset({"0", "false", "no"})
+
+
+def _coerce(kind: type, key: str, value: Any) -> Any:
+    """``value`` (TOML or ``--run-config`` text) as the field's type; anything else is an error naming the key."""
     try:
-        if type_name == "bool":
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes")
-            return bool(value)
-        return {"int": int, "float": float}[type_name](value)
-    except (ValueError, KeyError, TypeError):
-        raise RunConfigError(f"run config: {key}={value!r} is not a valid {type_name}") from None
+        if kind is str:
+            return str(value)
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE | _FALSE:
+                return text in _TRUE
+            raise ValueError(text)
+        if isinstance(value, bool):  # True is not the number 1 here
+            raise TypeError(key)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(key)
+        return kind(value)
+    except (ValueError, TypeError):
+        expected = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, kind.__name__)
+        raise RunConfigError(f"run config: {key}={value!r} is not a valid {kind.__name__}; give {expected}") from None

@@ -35,6 +35,12 @@ def test_run_config_from_flower_keys_and_errors() -> None:
         RunConfig.from_run_config({"rounds": 3})
     with pytest.raises(RunConfigError, match="local-steps must be >= 1"):
         RunConfig(local_steps=0)
+    # cast by the fields' real types: a typo in a flag, a fraction of a round or a boolean count is refused
+    for bad, expected in ((("dp", "flase"), "give true or false"), (("num-server-rounds", 2.5), "give a whole number"),
+                          (("num-server-rounds", True), "give a whole number"), (("learning-rate", "fast"), "give a number")):
+        with pytest.raises(RunConfigError, match=f"{bad[0]}=.* is not a valid .*; {expected}"):
+            RunConfig.from_run_config(dict([bad]))
+    assert RunConfig.from_run_config({"secure-aggregation": "yes", "batch-size": 32.0}).secure_aggregation is True
 
 
 def test_checkpoints_have_sidecars_and_detect_damage(tmp_path: Path) -> None:
