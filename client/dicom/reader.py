@@ -47,11 +47,17 @@ MAX_SAMPLES = 1 << 30  # refuse headers that claim more than 1 Gi samples (corru
 DEFER_BYTES = 16384  # values larger than this stay in the parsed bytes until used (Pixel Data)
 PIXEL_DATA_TAG = 0x7FE00010
 
-# pydicom logs and warns with the offending header value ("Invalid value for VR PN: ...");
-# a site process must never write a header value anywhere, so its value validation is off
-# and its logger silent. Our own errors say what is wrong without quoting values.
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+
+
+def quiet_pydicom() -> None:
+    """pydicom logs and warns with the offending header value ("Invalid value for VR PN: ...");
+    a site process must never write a header value anywhere, so its value validation is off and
+    its logger silent while medfed reads DICOM. pydicom keeps both per process (its documented
+    ``config.settings`` and logger), so :func:`parse`, the one place medfed reads DICOM, sets them
+    before every read, in every process that reads (ingest workers included), rather than an
+    import doing it behind the caller's back. Our own errors say what is wrong without quoting values."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
 
 
 def parse(source: str | Path | bytes, name: str) -> Dataset:
@@ -61,6 +67,7 @@ def parse(source: str | Path | bytes, name: str) -> Dataset:
     from the encoding pydicom detected. Values over ``DEFER_BYTES`` (Pixel Data) stay
     deferred in the parsed bytes until used.
     """
+    quiet_pydicom()
     raw = source if isinstance(source, bytes) else Path(source).read_bytes()
     has_preamble = raw[128:132] == b"DICM"
     try:

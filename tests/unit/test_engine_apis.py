@@ -85,3 +85,37 @@ gs_module._close = closer
     assert any("private attribute _close of gs_module" in v for v in found)
     assert any("assigns to method forward" in v for v in found)
     assert violations(ast.parse("self.forward = self._fast\nos._exit(0)\n"), "ok.py") == []
+
+
+def import_time_settings(tree: ast.Module, where: str) -> list[str]:
+    """Module-level statements that change process-wide state when the module is imported: an
+    engine's settings, a logger's level, the environment."""
+    found = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        for t in targets:
+            root = t
+            while isinstance(root, ast.Attribute | ast.Subscript):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in (*ENGINES, "os", "logging", "torch", "warnings"):
+                found.append(f"{where}:{node.lineno}: assigns {ast.unparse(t)} at import")
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            call = ast.unparse(node.value.func)
+            if call.endswith((".setLevel", ".setdefault", ".update", ".simplefilter", ".filterwarnings",
+                              "set_num_threads", ".putenv")) or call.startswith("os.environ"):
+                found.append(f"{where}:{node.lineno}: calls {call} at import")
+    return found
+
+
+def test_no_process_wide_settings_at_import() -> None:
+    """pydicom's validation mode, loggers and the environment are set where they are needed
+    (scoped, or at the point of use), never as a side effect of importing a medfed module."""
+    found = [v for p in _sources() for v in import_time_settings(ast.parse(p.read_text()), str(p.relative_to(ROOT)))]
+    assert found == []
+    old_reader = '''
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+os.environ["RAY_DEDUP_LOGS"] = "0"
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+'''
+    assert len(import_time_settings(ast.parse(old_reader), "old.py")) == 4
