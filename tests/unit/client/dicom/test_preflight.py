@@ -24,7 +24,7 @@ from privacy.egress import fingerprint
 from tests.conftest import make_workspace
 from tests.helpers import PLANTED, PLANTED_ID, PLANTED_NESTED, plant_identifiers
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[4]
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
 

@@ -19,7 +19,7 @@ from privacy.audit.keys import load_public_key
 from privacy.audit.log import GENESIS, body_hash
 from privacy.audit.verify import check_chain, segment_files
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[4]
 
 
 def _chain(path: Path, key: Ed25519PrivateKey, actor: str = "site-a"):  # type: ignore[no-untyped-def]

@@ -146,7 +146,7 @@ def test_killed_mid_ingest_leaves_a_usable_cache(tmp_path: Path, small_site: Pat
         "m.process_file = slow\n"
         "m.ingest(sys.argv[1], Preprocessing(image_size=16), cache_dir=sys.argv[2], workers=1)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", child, str(data), str(cache)], cwd=Path(__file__).parents[2])
+    proc = subprocess.Popen([sys.executable, "-c", child, str(data), str(cache)], cwd=Path(__file__).parents[4])
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and (not journal.exists() or journal.read_bytes().count(b"\n") < 3):
