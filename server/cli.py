@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from client.config import PrivacyPolicy, SiteConfigError
+from client.config import PrivacyPolicy, SiteConfig, SiteConfigError
 from client.dicom import SiteDataError
 from privacy.audit.report import write_report
 from server.config import RunConfig, RunConfigError
@@ -62,24 +62,12 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="show Flower and Ray logs")] = False,
 ) -> None:
     """Generate (or reuse) virtual hospitals and train across them in Flower's simulation runtime."""
-    from privacy.audit.trust import from_roster
     from privacy.secagg.wire import roster_fingerprint
     from server.audit_trail import SERVER_KEY
     from server.rundir import private_keys_dir
-    from server.simulate import KEYS_DIR, ROSTER_FILE, SimulationPlan, prepare_sites, run_simulation_runtime
+    from server.simulate import KEYS_DIR, ROSTER_FILE, SimulationPlan, prepare_sites
 
-    if no_dp:
-        err.print("[bold red]WARNING: --no-dp: sites train WITHOUT differential privacy. "
-                  "Released models can leak patient data. Use only to measure DP's cost.[/]")
-    if metrics_release == "exact" and not no_dp:
-        err.print("note: virtual sites release EXACT validation metrics (generated data); hospitals meter them "
-                  "(--metrics dp: noisy, charged to each site's ledger)")
-    if site_seed is not None:
-        err.print("[bold yellow]WARNING: --site-seed: the virtual sites' DP noise is reproducible from the seed "
-                  "(research only; recorded in their audit logs).[/]")
-    if no_secagg:
-        err.print("[bold red]WARNING: --no-secagg: the server sees every site's update in the clear. "
-                  "Gradient inversion can turn an update back into patient images. Comparison only.[/]")
+    _warn(no_dp=no_dp, exact_metrics=metrics_release == "exact", site_seed=site_seed, no_secagg=no_secagg)
     try:
         policy = PrivacyPolicy(dp=not no_dp, max_epsilon=epsilon, delta=delta, accountant=accountant,
                                require_secure_aggregation=not no_secagg, metrics=metrics_release, seed=site_seed)
@@ -100,14 +88,36 @@ def simulate(
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
-    rows: list[dict[str, Any]] = []
+    _train(cfg, configs, verbose=verbose)
+    _finish(out, configs, fingerprint, sites_dir=sites_dir, keys_dir=keys_dir, as_json=as_json)
+
+
+def _warn(*, no_dp: bool, exact_metrics: bool, site_seed: int | None, no_secagg: bool) -> None:
+    """Say what each comparison flag gives up, before anything runs."""
+    if no_dp:
+        err.print("[bold red]WARNING: --no-dp: sites train WITHOUT differential privacy. "
+                  "Released models can leak patient data. Use only to measure DP's cost.[/]")
+    if exact_metrics and not no_dp:
+        err.print("note: virtual sites release EXACT validation metrics (generated data); hospitals meter them "
+                  "(--metrics dp: noisy, charged to each site's ledger)")
+    if site_seed is not None:
+        err.print("[bold yellow]WARNING: --site-seed: the virtual sites' DP noise is reproducible from the seed "
+                  "(research only; recorded in their audit logs).[/]")
+    if no_secagg:
+        err.print("[bold red]WARNING: --no-secagg: the server sees every site's update in the clear. "
+                  "Gradient inversion can turn an update back into patient images. Comparison only.[/]")
+
+
+def _train(cfg: RunConfig, configs: list[SiteConfig], *, verbose: bool) -> None:
+    """Run the simulation, one line per round under a progress bar."""
+    from server.simulate import run_simulation_runtime
+
     progress = Progress(TextColumn("[bold]training"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
                         TimeElapsedColumn(), console=err, transient=True)
     with progress:
-        task = progress.add_task("rounds", total=rounds)
+        task = progress.add_task("rounds", total=cfg.num_server_rounds)
 
         def on_round(row: dict[str, Any]) -> None:
-            rows.append(row)
             progress.update(task, completed=row["round"])
             eps = max(row.get("epsilon", {}).values(), default=None)
             progress.console.print(
@@ -116,6 +126,14 @@ def simulate(
                 f"val AUROC {fmt(row.get('val_auroc'))}  max ε {fmt(eps, 3)}  {fmt(row['seconds'], 1)}s")
 
         run_simulation_runtime(cfg, configs, on_round=on_round, verbose=verbose)
+
+
+def _finish(out: Path, configs: list[SiteConfig], fingerprint: str, *, sites_dir: Path | None, keys_dir: Path | None,
+            as_json: bool) -> None:
+    """Verify the run with the roster made before it, write the report, print the summary."""
+    from privacy.audit.trust import from_roster
+    from server.rundir import private_keys_dir
+    from server.simulate import KEYS_DIR, ROSTER_FILE
 
     metrics_file = out / "metrics.json"
     if not metrics_file.is_file():

@@ -22,7 +22,7 @@ from server.audit_trail import ServerAudit
 from server.config import RunConfig
 from server.messaging import Reply, RoundOutcome, exchange, wait_for_sites
 from server.rundir import RunDir
-from server.secagg_driver import secure_train
+from server.secagg_driver import SecureRound, secure_train
 
 log = logging.getLogger("medfed.server")
 
@@ -66,16 +66,7 @@ def run_federation(
         nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
         audit.round_start(rnd, arrays, nodes)
         conf = round_config(cfg, run_id, rnd, audit.log.head())
-        secure = None
-        if cfg.secure_aggregation:
-            secure = secure_train(grid, nodes, arrays, conf, run_id=run_id, round_=rnd, timeout=cfg.round_timeout,
-                                  k=cfg.secagg_k, threshold=cfg.secagg_threshold, roster=roster)
-            train = RoundOutcome(replies=secure.replies, failed=secure.failed)
-            updates = [r for r in train.replies if r.masked is not None] if secure.update is not None else []
-        else:
-            train = exchange(grid, dict.fromkeys(nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf})),
-                             MessageType.TRAIN, cfg.round_timeout, with_arrays=True)
-            updates = [r for r in train.replies if r.arrays is not None]
+        train, updates, secure = _train_round(grid, cfg, nodes, arrays, conf, run_id=run_id, rnd=rnd, roster=roster)
         refused = sorted(r.site for r in train.replies if r.metrics.get(K.REFUSED))
         _audit_replies(audit, rnd, train)
         if secure is not None:
@@ -102,19 +93,9 @@ def run_federation(
         else:
             log.warning("round %d: no site returned an update; the global model is unchanged", rnd)
         row["model_sha256"] = arrays_sha256(arrays)
-        conf = round_config(cfg, run_id, rnd, audit.log.head())  # the sites counter-sign the round so far
-        evaluation = exchange(grid, dict.fromkeys(nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf})),
-                              MessageType.EVALUATE, cfg.round_timeout, with_arrays=False)
         row["train_loss"] = _weighted(train.replies, K.TRAIN_LOSS)
-        row["val_loss"] = _weighted(evaluation.replies, K.VAL_LOSS)
-        row["val_auroc"] = _weighted(evaluation.replies, K.VAL_AUROC)
-        row["val_auroc_by_site"] = {r.site: r.metrics[K.VAL_AUROC] for r in evaluation.replies
-                                    if K.VAL_AUROC in r.metrics}
-        for r in evaluation.replies:  # a metered evaluation is charged: the site's ε after it
-            if K.EPSILON in r.metrics:
-                row["epsilon"][r.site] = r.metrics[K.EPSILON]
-            audit.reply(rnd, r.site, "evaluation-refused" if r.metrics.get(K.REFUSED) else "evaluated",
-                        site_head=r.audit_head, epsilon=r.metrics.get(K.EPSILON))
+        conf = round_config(cfg, run_id, rnd, audit.log.head())  # the sites counter-sign the round so far
+        _evaluate_round(grid, cfg, nodes, arrays, conf, audit, rnd, row)
         row["seconds"] = round(time.monotonic() - started, 3)
         row = _jsonable(row)
         audit.round_end(rnd, row)  # metrics.json's row, signed: verify checks the file against it
@@ -136,6 +117,35 @@ def run_federation(
     metrics["audit"] = audit.summary()
     rundir.write_metrics(_jsonable(metrics))
     return metrics
+
+
+def _train_round(grid: Grid, cfg: RunConfig, nodes: list[int], arrays: OrderedDict[str, np.ndarray],
+                 conf: ConfigRecord, *, run_id: str, rnd: int, roster: bytes
+                 ) -> tuple[RoundOutcome, list[Reply], SecureRound | None]:
+    """One round of training: the replies, the ones whose update counts, and the secure round (if any)."""
+    if cfg.secure_aggregation:
+        secure = secure_train(grid, nodes, arrays, conf, run_id=run_id, round_=rnd, timeout=cfg.round_timeout,
+                              k=cfg.secagg_k, threshold=cfg.secagg_threshold, roster=roster)
+        train = RoundOutcome(replies=secure.replies, failed=secure.failed)
+        return train, [r for r in train.replies if r.masked is not None] if secure.update is not None else [], secure
+    train = exchange(grid, dict.fromkeys(nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf})),
+                     MessageType.TRAIN, cfg.round_timeout, with_arrays=True)
+    return train, [r for r in train.replies if r.arrays is not None], None
+
+
+def _evaluate_round(grid: Grid, cfg: RunConfig, nodes: list[int], arrays: OrderedDict[str, np.ndarray],
+                    conf: ConfigRecord, audit: ServerAudit, rnd: int, row: dict[str, Any]) -> None:
+    """Validation metrics of the new model, into ``row``; each reply into the audit log."""
+    evaluation = exchange(grid, dict.fromkeys(nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf})),
+                          MessageType.EVALUATE, cfg.round_timeout, with_arrays=False)
+    row["val_loss"] = _weighted(evaluation.replies, K.VAL_LOSS)
+    row["val_auroc"] = _weighted(evaluation.replies, K.VAL_AUROC)
+    row["val_auroc_by_site"] = {r.site: r.metrics[K.VAL_AUROC] for r in evaluation.replies if K.VAL_AUROC in r.metrics}
+    for r in evaluation.replies:  # a metered evaluation is charged: the site's ε after it
+        if K.EPSILON in r.metrics:
+            row["epsilon"][r.site] = r.metrics[K.EPSILON]
+        audit.reply(rnd, r.site, "evaluation-refused" if r.metrics.get(K.REFUSED) else "evaluated",
+                    site_head=r.audit_head, epsilon=r.metrics.get(K.EPSILON))
 
 
 def _audit_replies(audit: ServerAudit, rnd: int, outcome: RoundOutcome) -> None:
