@@ -12,18 +12,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.audit_trail import RoundIds, SiteAudit
-from client.budget import (
-    REFUSED_BUDGET,
-    REFUSED_METRICS,
-    REFUSED_POLICY,
-    REFUSED_REPEAT,
-    REFUSED_ROUND_CAP,
-    RepeatedRelease,
-    RoundCapReached,
-    RoundPrivacy,
-    plan_evaluation,
-    plan_round,
-)
+from client.budget import RepeatedRelease, RoundCapReached, RoundPrivacy, plan_evaluation, plan_round
 from client.config import SiteConfig, load_site_config
 from client.guard import egress_guard
 from client.models import build_model, get_arrays, pick_device, set_arrays
@@ -101,7 +90,7 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
     device = pick_device(site.device)
     metrics: dict[str, float | int] = {K.PATIENTS: patients}
     if policy.require_secure_aggregation and not masked:
-        return _refuse(msg, site, audit, ids, code=REFUSED_POLICY, reason="secure-aggregation-required",
+        return _refuse(msg, site, audit, ids, code=K.REFUSED_POLICY, reason="secure-aggregation-required",
                        metrics={K.PATIENTS: patients})
     if policy.dp or req.dp:  # the site's policy wins; DP if either asks for it
         delta = policy.delta_for(patients)
@@ -118,8 +107,8 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
         try:  # counted before training, so an update that leaves has always been counted
             ledger, event = commit(site, planned)
         except (BudgetExhausted, RoundCapReached, RepeatedRelease) as exc:
-            code, reason = {RoundCapReached: (REFUSED_ROUND_CAP, "round-cap"),
-                            RepeatedRelease: (REFUSED_REPEAT, "round-repeated")}.get(type(exc), (REFUSED_BUDGET, "budget"))
+            code, reason = {RoundCapReached: (K.REFUSED_ROUND_CAP, "round-cap"),
+                            RepeatedRelease: (K.REFUSED_REPEAT, "round-repeated")}.get(type(exc), (K.REFUSED_BUDGET, "budget"))
             eps = open_ledger(site).epsilon(delta=delta, accountant=policy.accountant)
             return _refuse(msg, site, audit, ids, code=code, reason=reason,
                            metrics={K.EPSILON: eps, K.DELTA: delta, K.PATIENTS: patients})
@@ -177,7 +166,7 @@ def _evaluate(msg: Message, site: SiteConfig) -> Message:
     audit = SiteAudit(site)
     ids = RoundIds(req.run_id, req.server_round, arrays_sha256(arrays), server_head(conf))
     if policy.metrics == "none":
-        return _refuse_evaluation(msg, site, audit, ids, code=REFUSED_METRICS, reason="metrics-withheld")
+        return _refuse_evaluation(msg, site, audit, ids, code=K.REFUSED_METRICS, reason="metrics-withheld")
     model = build_model()
     set_arrays(model, arrays)
     device = pick_device(site.device)
@@ -204,9 +193,9 @@ def _evaluate(msg: Message, site: SiteConfig) -> Message:
     try:
         ledger, event = commit(site, planned)
     except RepeatedRelease:
-        return _refuse_evaluation(msg, site, audit, ids, code=REFUSED_METRICS, reason="not-trained-or-evaluated")
+        return _refuse_evaluation(msg, site, audit, ids, code=K.REFUSED_METRICS, reason="not-trained-or-evaluated")
     except BudgetExhausted:
-        return _refuse_evaluation(msg, site, audit, ids, code=REFUSED_BUDGET, reason="budget")
+        return _refuse_evaluation(msg, site, audit, ids, code=K.REFUSED_BUDGET, reason="budget")
     seeds = round_seeds(policy, site=site.name, release=f"evaluate:{len(ledger.events) - 1}")
     audit.evaluated(ids, event, metrics="dp", deterministic=seeds.deterministic)
     sums = patient_sums(logits(model, data.val, device), data.val.labels, data.val.patient_images())

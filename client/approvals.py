@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from client.audit_trail import SiteAudit
 from client.config import SiteConfig, SiteConfigError
 from privacy.audit.events import E
+from privacy.clock import timestamp
 from privacy.files import atomic_write_json, exclusive_lock
 
 APPROVALS = "trust/approved-code.json"
@@ -48,7 +48,7 @@ def approve(site: SiteConfig, digest: str, *, note: str = "") -> None:
                               "site's code-refused log line print it)")
     with exclusive_lock(approvals_path(site).with_suffix(".lock")):
         entries = approved(site)
-        entries.setdefault(digest, {"digest": digest, "approved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        entries.setdefault(digest, {"digest": digest, "approved_at": timestamp(),
                                     "note": note})
         atomic_write_json(approvals_path(site), {"approved": list(entries.values())}, mode=0o600)
     SiteAudit(site).log.append(E.CODE_APPROVED, {"code_sha256": digest})

@@ -14,13 +14,6 @@ from privacy.dp import BudgetExhausted, GaussianSteps, calibrate_noise, epsilon
 from privacy.errors import RefusedError
 from privacy.ledger import PrivacyLedger
 
-# refusal codes, sent as numbers (never free text)
-REFUSED_BUDGET = 1  # this round would exceed the site's privacy budget
-REFUSED_POLICY = 2  # the update would leave unmasked and the site requires secure aggregation
-REFUSED_ROUND_CAP = 3  # the site already trained privacy.max_rounds_per_run rounds of this run
-REFUSED_METRICS = 4  # the site releases no metrics (policy), or this round was already evaluated or never trained
-REFUSED_REPEAT = 5  # this round of this run was already trained (a request is answered once)
-
 
 class RoundCapReached(RefusedError):
     """The site trained as many rounds of this run as its policy allows."""

@@ -31,15 +31,22 @@ from client.models import manifest
 from client.roster import PINNED
 from privacy.audit.events import E
 from privacy.egress import BLOCKED_REASON as BLOCKED_REASON  # re-exported: the guard's fixed text
-from privacy.egress import EGRESS_BLOCKED, INTERNAL_ERROR, error_text
+from privacy.egress import (
+    CONFIG_INVALID,
+    DATA_UNUSABLE,
+    EGRESS_BLOCKED,
+    FINGERPRINTS_UNAVAILABLE,
+    INTERNAL_ERROR,
+    LEDGER_REFUSED,
+    REQUEST_MALFORMED,
+    error_text,
+)
 from privacy.errors import IntegrityError
 from privacy.files import LockTimeout
 from privacy.ledger import LedgerChangedError, LedgerCorruptError
 from privacy.protocol import RoundRequestError
 from privacy.reply_schema import ReplySchema, check_reply
 
-FINGERPRINTS_UNAVAILABLE = 464
-REQUEST_MALFORMED = 462
 MESSAGE_TYPES = frozenset({MessageType.TRAIN, MessageType.EVALUATE})  # exactly; no "train.<action>"
 log = logging.getLogger("medfed.site")
 
@@ -51,8 +58,9 @@ class FingerprintsUnavailable(IntegrityError, RuntimeError):
 
 Resolver = Callable[[Context], SiteConfig]
 _CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
-    (SiteConfigError, 460), ((LedgerCorruptError, LedgerChangedError, LockTimeout), 461),
-    (RoundRequestError, 462), (SiteDataError, 463), ((FingerprintsUnavailable, IdentifierKeyError), 464),
+    (SiteConfigError, CONFIG_INVALID), ((LedgerCorruptError, LedgerChangedError, LockTimeout), LEDGER_REFUSED),
+    (RoundRequestError, REQUEST_MALFORMED), (SiteDataError, DATA_UNUSABLE),
+    ((FingerprintsUnavailable, IdentifierKeyError), FINGERPRINTS_UNAVAILABLE),
 )
 
 

@@ -41,15 +41,24 @@ NOISE_MULTIPLIER = "noise-multiplier"
 NOISE_OVERRIDDEN = "noise-overridden"  # 1 when the site's policy needed more noise than requested
 PATIENTS = "patients"
 REFUSED = "refused"  # 1 in a refusal reply (no arrays)
-REFUSAL_CODE = "refusal-code"  # numeric reason; see client.budget
+REFUSAL_CODE = "refusal-code"  # numeric reason, one of REFUSAL_CODES
+
+# Refusal codes (the REFUSAL_CODE metric of a refusal reply: numbers, never free text)
+REFUSED_BUDGET = 1  # this round would exceed the site's privacy budget
+REFUSED_POLICY = 2  # the update would leave unmasked and the site requires secure aggregation
+REFUSED_ROUND_CAP = 3  # the site already trained privacy.max_rounds_per_run rounds of this run
+REFUSED_METRICS = 4  # the site releases no metrics (policy), or this round was already evaluated or never trained
+REFUSED_REPEAT = 5  # this round of this run was already trained (a request is answered once)
+REFUSAL_CODES = frozenset({REFUSED_BUDGET, REFUSED_POLICY, REFUSED_ROUND_CAP, REFUSED_METRICS, REFUSED_REPEAT})
 
 # Error codes of a site's error reply (the reason is this fixed text; the detail stays in the site's log)
+CONFIG_INVALID, LEDGER_REFUSED, REQUEST_MALFORMED, DATA_UNUSABLE, FINGERPRINTS_UNAVAILABLE = 460, 461, 462, 463, 464
 SITE_ERRORS = {
-    460: "site configuration invalid",
-    461: "site privacy ledger refused",
-    462: "round request malformed or out of range",
-    463: "site data unusable",
-    464: "site identifier fingerprints unavailable",
+    CONFIG_INVALID: "site configuration invalid",
+    LEDGER_REFUSED: "site privacy ledger refused",
+    REQUEST_MALFORMED: "round request malformed or out of range",
+    DATA_UNUSABLE: "site data unusable",
+    FINGERPRINTS_UNAVAILABLE: "site identifier fingerprints unavailable",
     469: "internal error at the site",
 }
 EGRESS_BLOCKED = 451  # error code of a reply the egress guard stopped

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from privacy.audit.log import canonical
+from privacy.clock import timestamp
 from privacy.dp import GaussianSteps, epsilon
 from privacy.errors import IntegrityError
 from privacy.files import atomic_write_json, exclusive_lock
@@ -162,4 +162,4 @@ class PrivacyLedger:
 
 def now_utc() -> str:
     """UTC timestamp, ISO 8601."""
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return timestamp("seconds")

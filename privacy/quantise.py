@@ -5,7 +5,7 @@ A quantised value carries at most a few decimal digits, never 8 arbitrary bytes:
 
 - counts (``num-examples``, ``patients``): integers in ``[0, MAX_COUNT]``;
 - flags (``refused``, ``noise-overridden``): 0 or 1; ``refusal-code``: one of
-  :data:`REFUSAL_CODES` (``client.budget``'s reasons);
+  :data:`privacy.egress.REFUSAL_CODES`;
 - reals: :data:`SIGNIFICANT` significant decimal digits within a fixed range, magnitudes
   below :data:`TINY` are 0 (or ``TINY`` when rounded up). ε and δ are rounded up and σ
   down (a report never understates the privacy spent); losses and AUROC to nearest.
@@ -23,7 +23,7 @@ from privacy.errors import RefusedError
 SIGNIFICANT = 4
 TINY = 1e-12
 MAX_COUNT = 10_000_000
-REFUSAL_CODES = frozenset({1, 2, 3, 4, 5})  # client.budget.REFUSED_*
+REFUSAL_CODES = K.REFUSAL_CODES
 
 
 class OffGrid(RefusedError, ValueError):

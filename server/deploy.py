@@ -4,7 +4,6 @@ state, no runtime dependency installation), enrolment of sites, and runs submitt
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
 import secrets
@@ -15,6 +14,7 @@ from typing import Any
 
 from privacy.audit.keys import load_or_create_key, public_fingerprint, public_key_from_pem, public_pem
 from privacy.audit.log import AuditLog
+from privacy.clock import timestamp, utc_now
 from privacy.errors import ServiceError
 from privacy.files import atomic_write_bytes
 from privacy.services import offline_env
@@ -85,7 +85,7 @@ def enrol(ws: ServerWorkspace, node_pub: Path, name: str, identity_pub: Path) ->
     record = {"name": name, "node_id": found.group(1), "node_key": node_key.decode().strip(),
               "node_key_sha256": fingerprint(node_key), "identity_pem": public_pem(identity).decode(),
               "identity_sha256": public_fingerprint(identity),
-              "enrolled_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+              "enrolled_at": timestamp()}
     record_site(ws, name, record)
     AuditLog(ws.audit_log, "server", load_or_create_key(ws.audit_key)).append(
         "site-enrolled", {"site": name, "node_id": record["node_id"], "node_key_sha256": record["node_key_sha256"],
@@ -128,7 +128,7 @@ def prepare_run_dir(ws: ServerWorkspace, run_dir: Path) -> None:
 
 
 def new_run_dir(ws: ServerWorkspace) -> Path:
-    return ws.runs / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return ws.runs / utc_now().strftime("%Y%m%dT%H%M%SZ")
 
 
 __all__ = ["EnrolError", "WorkspaceError", "enrol", "node_status", "prepare_run_dir", "run_command",

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from privacy.clock import utc_now
 from privacy.errors import InputError
 from privacy.files import atomic_write_bytes
 
@@ -24,7 +25,7 @@ class KeyExistsError(InputError, FileExistsError):
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+    return utc_now()
 
 
 def write_new(path: Path, data: bytes, mode: int = 0o600) -> None:

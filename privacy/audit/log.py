@@ -27,12 +27,12 @@ import os
 import re
 import threading
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from privacy.clock import timestamp
 from privacy.errors import IntegrityError
 
 GENESIS = "0" * 64
@@ -107,7 +107,7 @@ def check_data(value: Any, where: str = "data") -> None:
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return timestamp("microseconds")
 
 
 def _last_complete(fh: Any) -> tuple[int, Entry | None]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.budget import REFUSED_METRICS, evaluation_mechanism
+from client.budget import evaluation_mechanism
 from client.config import PrivacyPolicy, load_site_config
 from client.models import build_model, get_arrays
 from client.site_ledger import commit, open_ledger
@@ -133,7 +133,7 @@ def test_crafted_model_evaluation_learns_only_through_metered_noise(tmp_path: Pa
     assert [e.kind for e in site_ledger(ws).events] == ["train", "evaluate"] * 8
     # a second evaluation of the same round is refused and audited
     again = metrics(server.evaluate(request(server_round=8), _crafted()))
-    assert again[K.REFUSED] == 1 and again[K.REFUSAL_CODE] == REFUSED_METRICS
+    assert again[K.REFUSED] == 1 and again[K.REFUSAL_CODE] == K.REFUSED_METRICS
     assert read_entries(ws / "audit.jsonl")[-1].data["refused"] == "not-trained-or-evaluated"
     # what the attacker learned: the metered loss is per patient; its guesses of the patients' mean positive
     # share miss by more than one whole patient on average (noise std in loss: 10·√2·4/patients); the
@@ -317,12 +317,12 @@ def test_a_requested_noise_equal_to_an_identifier_is_never_echoed(tmp_path: Path
 def test_server_cannot_reuse_a_round_for_a_second_allowance(tmp_path: Path, small_site: Path) -> None:
     ws = _site(tmp_path, small_site)
     server = MaliciousServer(ws)
-    assert metrics(server.evaluate(request(server_round=1), _crafted()))[K.REFUSAL_CODE] == REFUSED_METRICS
+    assert metrics(server.evaluate(request(server_round=1), _crafted()))[K.REFUSAL_CODE] == K.REFUSED_METRICS
     assert K.REFUSED not in metrics(server.train(request(server_round=1)))
     again = metrics(server.train(request(server_round=1)))
     assert again[K.REFUSED] == 1 and again[K.REFUSAL_CODE] == 5  # one answer per round of a run
     assert K.REFUSED not in metrics(server.evaluate(request(server_round=1), _crafted()))
-    assert metrics(server.evaluate(request(server_round=1), _crafted()))[K.REFUSAL_CODE] == REFUSED_METRICS
+    assert metrics(server.evaluate(request(server_round=1), _crafted()))[K.REFUSAL_CODE] == K.REFUSED_METRICS
     assert [e.kind for e in site_ledger(ws).events] == ["train", "evaluate"]
     reasons = [e.data.get("reason") or e.data.get("refused") for e in read_entries(ws / "audit.jsonl")
                if e.event == "refused" or "refused" in e.data]
