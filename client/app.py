@@ -26,8 +26,8 @@ from privacy.bundle import installed_digest
 from privacy.dp import BudgetExhausted
 from privacy.dp_metrics import patient_sums, release
 from privacy.ledger import LedgerEvent, PrivacyLedger, now_utc
+from privacy.model_arrays import arrays_sha256, arrays_to_record, record_to_arrays
 from privacy.protocol import RoundRequest, checked_model, server_head
-from privacy.wire import arrays_sha256, arrays_to_record, record_to_arrays
 
 NODE_SITE_KEY = "site-workspace"
 log = logging.getLogger("medfed.site")

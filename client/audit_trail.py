@@ -13,8 +13,8 @@ from typing import Any
 
 from client.config import SITE_FILE, SiteConfig
 from privacy.audit.events import E
-from privacy.audit.keys import load_or_create_key
 from privacy.audit.log import AuditLog, read_entries
+from privacy.keys import load_or_create_key
 from privacy.ledger import LedgerEvent
 
 AUDIT_FILE = "audit.jsonl"

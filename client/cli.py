@@ -140,8 +140,8 @@ def export_audit(
     """Write a signed summary of the site's audit log for the central report (nothing identifying)."""
     from client.audit_trail import AUDIT_FILE, site_key_path
     from privacy.audit.export import ExportError, build_export
-    from privacy.audit.keys import KeyFileError, load_private_key
     from privacy.files import atomic_write_json
+    from privacy.keys import KeyFileError, load_private_key
 
     try:
         config = load_site_config(workspace)

@@ -15,8 +15,8 @@ from client.app import NODE_SITE_KEY
 from client.audit_trail import site_key_path
 from client.config import SITE_FILE, DataConfig, SiteConfig, SiteConfigError, write_site_config
 from client.launcher import SECRET_FILE
-from privacy.audit.keys import load_or_create_key, public_fingerprint
 from privacy.files import atomic_write_bytes
+from privacy.keys import load_or_create_key, public_fingerprint
 
 NODE_KEY = Path("keys") / "node.key"
 NODE_PUB = Path("keys") / "node.pub"

@@ -27,8 +27,9 @@ from client.config import SiteConfig
 from client.roster import PINNED, check_delivered
 from privacy import egress as K
 from privacy.audit.events import E
-from privacy.audit.keys import KeyFileError, load_private_key
 from privacy.audit.log import read_entries
+from privacy.keys import KeyFileError, load_private_key
+from privacy.model_arrays import record_to_arrays
 from privacy.secagg.params import SecAggConfigError
 from privacy.secagg.site import SiteSession, VerificationError
 from privacy.secagg.wire import (
@@ -43,7 +44,6 @@ from privacy.secagg.wire import (
     session_from_bytes,
     session_to_bytes,
 )
-from privacy.wire import record_to_arrays
 
 STATE = "secagg"
 MASKING = "secagg-masking"  # in context.state while this mod runs the train handler: its update will be masked

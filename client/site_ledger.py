@@ -10,9 +10,9 @@ from collections.abc import Callable
 from client.audit_trail import AUDIT_FILE, site_key_path
 from client.config import SiteConfig
 from privacy.audit.events import E
-from privacy.audit.keys import load_or_create_key
 from privacy.audit.log import Entry
 from privacy.audit.verify import check_chain, segment_files
+from privacy.keys import load_or_create_key
 from privacy.ledger import LedgerChangedError, LedgerCorruptError, LedgerEvent, PrivacyLedger
 
 ATTEMPTS = 8  # compare-and-swap retries when another process appends at the same moment

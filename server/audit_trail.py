@@ -10,10 +10,10 @@ import numpy as np
 
 from privacy.audit.events import SERVER_ACTOR, E
 from privacy.audit.fingerprint import versions
-from privacy.audit.keys import load_or_create_key
 from privacy.audit.log import AuditLog, body_hash
 from privacy.bundle import installed_digest
-from privacy.wire import arrays_sha256
+from privacy.keys import load_or_create_key
+from privacy.model_arrays import arrays_sha256
 from server.config import RunConfig
 from server.rundir import private_keys_dir
 

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from privacy.audit.keys import load_or_create_key, public_fingerprint, public_key_from_pem, public_pem
 from privacy.audit.log import AuditLog
 from privacy.clock import timestamp, utc_now
 from privacy.errors import ServiceError
 from privacy.files import atomic_write_bytes
+from privacy.keys import load_or_create_key, public_fingerprint, public_key_from_pem, public_pem
 from privacy.services import offline_env
 from server.pki import fingerprint, write_new
 from server.workspace import CONNECTION, ServerWorkspace, WorkspaceError, record_site

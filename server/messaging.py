@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 
 from privacy import egress as K
 from privacy.errors import ServiceError
-from privacy.wire import record_to_arrays
+from privacy.model_arrays import record_to_arrays
 
 log = logging.getLogger("medfed.server")
 

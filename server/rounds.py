@@ -15,8 +15,8 @@ from flwr.app import ConfigRecord, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from privacy import egress as K
+from privacy.model_arrays import arrays_sha256, arrays_to_record
 from privacy.protocol import RoundRequest
-from privacy.wire import arrays_sha256, arrays_to_record
 from server.aggregate import apply_update, weighted_mean
 from server.audit_trail import ServerAudit
 from server.config import RunConfig

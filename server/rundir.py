@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from privacy.files import atomic_write_bytes, atomic_write_json
-from privacy.wire import arrays_sha256
+from privacy.model_arrays import arrays_sha256
 
 
 def _save_npz(path: Path, arrays: Mapping[str, np.ndarray], meta: dict[str, Any]) -> None:

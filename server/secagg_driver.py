@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from privacy import egress as K
+from privacy.model_arrays import arrays_to_record
 from privacy.secagg.params import SecAggConfigError, SecAggParams
 from privacy.secagg.server import Aggregator, RoundAborted
 from privacy.secagg.wire import (
@@ -30,7 +31,6 @@ from privacy.secagg.wire import (
     params_to_json,
     reveals_from_bytes,
 )
-from privacy.wire import arrays_to_record
 from server.messaging import Reply, exchange
 
 log = logging.getLogger("medfed.server")

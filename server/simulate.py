@@ -15,8 +15,8 @@ from client.config import DataConfig, PrivacyPolicy, SecAggPolicy, SiteConfig, l
 from client.secagg_mod import roster_path
 from client.site import load_site_data
 from client.synth import generate_site, site_profile
-from privacy.audit.keys import load_or_create_key, public_pem
 from privacy.files import atomic_write_bytes, private_dir
+from privacy.keys import load_or_create_key, public_pem
 from privacy.secagg.wire import roster_bytes
 from server.audit_trail import SERVER_KEY
 from server.config import RunConfig

@@ -29,9 +29,9 @@ from typing import Any
 
 import tomli_w
 
-from privacy.audit.keys import load_or_create_key, public_pem
 from privacy.errors import InputError
 from privacy.files import atomic_write_bytes, atomic_write_json, private_dir
+from privacy.keys import load_or_create_key, public_pem
 from privacy.secagg.wire import roster_bytes
 from server.pki import make_ca, make_server_cert, write_new
 

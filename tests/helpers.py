@@ -20,7 +20,7 @@ def site_ledger(workspace: Path) -> PrivacyLedger:
     """A site workspace's ledger, verified with the site's public identity key (in its keys folder)."""
     import tomllib
 
-    from privacy.audit.keys import load_public_key
+    from privacy.keys import load_public_key
     from privacy.ledger import PrivacyLedger
 
     # [site] keys read directly: the tests also read ledgers of sites whose site.toml they made invalid

@@ -10,10 +10,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from privacy.audit.events import E
-from privacy.audit.keys import public_fingerprint, public_pem
 from privacy.audit.log import Entry, canonical, now_iso
 from privacy.audit.verify import check_chain, segment_files
 from privacy.errors import IntegrityError
+from privacy.keys import public_fingerprint, public_pem
 
 KIND = "medfed-site-audit-export"
 

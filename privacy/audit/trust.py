@@ -18,8 +18,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from privacy.audit.events import SERVER_ACTOR
-from privacy.audit.keys import KeyFileError, load_public_key, public_key_from_pem
 from privacy.errors import InputError
+from privacy.keys import KeyFileError, load_public_key, public_key_from_pem
 from privacy.secagg.wire import canonical_roster, roster_fingerprint
 
 ROSTER_IN_RUN = Path("keys") / "roster.json"

@@ -13,8 +13,8 @@ from typing import Any, ParamSpec, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from privacy.audit.keys import public_key_from_pem
 from privacy.errors import InputError
+from privacy.keys import public_key_from_pem
 from privacy.secagg.params import SecAggConfigError, SecAggParams
 from privacy.secagg.site import KeyAdvert, SiteSession
 

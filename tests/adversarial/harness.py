@@ -14,8 +14,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, Reco
 from client.app import NODE_SITE_KEY, build_client_app
 from client.models import build_model, get_arrays
 from privacy import egress as K
+from privacy.model_arrays import arrays_to_record, record_to_arrays
 from privacy.protocol import RoundRequest
-from privacy.wire import arrays_to_record, record_to_arrays
 
 
 def request(**changes: object) -> RoundRequest:

@@ -19,10 +19,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.config import load_site_config
-from privacy.audit.keys import load_private_key, public_pem
 from privacy.audit.log import Entry, body_hash, read_entries
 from privacy.audit.trust import from_roster
 from privacy.audit.verify import Verdict, run_logs, verify_paths
+from privacy.keys import load_private_key, public_pem
 from privacy.secagg.wire import roster_bytes, roster_fingerprint
 from tests.helpers import resign_log
 

@@ -20,9 +20,9 @@ from client.audit_trail import site_key_path
 from client.config import load_site_config, write_site_config
 from client.secagg_mod import SECAGG_REFUSED, roster_path, secagg_mod
 from privacy import egress as K
-from privacy.audit.keys import load_or_create_key, public_pem
 from privacy.audit.log import read_entries
 from privacy.files import atomic_write_bytes
+from privacy.keys import load_or_create_key, public_pem
 from privacy.secagg.crypto import agree, combine_secret, expand_mask
 from privacy.secagg.params import FRACTION_BITS, SecAggParams
 from privacy.secagg.server import Aggregator

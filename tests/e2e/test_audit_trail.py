@@ -18,11 +18,11 @@ from PIL import Image
 
 from client.config import load_site_config
 from client.synth import generate_site, site_profile
-from privacy.audit.keys import load_private_key
 from privacy.audit.log import read_entries
 from privacy.audit.report import chromium
 from privacy.audit.trust import from_roster
 from privacy.audit.verify import run_logs, verify_paths
+from privacy.keys import load_private_key
 from tests.helpers import PLANTED_STRINGS, plant_identifiers, resign_log
 
 ROOT = Path(__file__).parents[2]

@@ -23,13 +23,13 @@ from client.models import manifest
 from client.secagg_mod import SECAGG_REFUSED, roster_path, secagg_mod
 from client.site import load_site_data
 from privacy import egress as K
-from privacy.audit.keys import load_or_create_key, public_pem
 from privacy.audit.log import read_entries
 from privacy.files import atomic_write_json
+from privacy.keys import load_or_create_key, public_pem
+from privacy.model_arrays import arrays_to_record, record_to_arrays
 from privacy.reply_schema import ReplySchema
 from privacy.secagg.site import SiteSession
 from privacy.secagg.wire import adverts_from_bytes, adverts_to_bytes
-from privacy.wire import arrays_to_record, record_to_arrays
 from tests.conftest import make_workspace
 from tests.helpers import PLANTED_STRINGS, plant_identifiers
 

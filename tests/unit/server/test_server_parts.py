@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from privacy.wire import arrays_sha256
+from privacy.model_arrays import arrays_sha256
 from server.aggregate import apply_update, weighted_mean
 from server.config import RunConfig, RunConfigError
 from server.rundir import RunDir, load_npz

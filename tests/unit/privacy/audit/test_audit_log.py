@@ -15,9 +15,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from privacy.audit import AuditLog, AuditLogError, load_or_create_key, read_entries
-from privacy.audit.keys import load_public_key
 from privacy.audit.log import GENESIS, body_hash
 from privacy.audit.verify import check_chain, segment_files
+from privacy.keys import load_public_key
 
 ROOT = Path(__file__).parents[4]
 

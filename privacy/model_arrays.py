@@ -1,4 +1,5 @@
-"""Conversions between numpy weight dictionaries and Flower records."""
+"""Model arrays on the wire: numpy weight dictionaries <-> Flower ``ArrayRecord`` and their
+digest (``privacy.secagg.wire`` is the secure-aggregation protocol's codec)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Ed25519 signing keys for the audit logs (a site's identity key doubles as its audit key)."""
+"""Ed25519 identity keys: each site's (which signs its audit log, its secure-aggregation
+advertisements and consistency signatures, and its ledger) and the server's audit key."""
 
 from __future__ import annotations
 
