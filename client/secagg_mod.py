@@ -11,7 +11,6 @@ written to the site's audit log with the check's code (``secagg-<code>``).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -39,7 +38,7 @@ from privacy.secagg.wire import (
     boxes_from_bytes,
     boxes_to_bytes,
     load_roster,
-    params_from_json,
+    params_from_text,
     reveals_to_bytes,
     session_from_bytes,
     session_to_bytes,
@@ -113,7 +112,7 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
         raise VerificationError("the request names another run or round than this site's secure-aggregation round",
                                 "wrong-round")
     if stage == "share":
-        params = params_from_json(_json(_str(conf, K.SECAGG_PARAMS)))
+        params = params_from_text(_str(conf, K.SECAGG_PARAMS))
         outbox = session.share_keys(params, adverts_from_bytes(_bytes(conf, K.SECAGG_ADVERTS)),
                                     load_roster(roster_path(site)), site.secagg.floors())
         _save(context, session)
@@ -192,13 +191,6 @@ def _value(record: Mapping[str, object], key: str, kind: Any) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool):
         raise WireFormatError(f"{key} has the wrong type")
     return value
-
-
-def _json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise WireFormatError("secure-aggregation parameters are not JSON") from None
 
 
 def _str(record: Mapping[str, object], key: str) -> str:

@@ -76,13 +76,31 @@ def save_fingerprints(folder: Path, key: bytes, prints: Iterable[str]) -> None:
 
 def load_fingerprints(folder: Path) -> Fingerprints | None:
     """The set in ``folder``; ``None`` when the key or the set is missing, unreadable, or made
-    with another key than the one in ``folder`` (the caller rebuilds it from the export)."""
+    with another key than the one in ``folder`` (the caller rebuilds it from the export).
+
+    The guard asks before every reply: the parsed set is kept while neither file changes
+    (same inode, size and modification time; every write is an atomic replace, a new inode)."""
     folder = Path(folder)
     key_path, path = folder / KEY_FILE, folder / PRINTS_FILE
-    if not key_path.is_file() or not path.is_file():
-        return None
-    key = key_path.read_bytes()
     try:
+        stamp = tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in (key_path.stat(), path.stat()))
+    except OSError:
+        return None
+    cached = _LOADED.get(folder)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    found = _read_fingerprints(key_path, path)
+    if found is not None:
+        _LOADED[folder] = (stamp, found)
+    return found
+
+
+_LOADED: dict[Path, tuple[tuple[tuple[int, int, int], ...], Fingerprints]] = {}
+
+
+def _read_fingerprints(key_path: Path, path: Path) -> Fingerprints | None:
+    try:
+        key = key_path.read_bytes()
         doc = json.loads(path.read_text())
         ok = (isinstance(doc, dict) and doc.get("version") == PRINTS_VERSION and doc.get("key_id") == key_id(key)
               and isinstance(doc.get("fingerprints"), list))

@@ -249,7 +249,8 @@ def _site_against_server(view: RunView, site: str, log: Logs, server_file: str, 
                                                     f"of run {run} (server seq {e.seq}) but the site's log has no "
                                                     "such entry"))
             continue
-        if phase == "train" and entry.data.get("global_sha256") != view.rounds.get(rnd, entry).data.get("global_sha256"):
+        start = view.rounds.get(rnd)
+        if phase == "train" and start is not None and entry.data.get("global_sha256") != start.data.get("global_sha256"):
             problems.append(Problem(log.file, entry.seq, f"global model hash of round {rnd} differs from the server's"))
         if not _same_epsilon(e.data.get("epsilon"), _site_epsilon(entry)):
             problems.append(Problem(server_file, e.seq, f"ε the server recorded for site {site} in round {rnd} "

@@ -91,6 +91,12 @@ def params_from_json(obj: dict[str, Any]) -> SecAggParams:
     return SecAggParams(**{**obj, "sites": tuple(str(s) for s in obj["sites"])})
 
 
+@_parsed("secure-aggregation parameters")
+def params_from_text(text: str) -> SecAggParams:
+    """The round parameters from the JSON text the server sent (see :func:`params_from_json`)."""
+    return params_from_json(json.loads(text))
+
+
 _BYTES = ("c_priv", "c_pub", "s_priv", "s_pub", "b")
 
 
