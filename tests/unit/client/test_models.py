@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from opacus.validators import ModuleValidator
 
-from client.models import BlobFilters, build_model, get_arrays, set_arrays
+from client.models import build_model, get_arrays, set_arrays
+from client.slicenet import BlobFilters
 
 
 def _dog_2d(sigma: float, radius: int) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""The offered networks: built with GroupNorm, valid for Opacus, exact per-sample gradients."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+from torch import nn
+
+import privacy.conv_grad_sample  # noqa: F401  (medfed's Conv2d sampler, as training registers it)
+from client.model_names import BUILTIN, MONAI_NETWORKS, ModelNameError, ModelRefused, check_name
+from client.models import build_model, manifest
+from client.networks import build_network
+
+SIZE, BATCH, OUTPUTS = 32, 3, 2
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_network_is_groupnorm_and_valid_for_opacus(name: str) -> None:
+    model = build_model(name, outputs=OUTPUTS)
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms, f"{name} has no GroupNorm"
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert ModuleValidator.validate(model, strict=False) == []
+    out = model.eval()(torch.rand(BATCH, 1, SIZE, SIZE))
+    assert out.shape == (BATCH, OUTPUTS)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_per_sample_gradients_match_per_example_backward(name: str) -> None:
+    torch.manual_seed(1)
+    model = build_model(name, outputs=OUTPUTS, seed=3).train()
+    for m in model.modules():  # dropout draws differ between one batch and single examples
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if getattr(m, "drop_connect_rate", None):  # EfficientNet's per-sample stochastic depth
+            m.drop_connect_rate = 0.0
+    x, y = torch.rand(BATCH, 1, SIZE, SIZE), torch.randint(0, 2, (BATCH, OUTPUTS)).float()
+    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
+    expected = []
+    for i in range(BATCH):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
+        expected.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    gsm.zero_grad(set_to_none=True)
+    loss_fn(gsm(x), y).backward()
+    checked = 0
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        assert p.grad_sample is not None, f"{name}: no per-sample gradient for {n}"
+        for i in range(BATCH):
+            scale = max(1.0, float(expected[i][n].abs().max()))  # float32 sums: relative to the gradient's size
+            error = float((p.grad_sample[i] - expected[i][n]).abs().max())
+            assert error <= 1e-4 * scale, f"{name} {n} sample {i}: per-sample gradient off by {error:.3g}"
+        checked += 1
+    gsm.remove_hooks()
+    assert checked == sum(1 for p in model.parameters() if p.requires_grad) > 10 or name == "slicenet"
+
+
+def test_monai_resnet_batchnorm_is_replaced() -> None:
+    """MONAI 1.6's ResNet builds BatchNorm in its blocks whatever ``norm`` says: Opacus' fix replaces it."""
+    from monai.networks import nets
+
+    raw = nets.resnet18(spatial_dims=2, n_input_channels=1, num_classes=1, norm=("group", {"num_groups": 32}))
+    assert ModuleValidator.validate(raw, strict=False), "MONAI now honours norm: the fix step can go"
+    assert ModuleValidator.validate(build_network("resnet18"), strict=False) == []
+
+
+def test_manifest_follows_the_network_and_the_outputs() -> None:
+    one, three = manifest("resnet18", 1), manifest("resnet18", 3)
+    assert one != three and one.keys() == three.keys()
+    assert three["fc.weight"][0] == (3, 512)
+    assert manifest("slicenet")["head.weight"][0] == (1, 32)
+
+
+def test_unknown_names_are_refused_with_the_choices() -> None:
+    with pytest.raises(ModelNameError, match="densenet121"):
+        check_name("vgg16")
+    with pytest.raises(ModelNameError):
+        check_name("os:system; rm -rf")
+
+
+def test_factory_must_be_approved_by_the_site() -> None:
+    with pytest.raises(ModelRefused, match="not approved"):
+        build_network("monai.networks.nets:DenseNet121")
+
+
+def test_factory_must_come_from_an_installed_distribution(tmp_path, monkeypatch) -> None:
+    """A module that only the server's bundle (a folder on sys.path) provides is not imported."""
+    (tmp_path / "bundle_models.py").write_text("raise SystemExit('server code ran at the site')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelRefused, match="no installed distribution"):
+        build_network("bundle_models:net", factories=["bundle_models:net"])
+
+
+def test_an_approved_installed_factory_with_the_wrong_signature_is_refused() -> None:
+    name = "monai.networks.nets:DenseNet121"  # installed, but it does not take (in_channels=, outputs=)
+    with pytest.raises(ModelRefused, match="in_channels=, outputs="):
+        build_network(name, factories=[name])
+    assert set(MONAI_NETWORKS) < set(BUILTIN)
+
+
+def _installed(root, package: str, body: str) -> None:
+    """A distribution installed into ``root`` the way pip lays one out: the package and its dist-info."""
+    (root / package).mkdir(parents=True)
+    (root / package / "__init__.py").write_text(body)
+    info = root / f"{package}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (info / "top_level.txt").write_text(package + "\n")
+
+
+FACTORY_BODY = ("from monai.networks import nets\n"
+                "def net(*, in_channels, outputs):\n"
+                "    return nets.DenseNet(spatial_dims=2, in_channels=in_channels, out_channels=outputs,\n"
+                "                         init_features=8, growth_rate=8, block_config=(2, 2))\n")
+
+
+def test_an_approved_installed_factory_builds_with_groupnorm(tmp_path, monkeypatch) -> None:
+    monkeypatch.delitem(sys.modules, "medfed_test_nets", raising=False)
+    _installed(tmp_path / "env", "medfed_test_nets", FACTORY_BODY)
+    monkeypatch.syspath_prepend(str(tmp_path / "env"))
+    name = "medfed_test_nets:net"
+    model = build_network(name, outputs=2, factories=[name])
+    assert ModuleValidator.validate(model, strict=False) == []  # its BatchNorm was replaced
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2)
+
+
+def test_a_bundle_copy_shadowing_an_installed_factory_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.delitem(sys.modules, "medfed_test_nets", raising=False)
+    _installed(tmp_path / "env", "medfed_test_nets", FACTORY_BODY)
+    (tmp_path / "bundle" / "medfed_test_nets").mkdir(parents=True)
+    (tmp_path / "bundle" / "medfed_test_nets" / "__init__.py").write_text("raise SystemExit('bundle code ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "env"))
+    monkeypatch.syspath_prepend(str(tmp_path / "bundle"))  # first on the path, as Flower puts a FAB
+    with pytest.raises(ModelRefused, match="not the installed one"):
+        build_network("medfed_test_nets:net", factories=["medfed_test_nets:net"])
