@@ -8,19 +8,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import nn
 
 from client.audit_trail import RoundIds, SiteAudit
 from client.budget import RepeatedRelease, RoundCapReached, RoundPrivacy, plan_evaluation, plan_round
 from client.config import SiteConfig, load_site_config
 from client.guard import egress_guard
+from client.model_names import ModelNameError, ModelRefused
 from client.models import build_model, get_arrays, pick_device, set_arrays
 from client.randomness import round_seeds
 from client.secagg_mod import masking, secagg_mod
 from client.site import SiteData, load_site_data
 from client.site_ledger import commit, open_ledger
-from client.train import LocalPlan, evaluate, logits, train_plain, train_private
+from client.train import LocalPlan, evaluate, logits, macro, train_plain, train_private
 from privacy import egress as K
 from privacy.bundle import installed_digest
 from privacy.dp import BudgetExhausted
@@ -79,14 +82,16 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
     conf = msg.content.config_records[K.CONFIG]
     req = RoundRequest.from_record(conf)
     global_arrays = checked_model(record_to_arrays(msg.content.array_records[K.ARRAYS]))
-    data = load_site_data(site, image_size=req.image_size)
+    audit = SiteAudit(site)
+    ids = RoundIds(req.run_id, req.server_round, arrays_sha256(global_arrays), server_head(conf))
+    model = _site_model(site, req)
+    if isinstance(model, str):
+        return _refuse(msg, site, audit, ids, code=K.REFUSED_MODEL, reason="model-not-approved", metrics={})
+    data = load_site_data(site, image_size=req.image_size, findings=req.finding_names)
     policy = site.privacy
     patients = data.train.n_patients
-    model = build_model()
     set_arrays(model, global_arrays)
-    audit = SiteAudit(site)
     _join(audit, site, req.run_id, data)
-    ids = RoundIds(req.run_id, req.server_round, arrays_sha256(global_arrays), server_head(conf))
     device = pick_device(site.device)
     metrics: dict[str, float | int] = {K.PATIENTS: patients}
     if policy.require_secure_aggregation and not masked:
@@ -136,6 +141,18 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
     return _reply(msg, site, metrics, {k: new[k] - global_arrays[k] for k in new}, audit_head=audit.head())
 
 
+def _site_model(site: SiteConfig, req: RoundRequest) -> nn.Module | str:
+    """The requested network built from this site's own code, or why this site refuses it (logged)."""
+    why = site.models.refusal(req.model, req.image_size)
+    if why is None:
+        try:
+            return build_model(req.model, outputs=req.outputs, factories=site.models.factories)
+        except (ModelRefused, ModelNameError) as exc:
+            why = str(exc)
+    log.warning("site %s does not train the requested network: %s", site.name, why)
+    return why
+
+
 def _join(audit: SiteAudit, site: SiteConfig, run_id: str, data: SiteData) -> None:
     policy = site.privacy
     audit.join(run_id, {
@@ -162,12 +179,14 @@ def _evaluate(msg: Message, site: SiteConfig) -> Message:
     req = RoundRequest.from_record(conf)
     arrays = checked_model(record_to_arrays(msg.content.array_records[K.ARRAYS]))
     policy = site.privacy
-    data = load_site_data(site, image_size=req.image_size)
     audit = SiteAudit(site)
     ids = RoundIds(req.run_id, req.server_round, arrays_sha256(arrays), server_head(conf))
     if policy.metrics == "none":
         return _refuse_evaluation(msg, site, audit, ids, code=K.REFUSED_METRICS, reason="metrics-withheld")
-    model = build_model()
+    model = _site_model(site, req)
+    if isinstance(model, str):
+        return _refuse_evaluation(msg, site, audit, ids, code=K.REFUSED_MODEL, reason="model-not-approved")
+    data = load_site_data(site, image_size=req.image_size, findings=req.finding_names)
     set_arrays(model, arrays)
     device = pick_device(site.device)
     metered = policy.dp or req.dp
@@ -180,6 +199,7 @@ def _evaluate(msg: Message, site: SiteConfig) -> Message:
         metrics: dict[str, float | int] = {K.NUM_EXAMPLES: res.num_examples, K.VAL_LOSS: res.loss}
         if res.auroc is not None:
             metrics[K.VAL_AUROC] = res.auroc
+        metrics |= {K.FINDING_AUROC[j]: v for j, v in enumerate(res.findings_auroc) if v is not None}
         return _reply(msg, site, metrics, audit_head=audit.head())
     patients = data.train.n_patients
 
@@ -198,12 +218,31 @@ def _evaluate(msg: Message, site: SiteConfig) -> Message:
         return _refuse_evaluation(msg, site, audit, ids, code=K.REFUSED_BUDGET, reason="budget")
     seeds = round_seeds(policy, site=site.name, release=f"evaluate:{len(ledger.events) - 1}")
     audit.evaluated(ids, event, metrics="dp", deterministic=seeds.deterministic)
-    sums = patient_sums(logits(model, data.val, device), data.val.labels, data.val.patient_images())
-    noisy = release(sums, noise_multiplier=event.noise_multiplier, rng=np.random.default_rng(seeds.evaluation))
-    metrics = {K.NUM_EXAMPLES: max(0, round(noisy.patients)), K.VAL_LOSS: noisy.loss, K.EPSILON: event.epsilon_after}
-    if noisy.auroc is not None:
-        metrics[K.VAL_AUROC] = noisy.auroc
-    return _reply(msg, site, metrics, audit_head=audit.head())
+    return _reply(msg, site, _metered_metrics(model, data, device, event, seeds.evaluation), audit_head=audit.head())
+
+
+def _metered_metrics(model: nn.Module, data: SiteData, device: torch.device, event: LedgerEvent,
+                     seed: int) -> dict[str, float | int]:
+    """The validation metrics of one metered release (a multi-label task: one noisy vector per
+    finding, together one Gaussian mechanism of the event's σ; ``privacy.dp_metrics``)."""
+    scores, labels, groups = logits(model, data.val, device), data.val.labels, data.val.patient_images()
+    rng = np.random.default_rng(seed)
+    if labels.ndim == 1:
+        noisy = [release(patient_sums(scores, labels, groups), noise_multiplier=event.noise_multiplier, rng=rng)]
+    else:
+        f = labels.shape[1]
+        noisy = [release(patient_sums(scores[:, j], labels[:, j], groups), noise_multiplier=event.noise_multiplier,
+                         rng=rng, parts=f) for j in range(f)]
+    metrics: dict[str, float | int] = {
+        K.NUM_EXAMPLES: max(0, round(float(np.mean([m.patients for m in noisy])))),
+        K.VAL_LOSS: float(np.mean([m.loss for m in noisy])), K.EPSILON: event.epsilon_after}
+    per = tuple(m.auroc for m in noisy)
+    overall = macro(per)
+    if overall is not None:
+        metrics[K.VAL_AUROC] = overall
+    if labels.ndim == 2:
+        metrics |= {K.FINDING_AUROC[j]: v for j, v in enumerate(per) if v is not None}
+    return metrics
 
 
 def build_client_app(sim_sites: Sequence[str] = ()) -> ClientApp:

@@ -27,11 +27,24 @@ def synth(
     seed: Annotated[int, typer.Option(help="random seed (same seed, same files)")] = 0,
     site_index: Annotated[int, typer.Option(min=0, help="which hospital profile (scanner, storage, prevalence)")] = 0,
     difficulty: Annotated[float, typer.Option(min=0.05, help="higher = fainter lesions")] = DEFAULT_DIFFICULTY,
+    kind: Annotated[str, typer.Option(help="ct (chest CT slices, one binary label) or radiograph (frontal chest "
+                                           "radiographs, findings nodule, effusion, cardiomegaly)")] = "ct",
 ) -> None:
-    """Write a seeded synthetic hospital: chest-CT-like DICOM slices and labels.csv."""
-    summary = generate_site(out, site_profile(site_index, patients=patients, difficulty=difficulty), seed=seed)
+    """Write a seeded synthetic hospital: chest-CT-like DICOM slices (or chest radiographs) and labels.csv."""
+    if kind == "radiograph":
+        from client.synth_radiograph import FINDINGS, generate_radiograph_site, radiograph_profile
+
+        summary = generate_radiograph_site(out, radiograph_profile(site_index, patients=patients, difficulty=difficulty),
+                                           seed=seed)
+        what = f"with any of {', '.join(FINDINGS)}"
+    elif kind == "ct":
+        summary = generate_site(out, site_profile(site_index, patients=patients, difficulty=difficulty), seed=seed)
+        what = "positive"
+    else:
+        err.print(f"[red]error:[/] --kind {kind!r}: use ct or radiograph")
+        raise typer.Exit(EXIT_BAD_INPUT)
     err.print(f"wrote {summary.images} DICOM images of {summary.patients} patients "
-              f"({summary.positives} positive) to {out}; labels in {out / 'labels.csv'}")
+              f"({summary.positives} {what}) to {out}; labels in {out / 'labels.csv'}")
 
 
 @cli.command()

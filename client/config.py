@@ -13,6 +13,7 @@ from typing import Any
 import tomli_w
 
 from client.dicom.preprocess import FRAME_POLICIES, Preprocessing
+from client.model_names import BUILTIN, FACTORY
 from privacy.errors import InputError
 from privacy.files import atomic_write_bytes, private_dir
 from privacy.secagg.params import SecAggFloors
@@ -104,6 +105,35 @@ class SecAggPolicy:
 
 
 @dataclass(frozen=True)
+class ModelPolicy:
+    """Which networks this site trains (``[models]``): built-in names, and factories it installed and reviewed."""
+
+    allowed: tuple[str, ...] = BUILTIN  # built-in networks this site trains
+    factories: tuple[str, ...] = ()  # "package.module:function" of installed packages (never the server's bundle)
+    max_image_size: int = 512  # larger inputs are refused (memory and time at this site)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed", tuple(self.allowed))  # TOML gives lists
+        object.__setattr__(self, "factories", tuple(self.factories))
+        unknown = [n for n in self.allowed if n not in BUILTIN]
+        if unknown:
+            raise SiteConfigError(f"models.allowed lists {unknown}: the built-in networks are {list(BUILTIN)} "
+                                  "(installed factories go in models.factories)")
+        for name in self.factories:
+            if not FACTORY.match(name):
+                raise SiteConfigError(f"models.factories entry {name!r} is not 'package.module:function'")
+        _in_range("models.max_image_size", self.max_image_size, 8, 1024)
+
+    def refusal(self, model: str, image_size: int) -> str | None:
+        """Why this site does not train ``model`` at ``image_size`` (None: it does)."""
+        if model not in self.allowed and model not in self.factories:
+            return (f"model {model[:200]!r} is not in [models] allowed or factories of this site's site.toml")
+        if image_size > self.max_image_size:
+            return f"image size {image_size} exceeds [models] max_image_size = {self.max_image_size}"
+        return None
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the site's DICOM export and labels are (relative paths: to the workspace)."""
 
@@ -146,6 +176,7 @@ class SiteConfig:
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     secagg: SecAggPolicy = field(default_factory=SecAggPolicy)
+    models: ModelPolicy = field(default_factory=ModelPolicy)
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
@@ -188,6 +219,8 @@ class SiteConfig:
             "data": {**asdict(self.data), "window": list(self.data.window)},
             "privacy": {k: v for k, v in asdict(self.privacy).items() if v is not None},  # TOML has no null
             "secagg": asdict(self.secagg),
+            "models": {**asdict(self.models), "allowed": list(self.models.allowed),
+                       "factories": list(self.models.factories)},
         }
 
 
@@ -254,6 +287,7 @@ def load_site_config(workspace: Path) -> SiteConfig:
             data=_section(doc, "data", DataConfig),
             privacy=_section(doc, "privacy", PrivacyPolicy),
             secagg=_section(doc, "secagg", SecAggPolicy),
+            models=_section(doc, "models", ModelPolicy),
         )
     except TypeError as exc:
         raise SiteConfigError(f"{path}: {exc}; fix the value types") from None

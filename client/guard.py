@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -27,8 +28,10 @@ from client.dicom import SiteDataError
 from client.dicom.identifiers import PRINTS_FILE, Fingerprints, IdentifierKeyError, load_fingerprints
 from client.dicom.ingest import ingest
 from client.dicom.preprocess import Preprocessing
+from client.model_names import ModelNameError, ModelRefused
 from client.models import manifest
 from client.roster import PINNED
+from privacy import egress as K
 from privacy.audit.events import E
 from privacy.egress import BLOCKED_REASON as BLOCKED_REASON  # re-exported: the guard's fixed text
 from privacy.egress import (
@@ -44,7 +47,7 @@ from privacy.egress import (
 from privacy.errors import IntegrityError
 from privacy.files import LockTimeout
 from privacy.ledger import LedgerChangedError, LedgerCorruptError
-from privacy.protocol import RoundRequestError
+from privacy.protocol import RoundRequest, RoundRequestError
 from privacy.reply_schema import ReplySchema, check_reply
 
 MESSAGE_TYPES = frozenset({MessageType.TRAIN, MessageType.EVALUATE})  # exactly; no "train.<action>"
@@ -92,8 +95,25 @@ def site_fingerprints(site: SiteConfig) -> Fingerprints:
     return found
 
 
-def reply_schema(site: SiteConfig) -> ReplySchema:
-    """What this site's replies may hold: its name, the model manifest, the pinned roster's sites."""
+def request_manifest(site: SiteConfig, msg: Message) -> Mapping[str, tuple[tuple[int, ...], str]]:
+    """The arrays of the network the request names, when this site trains it (none may leave for a
+    network it refuses); a request that does not parse was answered without training: the built-in default."""
+    try:
+        req = RoundRequest.from_record(msg.content.config_records[K.CONFIG])
+    except (RoundRequestError, KeyError):
+        return manifest()
+    if site.models.refusal(req.model, req.image_size) is not None:
+        return MappingProxyType({})
+    try:
+        return manifest(req.model, req.outputs, site.models.factories)
+    except (ModelRefused, ModelNameError):
+        return MappingProxyType({})
+
+
+def reply_schema(site: SiteConfig, model_manifest: Mapping[str, tuple[tuple[int, ...], str]] | None = None
+                 ) -> ReplySchema:
+    """What this site's replies may hold: its name, the manifest of the request's network (default:
+    the built-in SliceNet), the pinned roster's sites."""
     peers: frozenset[str] = frozenset()
     roster = site.workspace / PINNED
     if roster.is_file():
@@ -102,7 +122,7 @@ def reply_schema(site: SiteConfig) -> ReplySchema:
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("site %s: the pinned roster %s is unreadable; secure-aggregation replies are blocked until "
                         "it is pinned again (`medfed-site roster`)", site.name, roster)
-    return ReplySchema(site_name=site.name, manifest=manifest(), peers=peers,
+    return ReplySchema(site_name=site.name, manifest=manifest() if model_manifest is None else model_manifest, peers=peers,
                        masked_only=site.privacy.require_secure_aggregation)
 
 
@@ -144,7 +164,7 @@ def _guarded(msg: Message, context: Context, reply: Message, resolve: Resolver) 
         log.error("site %s refuses to send its %s reply: %s", site.name, msg.metadata.message_type, exc)
         _audit(resolve, context, msg, reason="fingerprints-unavailable", code=FINGERPRINTS_UNAVAILABLE)
         return _error(msg, FINGERPRINTS_UNAVAILABLE)
-    checked = check_reply(reply.content, reply_schema(site), found.prints, found.key)
+    checked = check_reply(reply.content, reply_schema(site, request_manifest(site, msg)), found.prints, found.key)
     if not checked.problems:
         return Message(checked.content, reply_to=msg)
     log.warning("site %s: egress guard blocked a reply: %s", site.name, "; ".join(checked.problems))

@@ -125,7 +125,7 @@ def build_network(name: str, *, outputs: int = 1, in_channels: int = 1, factorie
         model = ModuleValidator.fix(model)  # BatchNorm -> GroupNorm, the documented Opacus repair
     for module in model.modules():  # Opacus' backward hooks forbid in-place activations after a hooked layer
         if getattr(module, "inplace", False) is True:
-            module.inplace = False
+            setattr(module, "inplace", False)  # noqa: B010  (a torch module's public flag; mypy types it loosely)
     problems = ModuleValidator.validate(model, strict=False)
     if problems:
         raise ModelRefused(f"model {name!r} cannot be trained with DP-SGD: {'; '.join(map(str, problems))[:500]}")

@@ -16,13 +16,15 @@ class SiteData:
     val: Cohort
 
 
-def load_site_data(config: SiteConfig, *, image_size: int, progress: bool = False) -> SiteData:
-    """Load (from the workspace cache when possible) and split the site's cohort by patient."""
+def load_site_data(config: SiteConfig, *, image_size: int, progress: bool = False,
+                   findings: tuple[str, ...] = ()) -> SiteData:
+    """Load (from the workspace cache when possible) and split the site's cohort by patient;
+    ``findings``: the label columns of a multi-label run (empty: the binary ``label``)."""
     cohort = load_cohort(
         config.dicom_dir, config.labels_file, config.data.preprocessing(image_size),
         cache_dir=config.cache_dir, keys_dir=config.keys_dir,
         allow_unlabelled=config.data.allow_unlabelled,
-        workers=config.data.workers, progress=progress,
+        workers=config.data.workers, progress=progress, findings=findings,
     )
     train, val = split_patients(cohort, val_fraction=config.data.val_fraction,
                                 seed=config.data.split_seed)

@@ -44,11 +44,13 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Validation numbers on the site's own held-out patients."""
+    """Validation numbers on the site's own held-out patients (multi-label: ``auroc`` is the macro
+    AUROC over the findings that have both classes, ``findings_auroc`` each finding's)."""
 
     loss: float
     auroc: float | None
     num_examples: int
+    findings_auroc: tuple[float | None, ...] = ()
 
 
 class PatientImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -106,7 +108,7 @@ def run_steps(
         # DP (summed): Poisson sampling can draw an empty batch; the step still counts and its noise is
         # still added, so the empty batch goes through forward and backward like any other
         x, y = x.to(device), y.to(device)
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(model(x).reshape(y.shape), y)  # a network's (B, 1) logits are the binary task's (B,)
         loss.backward()
         optimizer.step()
         total += float(loss.detach()) * (1 if summed else len(y))
@@ -148,11 +150,12 @@ def train_private(
 
 @torch.no_grad()
 def logits(model: nn.Module, cohort: Cohort, device: torch.device, *, batch: int = 256) -> np.ndarray:
-    """The model's logit for every image of ``cohort`` (float64)."""
+    """The model's logits for every image of ``cohort`` (float64): shape (N,), or (N, findings)."""
     model.to(device).eval()
     out = [model(torch.from_numpy(cohort.images[i : i + batch])[:, None].to(device)).cpu().numpy()
            for i in range(0, len(cohort.labels), batch)]
-    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+    shape = cohort.labels.shape
+    return np.concatenate(out).astype(np.float64).reshape(shape) if out else np.zeros(shape)
 
 
 def image_losses(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -166,6 +169,18 @@ def evaluate(model: nn.Module, cohort: Cohort, device: torch.device, *, batch: i
     if n == 0:
         return EvalResult(loss=math.nan, auroc=None, num_examples=0)
     s = logits(model, cohort, device, batch=batch)
-    both = 0 < cohort.labels.sum() < n
-    auroc = float(roc_auc_score(cohort.labels, s)) if both else None
-    return EvalResult(loss=float(image_losses(s, cohort.labels).mean()), auroc=auroc, num_examples=n)
+    loss = float(image_losses(s, cohort.labels).mean())
+    if cohort.labels.ndim == 1:
+        return EvalResult(loss=loss, auroc=_auroc(cohort.labels, s), num_examples=n)
+    per = tuple(_auroc(cohort.labels[:, j], s[:, j]) for j in range(cohort.labels.shape[1]))
+    return EvalResult(loss=loss, auroc=macro(per), num_examples=n, findings_auroc=per)
+
+
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else None
+
+
+def macro(values: tuple[float | None, ...]) -> float | None:
+    """The mean of the findings' AUROCs that exist (a finding with one class in the data has none)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None

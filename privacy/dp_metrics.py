@@ -61,9 +61,14 @@ def patient_sums(logits: np.ndarray, labels: np.ndarray, groups: list[np.ndarray
     return total
 
 
-def release(sums: np.ndarray, *, noise_multiplier: float, rng: np.random.Generator) -> NoisyMetrics:
-    """Add the Gaussian noise and derive loss, AUROC and count from the noisy sums only."""
-    noisy = sums + rng.normal(0.0, noise_multiplier * SENSITIVITY, size=sums.shape)
+def release(sums: np.ndarray, *, noise_multiplier: float, rng: np.random.Generator, parts: int = 1) -> NoisyMetrics:
+    """Add the Gaussian noise and derive loss, AUROC and count from the noisy sums only.
+
+    ``parts``: the release is one of ``parts`` vectors of the same patients (one per finding of a
+    multi-label task). Their concatenation moves by at most √2·√parts per patient, so each gets
+    noise σ·√2·√parts: together they are one Gaussian mechanism with noise multiplier σ, the
+    same single ledger event as a binary release."""
+    noisy = sums + rng.normal(0.0, noise_multiplier * SENSITIVITY * np.sqrt(parts), size=sums.shape)
     neg, pos = np.clip(noisy[:BINS], 0.0, None), np.clip(noisy[BINS:2 * BINS], 0.0, None)
     count = float(neg.sum() + pos.sum())
     loss = LOSS_CLIP * float(np.clip(noisy[-1], 0.0, None)) / max(count, 1.0)

@@ -26,13 +26,17 @@ LEARNING_RATE = "learning-rate"
 IMAGE_SIZE = "image-size"
 DP_ENABLED = "dp"
 NOISE_MULTIPLIER_REQUEST = "noise-multiplier"  # the server's minimum; a site may use more
+MODEL = "model"  # the network: a built-in name or a factory the site installed and approved
+FINDINGS = "findings"  # comma-separated label columns of a multi-label task ("" = one binary 'label')
 SERVER_HEAD = "server-audit-head"  # the server's audit-log head when it sent the request (64 hex); sites log it
 
 # Metric keys (site -> server); only these numeric values may leave a site
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 VAL_LOSS = "val-loss"
-VAL_AUROC = "val-auroc"
+VAL_AUROC = "val-auroc"  # binary: the AUROC; multi-label: the macro AUROC over the findings
+MAX_FINDINGS = 16
+FINDING_AUROC = tuple(f"val-auroc-{i}" for i in range(MAX_FINDINGS))  # per finding, by its position in FINDINGS
 SITE_NAME = "name"
 AUDIT_HEAD = "audit-head"  # in the SITE record: hash of the site's last audit entry (64 hex)
 EPSILON = "epsilon"
@@ -49,7 +53,9 @@ REFUSED_POLICY = 2  # the update would leave unmasked and the site requires secu
 REFUSED_ROUND_CAP = 3  # the site already trained privacy.max_rounds_per_run rounds of this run
 REFUSED_METRICS = 4  # the site releases no metrics (policy), or this round was already evaluated or never trained
 REFUSED_REPEAT = 5  # this round of this run was already trained (a request is answered once)
-REFUSAL_CODES = frozenset({REFUSED_BUDGET, REFUSED_POLICY, REFUSED_ROUND_CAP, REFUSED_METRICS, REFUSED_REPEAT})
+REFUSED_MODEL = 6  # the site does not train this network (not allowed in [models], not installed, or not DP-valid)
+REFUSAL_CODES = frozenset({REFUSED_BUDGET, REFUSED_POLICY, REFUSED_ROUND_CAP, REFUSED_METRICS, REFUSED_REPEAT,
+                           REFUSED_MODEL})
 
 # Error codes of a site's error reply (the reason is this fixed text; the detail stays in the site's log)
 CONFIG_INVALID, LEDGER_REFUSED, REQUEST_MALFORMED, DATA_UNUSABLE, FINGERPRINTS_UNAVAILABLE = 460, 461, 462, 463, 464
@@ -100,7 +106,7 @@ def error_text(code: int, reason: str = "") -> tuple[int, str]:
 TRAIN_METRICS = frozenset({NUM_EXAMPLES, TRAIN_LOSS, EPSILON, DELTA, NOISE_MULTIPLIER,
                            NOISE_OVERRIDDEN, PATIENTS})
 REFUSAL_METRICS = frozenset({REFUSED, REFUSAL_CODE, EPSILON, DELTA, PATIENTS})
-EVAL_METRICS = frozenset({NUM_EXAMPLES, VAL_LOSS, VAL_AUROC, EPSILON})  # ε: after a metered evaluation
+EVAL_METRICS = frozenset({NUM_EXAMPLES, VAL_LOSS, VAL_AUROC, EPSILON, *FINDING_AUROC})  # ε: after a metered evaluation
 
 # Secure aggregation (in CONFIG server -> site, in SECAGG site -> server)
 SECAGG_STAGE = "secagg-stage"  # advertise | share | input | consistency | unmask

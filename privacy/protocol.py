@@ -23,8 +23,20 @@ _KEYS = {
     "server_round": K.SERVER_ROUND, "run_id": K.RUN_ID, "num_rounds": K.NUM_ROUNDS,
     "local_steps": K.LOCAL_STEPS, "batch_size": K.BATCH_SIZE, "learning_rate": K.LEARNING_RATE,
     "image_size": K.IMAGE_SIZE, "dp": K.DP_ENABLED, "noise_multiplier": K.NOISE_MULTIPLIER_REQUEST,
+    "model": K.MODEL, "findings": K.FINDINGS,
 }
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_MODEL = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")  # the site checks the name itself (client.model_names)
+_FINDING = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,31}$")
+
+
+def parse_findings(text: str) -> tuple[str, ...]:
+    """The finding names of a ``findings`` value ("" = the binary task); :class:`RoundRequestError` when malformed."""
+    names = tuple(t.strip() for t in text.split(",")) if text.strip() else ()
+    if len(names) > K.MAX_FINDINGS or len(set(names)) != len(names) or not all(_FINDING.match(n) for n in names):
+        raise RoundRequestError(f"{K.FINDINGS!r} must list at most {K.MAX_FINDINGS} distinct names (a letter, then up "
+                                "to 31 letters, digits, '_' or '-'), separated by commas")
+    return names
 
 
 class RoundRequestError(InputError, ValueError):
@@ -44,6 +56,8 @@ class RoundRequest:
     image_size: int
     dp: bool
     noise_multiplier: float  # the minimum the server asks for; a site may use more
+    model: str = "slicenet"
+    findings: str = ""  # label columns of a multi-label task, in output order ("" = one binary 'label')
 
     def __post_init__(self) -> None:
         checks = (
@@ -56,10 +70,21 @@ class RoundRequest:
             (8 <= self.image_size <= 1024, K.IMAGE_SIZE, "8..1024"),
             (math.isfinite(self.noise_multiplier) and 0 <= self.noise_multiplier <= 1000,
              K.NOISE_MULTIPLIER_REQUEST, "[0, 1000]"),
+            (_MODEL.match(self.model) is not None, K.MODEL, "a network name or package.module:function"),
         )
         for ok, key, allowed in checks:
             if not ok:
                 raise RoundRequestError(f"round config {key!r} is out of range (allowed {allowed})")
+        parse_findings(self.findings)
+
+    @property
+    def finding_names(self) -> tuple[str, ...]:
+        return parse_findings(self.findings)
+
+    @property
+    def outputs(self) -> int:
+        """Logits the network has: one per finding, one for the binary task."""
+        return max(1, len(self.finding_names))
 
     @property
     def rounds_left(self) -> int:

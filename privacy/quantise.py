@@ -52,6 +52,7 @@ GRID: dict[str, Grid] = {
     K.TRAIN_LOSS: Grid("real", 0.0, 1000.0),
     K.VAL_LOSS: Grid("real", 0.0, 1000.0),
     K.VAL_AUROC: Grid("real", 0.0, 1.0),
+    **{key: Grid("real", 0.0, 1.0) for key in K.FINDING_AUROC},
 }
 assert set(GRID) == K.ALL_METRICS, "every whitelisted metric has a grid"
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from client.models import build_model, get_arrays
 from server.config import RunConfig
+from server.initial_model import initial_model
 from server.rounds import RoundCallback, run_federation
 
 
@@ -21,8 +21,9 @@ def build_server_app(config: RunConfig | None = None, on_round: RoundCallback | 
         cfg = config or RunConfig.from_run_config(dict(context.run_config))
         if not cfg.run_dir:
             cfg = replace(cfg, run_dir=f"runs/{context.run_id}")
-        initial = get_arrays(build_model(seed=cfg.seed))
-        run_federation(grid, cfg, initial, run_id=str(context.run_id), on_round=on_round)
+        initial, weights_sha256 = initial_model(cfg)
+        run_federation(grid, cfg, initial, run_id=str(context.run_id), on_round=on_round,
+                       init_weights_sha256=weights_sha256)
 
     return server_app
 

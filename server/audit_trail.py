@@ -14,6 +14,7 @@ from privacy.audit.log import AuditLog, body_hash
 from privacy.bundle import installed_digest
 from privacy.keys import load_or_create_key
 from privacy.model_arrays import arrays_sha256
+from privacy.protocol import parse_findings
 from server.config import RunConfig
 from server.rundir import private_keys_dir
 
@@ -35,10 +36,13 @@ class ServerAudit:
         self.log.append(event, {"run_id": self.run_id, **data})
         self.entries += 1
 
-    def run_start(self, cfg: RunConfig, initial: Mapping[str, np.ndarray]) -> None:
+    def run_start(self, cfg: RunConfig, initial: Mapping[str, np.ndarray], *, init_weights_sha256: str = "") -> None:
+        """``init_weights_sha256``: the file the initial model was loaded from ("" = built from the seed)."""
         self._add(E.RUN_START, config_sha256=body_hash(cfg.to_dict()), code_sha256=installed_digest(),
                   versions=versions(), initial_sha256=arrays_sha256(initial), rounds=cfg.num_server_rounds,
-                  dp=cfg.dp, secure_aggregation=cfg.secure_aggregation)
+                  dp=cfg.dp, secure_aggregation=cfg.secure_aggregation, model=cfg.model,
+                  findings=list(parse_findings(cfg.findings)),
+                  init_weights_sha256=init_weights_sha256 or None)
 
     def round_start(self, rnd: int, arrays: Mapping[str, np.ndarray], nodes: list[int]) -> None:
         self._add(E.ROUND_START, round=rnd, global_sha256=arrays_sha256(arrays), nodes=[str(n) for n in nodes])

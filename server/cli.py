@@ -40,6 +40,19 @@ def simulate(
     patients: Annotated[int | None, typer.Option(min=4, help="patients per generated site")] = None,
     data: Annotated[list[Path] | None, typer.Option(help="existing site folder (DICOM + labels.csv); once per site")] = None,
     sites_dir: Annotated[Path | None, typer.Option(help="reuse the site workspaces of an earlier run (OLD_RUN/sites)")] = None,
+    kind: Annotated[str, typer.Option(help="generated sites: ct (chest CT slices, binary nodule label) or radiograph "
+                                             "(chest radiographs, findings nodule, effusion, cardiomegaly)")] = "ct",
+    difficulty: Annotated[float, typer.Option(min=0.05, help="generated sites: higher = fainter findings")] = 1.0,
+    model: Annotated[str, typer.Option(help="network: slicenet, densenet121, resnet18, resnet34, resnet50, "
+                                            "efficientnet-b0, or an installed factory package.module:function")]
+    = RunConfig.model,
+    size: Annotated[int, typer.Option(min=8, max=1024, help="input size in pixels (images are resized to size²)")]
+    = RunConfig.image_size,
+    findings: Annotated[str | None, typer.Option(help="multi-label: the labels.csv columns, comma-separated "
+                                                      "(default: one binary 'label'; --kind radiograph: its three)")]
+    = None,
+    init_weights: Annotated[Path | None, typer.Option(help="start from these local weights (.npz or .safetensors "
+                                                           "state_dict; sha256 in the audit log)")] = None,
     local_steps: Annotated[int, typer.Option(min=1)] = RunConfig.local_steps,
     batch_size: Annotated[int, typer.Option(min=1)] = RunConfig.batch_size,
     learning_rate: Annotated[float, typer.Option(min=0.0)] = RunConfig.learning_rate,
@@ -62,8 +75,11 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="show Flower and Ray logs")] = False,
 ) -> None:
     """Generate (or reuse) virtual hospitals and train across them in Flower's simulation runtime."""
+    from client.synth_radiograph import FINDINGS as RADIOGRAPH_FINDINGS
+    from privacy.protocol import parse_findings
     from privacy.secagg.wire import roster_fingerprint
     from server.audit_trail import SERVER_KEY
+    from server.initial_model import initial_model
     from server.rundir import private_keys_dir
     from server.simulate import KEYS_DIR, ROSTER_FILE, SimulationPlan, prepare_sites
 
@@ -71,16 +87,22 @@ def simulate(
     try:
         policy = PrivacyPolicy(dp=not no_dp, max_epsilon=epsilon, delta=delta, accountant=accountant,
                                require_secure_aggregation=not no_secagg, metrics=metrics_release, seed=site_seed)
-        cfg = RunConfig(num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size,
+        if findings is None:
+            findings = ",".join(RADIOGRAPH_FINDINGS) if kind == "radiograph" and not (data or sites_dir) else ""
+        cfg = RunConfig(num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size, model=model,
+                        image_size=size, findings=findings,
+                        init_weights=str(init_weights.resolve()) if init_weights else "",
                         learning_rate=learning_rate, run_dir=str(out.resolve()), seed=seed, dp=not no_dp,
                         noise_multiplier=noise_multiplier, secure_aggregation=not no_secagg, secagg_k=secagg_k,
                         secagg_threshold=secagg_threshold,
                         roster_file=str((out / KEYS_DIR / ROSTER_FILE).resolve()),
                         audit_key=str((keys_dir or private_keys_dir(out)).resolve() / SERVER_KEY))
         plan = SimulationPlan(sites=sites, patients=patients, data=tuple(data or ()),
-                              sites_dir=sites_dir, data_seed=seed, policy=policy)
+                              sites_dir=sites_dir, data_seed=seed, policy=policy, kind=kind, difficulty=difficulty)
+        if cfg.init_weights:
+            initial_model(cfg)  # a file that does not fit the network fails here, before any site is prepared
         with err.status("preparing site workspaces (generating DICOM, warming caches)…"):
-            configs = prepare_sites(out, plan, cfg.image_size, keys_dir)
+            configs = prepare_sites(out, plan, cfg.image_size, keys_dir, findings=parse_findings(cfg.findings))
         fingerprint = roster_fingerprint((out / KEYS_DIR / ROSTER_FILE).read_bytes())  # kept from before the run
         if len(configs) < 2 and cfg.secure_aggregation:
             raise ValueError("secure aggregation needs at least 2 sites: use --sites 2 or more, or --no-secagg")

@@ -6,7 +6,9 @@ import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from client.model_names import ModelNameError, check_name
 from privacy.errors import InputError
+from privacy.protocol import RoundRequestError, parse_findings
 
 
 class RunConfigError(InputError, ValueError):
@@ -22,6 +24,9 @@ class RunConfig:
     batch_size: int = 64
     learning_rate: float = 2e-3
     image_size: int = 64
+    model: str = "slicenet"  # a built-in network (client.model_names) or an installed factory package.module:function
+    findings: str = ""  # multi-label: the labels.csv columns, comma-separated ("" = one binary 'label' column)
+    init_weights: str = ""  # start from these local weights (.npz or .safetensors; sha256 in the audit log)
     min_sites: int = 1
     round_timeout: float = 600.0
     run_dir: str = ""
@@ -44,6 +49,11 @@ class RunConfig:
             (self.min_sites >= 1, "min-sites must be >= 1"),
             (self.round_timeout > 0, "round-timeout must be > 0 seconds"),
         ]
+        try:
+            check_name(self.model)
+            parse_findings(self.findings)
+        except (ModelNameError, RoundRequestError) as exc:
+            raise RunConfigError(f"run config: {exc}") from None
         for ok, message in checks:
             if not ok:
                 raise RunConfigError(f"run config: {message}")

@@ -18,11 +18,14 @@ def fmt(value: Any, digits: int = 4) -> str:
 def round_table(rows: list[dict[str, Any]], total_sites: int) -> Table:
     """The per-round table shown during and after a run."""
     table = Table(title="medfed rounds")
-    for col in ("round", "sites", "refused", "train loss", "val AUROC", "max ε", "seconds"):
+    findings = list(rows[-1].get("val_auroc_findings", {})) if rows else []
+    for col in ("round", "sites", "refused", "train loss", "val AUROC", *[f"AUROC {f}" for f in findings], "max ε",
+                "seconds"):
         table.add_column(col, justify="right")
     for r in rows:
         eps = max(r.get("epsilon", {}).values(), default=None)
+        per = [fmt(r.get("val_auroc_findings", {}).get(f)) for f in findings]
         table.add_row(str(r["round"]), f"{len(r['sites'])}/{total_sites}",
                       ", ".join(r.get("refused", [])) or "–", fmt(r.get("train_loss")),
-                      fmt(r.get("val_auroc")), fmt(eps, 3), fmt(r.get("seconds"), 1))
+                      fmt(r.get("val_auroc")), *per, fmt(eps, 3), fmt(r.get("seconds"), 1))
     return table

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 
 from privacy import egress as K
 from privacy.model_arrays import arrays_sha256, arrays_to_record
-from privacy.protocol import RoundRequest
+from privacy.protocol import RoundRequest, parse_findings
 from server.aggregate import apply_update, weighted_mean
 from server.audit_trail import ServerAudit
 from server.config import RunConfig
@@ -41,7 +41,7 @@ def round_config(cfg: RunConfig, run_id: str, round_: int, server_head: str = ""
     record = RoundRequest(
         server_round=round_, run_id=run_id, num_rounds=cfg.num_server_rounds, local_steps=cfg.local_steps,
         batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, image_size=cfg.image_size,
-        dp=cfg.dp, noise_multiplier=cfg.noise_multiplier,
+        dp=cfg.dp, noise_multiplier=cfg.noise_multiplier, model=cfg.model, findings=cfg.findings,
     ).to_record()
     if server_head:
         record[K.SERVER_HEAD] = server_head
@@ -50,12 +50,12 @@ def round_config(cfg: RunConfig, run_id: str, round_: int, server_head: str = ""
 
 def run_federation(
     grid: Grid, cfg: RunConfig, initial: OrderedDict[str, np.ndarray], *, run_id: str,
-    on_round: RoundCallback | None = None,
+    on_round: RoundCallback | None = None, init_weights_sha256: str = "",
 ) -> dict[str, Any]:
     """Run ``cfg.num_server_rounds`` rounds; write the run directory; return metrics."""
     rundir = RunDir(Path(cfg.run_dir))
     audit = ServerAudit(cfg, run_id)
-    audit.run_start(cfg, initial)
+    audit.run_start(cfg, initial, init_weights_sha256=init_weights_sha256)
     metrics: dict[str, Any] = {"run_id": run_id, "config": cfg.to_dict(), "rounds": []}  # checked against the log
     arrays = initial
     last_round = 0
@@ -141,6 +141,10 @@ def _evaluate_round(grid: Grid, cfg: RunConfig, nodes: list[int], arrays: Ordere
     row["val_loss"] = _weighted(evaluation.replies, K.VAL_LOSS)
     row["val_auroc"] = _weighted(evaluation.replies, K.VAL_AUROC)
     row["val_auroc_by_site"] = {r.site: r.metrics[K.VAL_AUROC] for r in evaluation.replies if K.VAL_AUROC in r.metrics}
+    names = parse_findings(cfg.findings)
+    if names:  # multi-label: each finding's AUROC (weighted over the sites); val_auroc is their macro mean per site
+        row["val_auroc_findings"] = {name: _weighted(evaluation.replies, K.FINDING_AUROC[j])
+                                     for j, name in enumerate(names)}
     for r in evaluation.replies:  # a metered evaluation is charged: the site's ε after it
         if K.EPSILON in r.metrics:
             row["epsilon"][r.site] = r.metrics[K.EPSILON]

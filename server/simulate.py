@@ -15,6 +15,7 @@ from client.config import DataConfig, PrivacyPolicy, SecAggPolicy, SiteConfig, l
 from client.secagg_mod import roster_path
 from client.site import load_site_data
 from client.synth import generate_site, site_profile
+from client.synth_radiograph import generate_radiograph_site, radiograph_profile
 from privacy.files import atomic_write_bytes, private_dir
 from privacy.keys import load_or_create_key, public_pem
 from privacy.secagg.wire import roster_bytes
@@ -38,9 +39,28 @@ class SimulationPlan:
     sites_dir: Path | None = None
     data_seed: int = 0
     policy: PrivacyPolicy = PrivacyPolicy()
+    kind: str = "ct"  # generated sites: "ct" (chest CT slices, one binary label) or "radiograph" (multi-label DX)
+    difficulty: float = 1.0  # generated sites: higher = fainter findings
+
+    def __post_init__(self) -> None:
+        if self.kind not in GENERATED_KINDS:
+            raise ValueError(f"--kind {self.kind!r}: use one of {', '.join(GENERATED_KINDS)}")
 
 
-def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Path | None = None) -> list[SiteConfig]:
+GENERATED_KINDS = ("ct", "radiograph")
+
+
+def _generate(folder: Path, plan: SimulationPlan, index: int) -> None:
+    if plan.kind == "radiograph":
+        generate_radiograph_site(folder, radiograph_profile(index, patients=plan.patients, difficulty=plan.difficulty),
+                                 seed=plan.data_seed)
+    else:
+        generate_site(folder, site_profile(index, patients=plan.patients, difficulty=plan.difficulty),
+                      seed=plan.data_seed)
+
+
+def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Path | None = None,
+                  findings: tuple[str, ...] = ()) -> list[SiteConfig]:
     """Create (or reuse) one site workspace per virtual site and warm its data cache.
 
     Every private key (the server's audit key, each virtual site's identity key and identifier
@@ -70,7 +90,7 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Pat
             else:
                 data = DataConfig()
                 if not (ws / data.labels).is_file():
-                    generate_site(ws / data.dicom, site_profile(i, patients=plan.patients), seed=plan.data_seed)
+                    _generate(ws / data.dicom, plan, i)
             # a 2-site study is a researcher's choice: the virtual sites accept rounds of all the sites there are
             secagg = SecAggPolicy(min_sites=min(SecAggPolicy.min_sites, plan.sites),
                                   min_neighbours=min(SecAggPolicy.min_neighbours, plan.sites - 1)) \
@@ -80,7 +100,7 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Pat
             write_site_config(config)
             configs.append(config)
     for config in configs:
-        load_site_data(config, image_size=image_size, progress=True)  # validates and fills the cache
+        load_site_data(config, image_size=image_size, progress=True, findings=findings)  # validates, fills the cache
         # the site's identity/audit key, and its public half in the run's roster of keys
         key = load_or_create_key(site_key_path(config))
         atomic_write_bytes(out / KEYS_DIR / f"{config.name}.pub", public_pem(key.public_key()))

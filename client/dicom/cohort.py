@@ -6,6 +6,7 @@ import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ class Cohort:
     """
 
     images: np.ndarray  # (N, S, S) float32 in [0, 1]
-    labels: np.ndarray  # (N,) float32 0/1
+    labels: np.ndarray  # (N,) float32 0/1; multi-label: (N, findings)
     patient: np.ndarray  # (N,) int64 patient index
     n_patients: int
     fingerprint: str = ""  # sha256 over the labelled files' content hashes and labels (the whole site)
@@ -47,34 +48,41 @@ class Cohort:
 
 @dataclass(frozen=True)
 class Labels:
-    """A labels CSV: which header column keys the rows, and ``key value -> 0/1``."""
+    """A labels CSV: which header column keys the rows, and ``key value -> 0/1`` (binary) or
+    ``key value -> (0/1, ...)`` (one per finding, in the run's order)."""
 
     column: str
-    values: dict[str, int]
+    values: dict[str, int] | dict[str, tuple[int, ...]]
 
 
-def read_labels(path: Path) -> Labels:
-    """Read ``KEY,label`` rows; KEY is SOPInstanceUID, path (relative to the data folder) or
-    StudyInstanceUID (the first of these the header has); labels must be 0 or 1."""
+def read_labels(path: Path, findings: tuple[str, ...] = ()) -> Labels:
+    """Read ``KEY,label`` rows (or ``KEY,finding1,finding2,...`` for a multi-label run); KEY is
+    SOPInstanceUID, path (relative to the data folder) or StudyInstanceUID (the first of these
+    the header has); every label must be 0 or 1."""
     if not path.is_file():
         raise SiteDataError(
             f"labels file {path} does not exist: pass --labels CSV or put labels.csv in the data folder"
         )
-    values: dict[str, int] = {}
+    columns = findings or ("label",)
+    values: dict = {}
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         names = reader.fieldnames or []
         column = next((k for k in LABEL_KEYS if k in names), None)
-        if column is None or "label" not in names:
+        missing = [c for c in columns if c not in names]
+        if column is None or missing:
             raise SiteDataError(
-                f"labels file {path}: header must contain a key column ({', '.join(LABEL_KEYS)}) and "
-                f"'label' (found {len(names)} columns without them); fix the first line of the CSV"
+                f"labels file {path}: header must contain a key column ({', '.join(LABEL_KEYS)}) and the label "
+                f"column(s) {', '.join(repr(c) for c in columns)} (found {len(names)} columns, "
+                f"{len(missing)} label column(s) missing); fix the first line of the CSV or the run's findings"
             )
         for line, row in enumerate(reader, start=2):
-            value = (row.get("label") or "").strip()
-            if value not in ("0", "1"):
-                raise SiteDataError(f"labels file {path}, line {line}: label must be 0 or 1; fix that row")
-            values[(row.get(column) or "").strip()] = int(value)
+            cells = [(row.get(c) or "").strip() for c in columns]
+            bad = next((c for c, v in zip(columns, cells, strict=True) if v not in ("0", "1")), None)
+            if bad is not None:
+                raise SiteDataError(f"labels file {path}, line {line}: column {bad!r} must be 0 or 1; fix that row")
+            ints = tuple(int(v) for v in cells)
+            values[(row.get(column) or "").strip()] = ints if findings else ints[0]
     if not values:
         raise SiteDataError(f"labels file {path} has no rows: add one row per image")
     return Labels(column, values)
@@ -84,7 +92,7 @@ def read_labels(path: Path) -> Labels:
 class Joined:
     """Which ingested image files have a label, and how many labels matched nothing."""
 
-    label_of: dict[int, int]  # file index in Ingested -> label
+    label_of: dict[int, Any]  # file index in Ingested -> label (an int, or a tuple per finding)
     unlabelled: int
     labels_without_image: int
 
@@ -113,6 +121,7 @@ def join_labels(data: Ingested, labels: Labels) -> Joined:
 def load_cohort(
     folder: Path, labels_path: Path, pre: Preprocessing, *, cache_dir: Path | None = None,
     keys_dir: Path | None = None, allow_unlabelled: bool = False, workers: int = 0, progress: bool = False,
+    findings: tuple[str, ...] = (),
 ) -> Cohort:
     """Read, label and preprocess every image under ``folder``.
 
@@ -123,7 +132,7 @@ def load_cohort(
     if not candidate_files(folder, exclude=[labels_path]):
         raise SiteDataError(f"data folder {folder} holds no DICOM files: point --data at the folder of the "
                             "site's DICOM export")
-    labels = read_labels(labels_path)
+    labels = read_labels(labels_path, findings)
     data = ingest(folder, pre, cache_dir=cache_dir, keys_dir=keys_dir, workers=workers, progress=progress,
                   exclude=[labels_path])
     images = sum(r.status == "image" for r in data.records)
@@ -149,7 +158,7 @@ def load_cohort(
 
 def _assemble(data: Ingested, joined: Joined) -> Cohort:
     rows: list[int] = []
-    ys: list[int] = []
+    ys: list[Any] = []
     pids: list[str] = []
     for i, label in sorted(joined.label_of.items()):
         lo, hi = int(data.offsets[i]), int(data.offsets[i + 1])
@@ -158,7 +167,8 @@ def _assemble(data: Ingested, joined: Joined) -> Cohort:
         pids.extend([data.records[i].patient] * (hi - lo))
     print_ = hashlib.sha256()
     for i, label in sorted(joined.label_of.items(), key=lambda item: data.digests[item[0]]):
-        print_.update(f"{data.digests[i]}:{label}\n".encode())
+        text = ",".join(map(str, label)) if isinstance(label, tuple) else label
+        print_.update(f"{data.digests[i]}:{text}\n".encode())
     index: dict[str, int] = {}
     for p in pids:  # patients numbered in order of first appearance (sorted paths): reproducible
         index.setdefault(p, len(index))
@@ -177,7 +187,8 @@ def split_patients(cohort: Cohort, *, val_fraction: float, seed: int) -> tuple[C
     No patient has images on both sides. Deterministic for a given seed.
     """
     patient_label = np.zeros(cohort.n_patients)
-    np.maximum.at(patient_label, cohort.patient, cohort.labels)
+    any_finding = cohort.labels.max(axis=1) if cohort.labels.ndim == 2 else cohort.labels  # multi-label: by any
+    np.maximum.at(patient_label, cohort.patient, any_finding)
     rng = np.random.default_rng(seed)
     val: list[np.ndarray] = []
     for cls in (0.0, 1.0):

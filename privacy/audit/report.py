@@ -151,7 +151,11 @@ def summary_section(d: ReportData) -> Section:
     return sec.table(["", ""], [
         ["run id", d.metrics.get("run_id")], ["started", start.time if start else None],
         ["ended", end.time if end else None], ["rounds completed", len(rounds)], ["sites", len(d.sites)],
-        ["final validation AUROC", final.get("val_auroc")], ["final model sha256", d.metrics.get("final_model_sha256")],
+        ["network", d.metrics.get("config", {}).get("model")],
+        ["final validation AUROC" + (" (macro over the findings)" if final.get("val_auroc_findings") else ""),
+         final.get("val_auroc")],
+        *[[f"final validation AUROC, {name}", value] for name, value in final.get("val_auroc_findings", {}).items()],
+        ["final model sha256", d.metrics.get("final_model_sha256")],
         ["ended early", d.metrics.get("ended_early")]])
 
 

@@ -67,3 +67,30 @@ def test_positive_slice_differs_by_one_small_bright_nodule() -> None:
     assert 5 < support.sum() < 0.01 * diff.size
     ys, xs = np.nonzero(support)
     assert np.ptp(ys) < 30 and np.ptp(xs) < 30  # compact: one blob
+
+
+def test_radiograph_sites_have_independent_findings_a_model_can_see(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Three 0/1 columns, each finding changes the image where it should (real DICOM, read back by pydicom)."""
+    import csv as csv_
+
+    import numpy as np_
+    import pydicom
+
+    from client.synth_radiograph import FINDINGS, generate_radiograph_site, radiograph_profile, render_radiograph
+
+    summary = generate_radiograph_site(tmp_path / "dx", radiograph_profile(0, patients=40), seed=3)
+    with open(tmp_path / "dx" / "labels.csv", newline="") as fh:
+        rows = list(csv_.DictReader(fh))
+    assert list(rows[0]) == ["SOPInstanceUID", *FINDINGS] and len(rows) == summary.images >= 40
+    counts = {f: sum(int(r[f]) for r in rows) for f in FINDINGS}
+    assert all(0 < c < len(rows) for c in counts.values()), counts
+    ds = pydicom.dcmread(next((tmp_path / "dx").rglob("*.dcm")))
+    assert ds.Modality == "DX" and ds.pixel_array.shape == (256, 256) and ds.pixel_array.max() <= 4095
+    profile = radiograph_profile(0)
+    base = np_.mean([render_radiograph(np_.random.default_rng(i), profile, (0, 0, 0)) for i in range(8)], axis=0)
+    heart = np_.mean([render_radiograph(np_.random.default_rng(i), profile, (0, 0, 1)) for i in range(8)], axis=0)
+    fluid = np_.mean([render_radiograph(np_.random.default_rng(i), profile, (0, 1, 0)) for i in range(8)], axis=0)
+    n = profile.size
+    assert heart[int(0.65 * n), n // 2:].mean() > base[int(0.65 * n), n // 2:].mean() + 0.02  # a wider heart shadow
+    lower = slice(int(0.65 * n), int(0.78 * n))  # the rows of the lung bases
+    assert fluid[lower].mean() > base[lower].mean() + 0.01  # denser lung bases

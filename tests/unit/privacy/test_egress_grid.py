@@ -47,7 +47,7 @@ def test_off_grid_values_are_refused_naming_the_key(key: str, value: float, why:
 def test_every_metric_has_a_grid_and_refusal_codes_are_the_sites() -> None:
     assert set(GRID) == K.ALL_METRICS
     codes = {v for k, v in vars(K).items() if k.startswith("REFUSED_") and isinstance(v, int)}
-    assert codes == REFUSAL_CODES == {1, 2, 3, 4, 5}
+    assert codes == REFUSAL_CODES == {1, 2, 3, 4, 5, 6}
     assert quantise(K.NUM_EXAMPLES, 24.0) == 24 and isinstance(quantise(K.NUM_EXAMPLES, 24.0), int)
 
 
