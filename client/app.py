@@ -19,6 +19,7 @@ from client.config import SiteConfig, load_site_config
 from client.guard import egress_guard
 from client.model_names import ModelNameError, ModelRefused
 from client.models import build_model, get_arrays, pick_device, set_arrays
+from client.networks import grad_sample_mode
 from client.randomness import round_seeds
 from client.secagg_mod import masking, secagg_mod
 from client.site import SiteData, load_site_data
@@ -87,7 +88,7 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
     model = _site_model(site, req)
     if isinstance(model, str):
         return _refuse(msg, site, audit, ids, code=K.REFUSED_MODEL, reason="model-not-approved", metrics={})
-    data = load_site_data(site, image_size=req.image_size, findings=req.finding_names)
+    data = load_site_data(site, image_size=req.image_size, findings=req.finding_names, window=req.voi_window)
     policy = site.privacy
     patients = data.train.n_patients
     set_arrays(model, global_arrays)
@@ -107,7 +108,8 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
                                 requested_noise=req.noise_multiplier)]
             return LedgerEvent(round=req.server_round, run_id=req.run_id, noise_multiplier=rp[0].noise_multiplier,
                                sample_rate=rp[0].sample_rate, steps=rp[0].steps, accountant=policy.accountant,
-                               epsilon_after=rp[0].epsilon_after, delta=rp[0].delta, timestamp=now_utc())
+                               epsilon_after=rp[0].epsilon_after, delta=rp[0].delta, timestamp=now_utc(),
+                               grad_sample_mode=grad_sample_mode(req.model))
 
         try:  # counted before training, so an update that leaves has always been counted
             ledger, event = commit(site, planned)
@@ -123,7 +125,7 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
                          seed=seeds.sampling)
         result = train_private(model, data.train, plan, device, noise_multiplier=event.noise_multiplier,
                                max_grad_norm=policy.max_grad_norm, noise_seed=seeds.noise,
-                               secure_mode=policy.secure_noise)
+                               secure_mode=policy.secure_noise, grad_sample_mode=event.grad_sample_mode)
         # the site's own σ, never an echo of the server's number (an echo could be matched against identifiers)
         metrics |= {K.EPSILON: event.epsilon_after, K.DELTA: event.delta,
                     K.NOISE_MULTIPLIER: rp[0].site_noise_multiplier, K.NOISE_OVERRIDDEN: int(rp[0].overridden)}
@@ -134,6 +136,8 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
         plan = LocalPlan(steps=req.local_steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
                          seed=seeds.sampling)
         result = train_plain(model, data.train, plan, device)
+    log.info("site %s trained round %d (%s on %s): %.1f images/s, training memory %.0f MiB", site.name,
+             req.server_round, req.model, device.type, result.images_per_s, result.peak_mib)
     new = get_arrays(model)
     metrics[K.NUM_EXAMPLES] = patients
     if not (policy.dp or req.dp) or policy.metrics == "exact":
@@ -143,13 +147,13 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
 
 def _site_model(site: SiteConfig, req: RoundRequest) -> nn.Module | str:
     """The requested network built from this site's own code, or why this site refuses it (logged)."""
-    why = site.models.refusal(req.model, req.image_size)
+    why = site.task_refusal(req.model, req.image_size, req.finding_names)
     if why is None:
         try:
             return build_model(req.model, outputs=req.outputs, factories=site.models.factories)
         except (ModelRefused, ModelNameError) as exc:
             why = str(exc)
-    log.warning("site %s does not train the requested network: %s", site.name, why)
+    log.warning("site %s does not train the requested network or task: %s", site.name, why)
     return why
 
 
@@ -186,7 +190,7 @@ def _evaluate(msg: Message, site: SiteConfig) -> Message:
     model = _site_model(site, req)
     if isinstance(model, str):
         return _refuse_evaluation(msg, site, audit, ids, code=K.REFUSED_MODEL, reason="model-not-approved")
-    data = load_site_data(site, image_size=req.image_size, findings=req.finding_names)
+    data = load_site_data(site, image_size=req.image_size, findings=req.finding_names, window=req.voi_window)
     set_arrays(model, arrays)
     device = pick_device(site.device)
     metered = policy.dp or req.dp

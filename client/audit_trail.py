@@ -90,5 +90,6 @@ def _mechanism(event: LedgerEvent | None) -> dict[str, Any]:
     """The ledger event's fields the audit log repeats (so a lost ledger can be rebuilt from it)."""
     if event is None:
         return {}
-    return {"noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate, "steps": event.steps,
-            "epsilon_after": event.epsilon_after, "delta": event.delta, "accountant": event.accountant}
+    fields = {"noise_multiplier": event.noise_multiplier, "sample_rate": event.sample_rate, "steps": event.steps,
+              "epsilon_after": event.epsilon_after, "delta": event.delta, "accountant": event.accountant}
+    return fields | ({"grad_sample_mode": event.grad_sample_mode} if event.grad_sample_mode else {})

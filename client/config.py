@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 import types
 import typing
@@ -19,6 +20,7 @@ from privacy.files import atomic_write_bytes, private_dir
 from privacy.secagg.params import SecAggFloors
 
 SITE_FILE = "site.toml"
+_FINDING = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,31}$")
 
 
 class SiteConfigError(InputError, ValueError):
@@ -140,6 +142,7 @@ class DataConfig:
     dicom: str = "data"
     labels: str = "data/labels.csv"
     allow_unlabelled: bool = False
+    findings: tuple[str, ...] = ()  # the 0/1 columns of the labels CSV this site offers to multi-label runs
     val_fraction: float = 0.2
     split_seed: int = 0
     frames: str = "middle"  # multi-frame objects: "middle", "all" (one sample per frame) or "reject"
@@ -152,15 +155,20 @@ class DataConfig:
         if self.frames not in FRAME_POLICIES:
             raise SiteConfigError(f"data.frames must be one of {list(FRAME_POLICIES)} (got {self.frames!r})")
         object.__setattr__(self, "window", tuple(self.window))  # TOML gives a list
+        object.__setattr__(self, "findings", tuple(self.findings))
+        if len(set(self.findings)) != len(self.findings) or not all(_FINDING.match(f) for f in self.findings):
+            raise SiteConfigError("data.findings must list distinct column names (a letter, then letters, digits, "
+                                  "'_' or '-')")
         if self.window and (len(self.window) != 2 or not all(math.isfinite(float(v)) for v in self.window)
                             or float(self.window[1]) <= 0):
             raise SiteConfigError("data.window must be [center, width] with width > 0, or [] for the files' own")
         if self.workers < 0:
             raise SiteConfigError("data.workers must be >= 0 (0 = one per CPU)")
 
-    def preprocessing(self, image_size: int) -> Preprocessing:
-        """The preprocessing this site's data gets for a model of ``image_size``."""
-        window = (float(self.window[0]), float(self.window[1])) if self.window else None
+    def preprocessing(self, image_size: int, run_window: tuple[float, float] | None = None) -> Preprocessing:
+        """The preprocessing this site's data gets for a model of ``image_size``: the site's own
+        window when it set one (it knows its files), else the run's, else each file's VOI window."""
+        window = (float(self.window[0]), float(self.window[1])) if self.window else run_window
         return Preprocessing(image_size=image_size, window=window, frames=self.frames)
 
 
@@ -185,6 +193,15 @@ class SiteConfig:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise SiteConfigError("site.device must be 'auto', 'cpu' or 'cuda'")
+
+    def task_refusal(self, model: str, image_size: int, findings: tuple[str, ...]) -> str | None:
+        """Why this site does not train this network on this task (None: it does). The label columns
+        are the site's to offer: a run may train only on those listed in ``[data] findings``."""
+        if findings and not set(findings) <= set(self.data.findings):
+            missing = len(set(findings) - set(self.data.findings))
+            return (f"the run asks for {missing} label column(s) this site does not offer for training: list the "
+                    f"columns it may train on in [data] findings of {self.workspace / SITE_FILE}")
+        return self.models.refusal(model, image_size)
 
     def path(self, rel: str) -> Path:
         """Resolve a workspace-relative path."""
@@ -216,7 +233,7 @@ class SiteConfig:
     def to_toml(self) -> dict[str, Any]:
         return {
             "site": {"name": self.name, "server": self.server, "device": self.device, "keys": self.keys},
-            "data": {**asdict(self.data), "window": list(self.data.window)},
+            "data": {**asdict(self.data), "window": list(self.data.window), "findings": list(self.data.findings)},
             "privacy": {k: v for k, v in asdict(self.privacy).items() if v is not None},  # TOML has no null
             "secagg": asdict(self.secagg),
             "models": {**asdict(self.models), "allowed": list(self.models.allowed),

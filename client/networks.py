@@ -27,6 +27,16 @@ from torch import nn
 from client.model_names import MONAI_NETWORKS, SLICENET, ModelRefused, check_name
 from client.slicenet import SliceNet
 
+# How Opacus computes each network's per-sample gradients. Hooks (with medfed's Conv2d sampler) were faster
+# than functorch for every built-in network (benchmarks/dp_overhead.py, benchmarks/README.md); a layer type
+# Opacus has no sampler for falls back to functorch inside hooks mode. Expanded weights: see docs/models.md.
+GRAD_SAMPLE_MODES = {SLICENET: "hooks", **dict.fromkeys(MONAI_NETWORKS, "hooks")}
+
+
+def grad_sample_mode(name: str) -> str:
+    """The per-sample gradient mode medfed trains ``name`` with (recorded in the ledger event)."""
+    return GRAD_SAMPLE_MODES.get(name, "hooks")
+
 
 class FreshOutput(nn.Module):
     """Runs ``layer`` and returns a new tensor: MONAI's residual blocks add the shortcut in place

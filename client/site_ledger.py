@@ -37,7 +37,7 @@ def _event(e: Entry) -> LedgerEvent:
     return LedgerEvent(round=int(d["round"]), run_id=str(d["run_id"]), noise_multiplier=float(d["noise_multiplier"]),
                        sample_rate=float(d["sample_rate"]), steps=int(d["steps"]), accountant=str(d["accountant"]),
                        epsilon_after=float(d["epsilon_after"]), delta=float(d["delta"]), timestamp=e.time,
-                       kind=_KIND[e.event])
+                       kind=_KIND[e.event], grad_sample_mode=str(d.get("grad_sample_mode", "")))
 
 
 def open_ledger(site: SiteConfig) -> PrivacyLedger:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import resource
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,11 +37,18 @@ class LocalPlan:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Outcome of local training (numbers only)."""
+    """Outcome of local training (numbers only); ``seconds`` and ``peak_mib`` (training memory:
+    CUDA's peak allocation, or on CPU the process' peak resident size) stay in the site's log."""
 
     train_loss: float
     num_examples: int
     steps: int
+    seconds: float = 0.0
+    peak_mib: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.num_examples / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -75,11 +84,12 @@ class PatientImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.images[j][None], self.labels[j]
 
 
-def patient_loader(cohort: Cohort, *, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled batches of patients (DP replaces this with Poisson sampling)."""
+def patient_loader(cohort: Cohort, *, batch_size: int, seed: int, device: torch.device | None = None) -> DataLoader:
+    """Shuffled batches of patients (DP replaces this with Poisson sampling). The images are in
+    memory already, so no worker processes; batches bound for a GPU are pinned (asynchronous copies)."""
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(PatientImages(cohort, seed=seed), batch_size=min(batch_size, cohort.n_patients),
-                      shuffle=True, generator=gen)
+                      shuffle=True, generator=gen, pin_memory=device is not None and device.type == "cuda")
 
 
 def _cycle(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -100,6 +110,9 @@ def run_steps(
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum" if summed else "mean")
     total, count = 0.0, 0
     batches = _cycle(loader)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
     for _ in range(steps):
         x, y = next(batches)
         optimizer.zero_grad(set_to_none=True)
@@ -107,26 +120,33 @@ def run_steps(
             continue
         # DP (summed): Poisson sampling can draw an empty batch; the step still counts and its noise is
         # still added, so the empty batch goes through forward and backward like any other
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = loss_fn(model(x).reshape(y.shape), y)  # a network's (B, 1) logits are the binary task's (B,)
         loss.backward()
         optimizer.step()
         total += float(loss.detach()) * (1 if summed else len(y))
         count += len(y)
-    return TrainResult(train_loss=total / max(count, 1), num_examples=count, steps=steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return TrainResult(train_loss=total / max(count, 1), num_examples=count, steps=steps,
+                       seconds=time.perf_counter() - started, peak_mib=peak)
 
 
 def train_plain(model: nn.Module, cohort: Cohort, plan: LocalPlan, device: torch.device) -> TrainResult:
     """Non-private local SGD (for ``--no-dp`` comparisons and benchmarks)."""
     model.to(device)
     optimizer = plan.make_optimizer(model)
-    loader = patient_loader(cohort, batch_size=plan.batch_size, seed=plan.seed)
+    loader = patient_loader(cohort, batch_size=plan.batch_size, seed=plan.seed, device=device)
     return run_steps(model, optimizer, loader, steps=plan.steps, device=device)
 
 
 def train_private(
     model: nn.Module, cohort: Cohort, plan: LocalPlan, device: torch.device, *,
     noise_multiplier: float, max_grad_norm: float, noise_seed: int, secure_mode: bool = False,
+    grad_sample_mode: str = "hooks",
 ) -> TrainResult:
     """DP-SGD (Opacus): Poisson sampling over patients, per-patient clipping, Gaussian noise.
 
@@ -136,12 +156,12 @@ def train_private(
     """
     model.to(device)
     optimizer = plan.make_optimizer(model)
-    loader = patient_loader(cohort, batch_size=plan.batch_size, seed=plan.seed)
+    loader = patient_loader(cohort, batch_size=plan.batch_size, seed=plan.seed, device=device)
     noise = torch.Generator(device=device)
     noise.manual_seed(noise_seed)
     dp_model, dp_optimizer, dp_loader = make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, noise_generator=noise, secure_mode=secure_mode,
+        max_grad_norm=max_grad_norm, noise_generator=noise, secure_mode=secure_mode, grad_sample_mode=grad_sample_mode,
     )
     result = run_steps(dp_model, dp_optimizer, dp_loader, steps=plan.steps, device=device, summed=True)
     dp_model.to_standard_module()  # Opacus removes its hooks; the caller's module is trained in place

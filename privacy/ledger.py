@@ -43,6 +43,7 @@ class LedgerEvent:
     delta: float
     timestamp: str
     kind: str = "train"
+    grad_sample_mode: str = ""  # training: how Opacus computed the per-sample gradients ("hooks", "functorch")
 
     def mechanism(self) -> GaussianSteps:
         return GaussianSteps(self.noise_multiplier, self.sample_rate, self.steps)
@@ -89,7 +90,7 @@ class PrivacyLedger:
             except InvalidSignature:
                 raise ValueError("signature does not match the site's identity key (edited by hand?)") from None
             names = {f.name for f in fields(LedgerEvent)}
-            events = tuple(LedgerEvent(**{k: e[k] for k in names}) for e in raw)
+            events = tuple(LedgerEvent(**{k: e[k] for k in names if k in e}) for e in raw)  # missing: a TypeError
             if any(e.kind not in KINDS for e in events):
                 raise ValueError("unknown event kind")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

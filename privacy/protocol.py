@@ -23,11 +23,24 @@ _KEYS = {
     "server_round": K.SERVER_ROUND, "run_id": K.RUN_ID, "num_rounds": K.NUM_ROUNDS,
     "local_steps": K.LOCAL_STEPS, "batch_size": K.BATCH_SIZE, "learning_rate": K.LEARNING_RATE,
     "image_size": K.IMAGE_SIZE, "dp": K.DP_ENABLED, "noise_multiplier": K.NOISE_MULTIPLIER_REQUEST,
-    "model": K.MODEL, "findings": K.FINDINGS,
+    "model": K.MODEL, "findings": K.FINDINGS, "window": K.WINDOW,
 }
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _MODEL = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")  # the site checks the name itself (client.model_names)
 _FINDING = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,31}$")
+
+
+def parse_window(text: str) -> tuple[float, float] | None:
+    """``(center, width)`` of a ``window`` value ("" = None); :class:`RoundRequestError` when malformed."""
+    if not text.strip():
+        return None
+    try:
+        center, width = (float(t) for t in text.split(","))
+    except ValueError:
+        raise RoundRequestError(f"{K.WINDOW!r} must be 'center,width' (e.g. '-600,1500'), or empty") from None
+    if not (math.isfinite(center) and math.isfinite(width) and abs(center) <= 1e6 and 0 < width <= 1e6):
+        raise RoundRequestError(f"{K.WINDOW!r}: center and width must be finite, width > 0, both within 1e6")
+    return center, width
 
 
 def parse_findings(text: str) -> tuple[str, ...]:
@@ -58,6 +71,7 @@ class RoundRequest:
     noise_multiplier: float  # the minimum the server asks for; a site may use more
     model: str = "slicenet"
     findings: str = ""  # label columns of a multi-label task, in output order ("" = one binary 'label')
+    window: str = ""  # "center,width" VOI window for this run ("" = each file's own); the site's own wins
 
     def __post_init__(self) -> None:
         checks = (
@@ -76,6 +90,11 @@ class RoundRequest:
             if not ok:
                 raise RoundRequestError(f"round config {key!r} is out of range (allowed {allowed})")
         parse_findings(self.findings)
+        parse_window(self.window)
+
+    @property
+    def voi_window(self) -> tuple[float, float] | None:
+        return parse_window(self.window)
 
     @property
     def finding_names(self) -> tuple[str, ...]:

@@ -51,6 +51,8 @@ def simulate(
     findings: Annotated[str | None, typer.Option(help="multi-label: the labels.csv columns, comma-separated "
                                                       "(default: one binary 'label'; --kind radiograph: its three)")]
     = None,
+    window: Annotated[str, typer.Option(help="VOI window 'center,width' for every site's images (e.g. CT lung "
+                                             "'-600,1500'); default: each file's own. A site's own window wins")] = "",
     init_weights: Annotated[Path | None, typer.Option(help="start from these local weights (.npz or .safetensors "
                                                            "state_dict; sha256 in the audit log)")] = None,
     local_steps: Annotated[int, typer.Option(min=1)] = RunConfig.local_steps,
@@ -76,7 +78,7 @@ def simulate(
 ) -> None:
     """Generate (or reuse) virtual hospitals and train across them in Flower's simulation runtime."""
     from client.synth_radiograph import FINDINGS as RADIOGRAPH_FINDINGS
-    from privacy.protocol import parse_findings
+    from privacy.protocol import parse_findings, parse_window
     from privacy.secagg.wire import roster_fingerprint
     from server.audit_trail import SERVER_KEY
     from server.initial_model import initial_model
@@ -90,7 +92,7 @@ def simulate(
         if findings is None:
             findings = ",".join(RADIOGRAPH_FINDINGS) if kind == "radiograph" and not (data or sites_dir) else ""
         cfg = RunConfig(num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size, model=model,
-                        image_size=size, findings=findings,
+                        image_size=size, findings=findings, window=window,
                         init_weights=str(init_weights.resolve()) if init_weights else "",
                         learning_rate=learning_rate, run_dir=str(out.resolve()), seed=seed, dp=not no_dp,
                         noise_multiplier=noise_multiplier, secure_aggregation=not no_secagg, secagg_k=secagg_k,
@@ -102,7 +104,8 @@ def simulate(
         if cfg.init_weights:
             initial_model(cfg)  # a file that does not fit the network fails here, before any site is prepared
         with err.status("preparing site workspaces (generating DICOM, warming caches)…"):
-            configs = prepare_sites(out, plan, cfg.image_size, keys_dir, findings=parse_findings(cfg.findings))
+            configs = prepare_sites(out, plan, cfg.image_size, keys_dir, findings=parse_findings(cfg.findings),
+                                    window=parse_window(cfg.window))
         fingerprint = roster_fingerprint((out / KEYS_DIR / ROSTER_FILE).read_bytes())  # kept from before the run
         if len(configs) < 2 and cfg.secure_aggregation:
             raise ValueError("secure aggregation needs at least 2 sites: use --sites 2 or more, or --no-secagg")

@@ -8,7 +8,7 @@ from typing import Any
 
 from client.model_names import ModelNameError, check_name
 from privacy.errors import InputError
-from privacy.protocol import RoundRequestError, parse_findings
+from privacy.protocol import RoundRequestError, parse_findings, parse_window
 
 
 class RunConfigError(InputError, ValueError):
@@ -26,6 +26,7 @@ class RunConfig:
     image_size: int = 64
     model: str = "slicenet"  # a built-in network (client.model_names) or an installed factory package.module:function
     findings: str = ""  # multi-label: the labels.csv columns, comma-separated ("" = one binary 'label' column)
+    window: str = ""  # "center,width": the run's VOI window (e.g. CT lung "-600,1500"); "" = each file's own
     init_weights: str = ""  # start from these local weights (.npz or .safetensors; sha256 in the audit log)
     min_sites: int = 1
     round_timeout: float = 600.0
@@ -52,6 +53,7 @@ class RunConfig:
         try:
             check_name(self.model)
             parse_findings(self.findings)
+            parse_window(self.window)
         except (ModelNameError, RoundRequestError) as exc:
             raise RunConfigError(f"run config: {exc}") from None
         for ok, message in checks:

@@ -74,8 +74,7 @@ def test_the_update_may_hold_only_the_requested_networks_arrays(tmp_path: Path, 
     arrays = get_arrays(build_model("densenet121", outputs=2))
     reply = MaliciousServer(ws).train(request(model="densenet121", findings="label,other", image_size=32,
                                               local_steps=1), arrays)
-    # the site's labels.csv has no 'other' column: a data error, answered with a code and nothing else
-    assert reply.has_error() and reply.error.code == K.DATA_UNUSABLE
+    _refused(reply, ws)  # the site offers no label columns for multi-label runs ([data] findings is empty)
     sent = update(MaliciousServer(ws).train(request(model="densenet121", image_size=32, local_steps=1),
                                             get_arrays(build_model("densenet121"))))
     assert {k: v.shape for k, v in sent.items()} == {k: v.shape for k, v in get_arrays(build_model("densenet121")).items()}
@@ -92,3 +91,29 @@ def test_malformed_network_names_are_refused(tmp_path: Path, small_site: Path, n
             request(model=name)
         return
     _refused(reply, ws)
+
+
+def test_the_server_cannot_pick_which_label_columns_the_site_trains_on(tmp_path: Path, small_site: Path) -> None:
+    """A column the site keeps in its labels CSV but did not offer (here: an extra 0/1 column) is not trained
+    on, and whether it exists is not told: the refusal is the same for a column that does not exist."""
+    import csv
+
+    rows = list(csv.DictReader(open(small_site / "labels.csv", newline="")))
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(small_site, data)
+    with open(data / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["SOPInstanceUID", "label", "sensitive", "nodule"])
+        w.writerows([r["SOPInstanceUID"], r["label"], r["label"], r["label"]] for r in rows)
+    ws = make_workspace(tmp_path, "site-a", data, require_secure_aggregation=False)
+    write_site_config(replace(load_site_config(ws), data=replace(load_site_config(ws).data, findings=("nodule",))))
+    server = MaliciousServer(ws)
+    arrays = get_arrays(build_model(outputs=1))
+    for columns in ("sensitive", "no-such-column", "nodule,sensitive"):
+        reply = server.train(request(findings=columns), get_arrays(build_model(outputs=len(columns.split(",")))))
+        m = metrics(reply)
+        assert m[K.REFUSED] == 1 and m[K.REFUSAL_CODE] == K.REFUSED_MODEL and set(m) == {K.REFUSED, K.REFUSAL_CODE}
+    assert site_ledger(ws).events == ()
+    assert set(update(server.train(request(findings="nodule"), arrays))) == set(arrays)  # offered: trains

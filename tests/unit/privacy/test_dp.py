@@ -197,3 +197,25 @@ def test_dp_training_survives_empty_poisson_batches() -> None:
                            torch.device("cpu"), noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=4)
     assert result.steps == 30 and result.num_examples < 30 * 3  # about 30 sampled patients, some steps empty
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_ledger_records_the_per_sample_gradient_mode_and_reads_ledgers_written_before_it(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from privacy.audit.log import canonical
+
+    def sign(events: list) -> str:  # what a site signs: the canonical JSON of the version and the events
+        return KEY.sign(canonical({"version": 2, "events": events})).hex()
+
+    path = tmp_path / "ledger.json"
+    _load(path).append(replace(_event(1, 1.0, 0.25, 20), grad_sample_mode="hooks"), KEY)
+    assert _load(path).events[0].grad_sample_mode == "hooks"
+    assert json.loads(path.read_text())["events"][0]["grad_sample_mode"] == "hooks"
+    # a ledger an earlier medfed signed (no grad_sample_mode field) still verifies and loads
+    old = [{k: v for k, v in e.items() if k != "grad_sample_mode"} for e in json.loads(path.read_text())["events"]]
+    path.write_text(json.dumps({"version": 2, "events": old, "signature": sign(old)}))
+    assert _load(path).events[0].grad_sample_mode == "" and _load(path).events[0].steps == 20
+    del old[0]["steps"]  # a missing field that has no default is still a corrupt ledger
+    path.write_text(json.dumps({"version": 2, "events": old, "signature": sign(old)}))
+    with pytest.raises(LedgerCorruptError):
+        _load(path)
