@@ -120,7 +120,8 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
             return _refuse(msg, site, audit, ids, code=code, reason=reason,
                            metrics={K.EPSILON: eps, K.DELTA: delta, K.PATIENTS: patients})
         seeds = round_seeds(policy, site=site.name, release=f"train:{len(ledger.events) - 1}")  # never the request's
-        audit.trained(ids, event, patients=patients, deterministic=seeds.deterministic)
+        audit.trained(ids, event, patients=patients, deterministic=seeds.deterministic, model=req.model,
+                      findings=req.finding_names)
         plan = LocalPlan(steps=req.local_steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
                          seed=seeds.sampling)
         result = train_private(model, data.train, plan, device, noise_multiplier=event.noise_multiplier,
@@ -132,7 +133,8 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
     else:
         log.warning("site %s trains WITHOUT differential privacy (policy dp = false)", site.name)
         seeds = round_seeds(policy, site=site.name, release=f"plain:{req.run_id}:{req.server_round}")
-        audit.trained(ids, None, patients=patients, deterministic=seeds.deterministic)
+        audit.trained(ids, None, patients=patients, deterministic=seeds.deterministic, model=req.model,
+                      findings=req.finding_names)
         plan = LocalPlan(steps=req.local_steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
                          seed=seeds.sampling)
         result = train_plain(model, data.train, plan, device)
@@ -147,7 +149,7 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
 
 def _site_model(site: SiteConfig, req: RoundRequest) -> nn.Module | str:
     """The requested network built from this site's own code, or why this site refuses it (logged)."""
-    why = site.task_refusal(req.model, req.image_size, req.finding_names)
+    why = site.task_refusal(req.model, req.image_size, req.finding_names, req.batch_size)
     if why is None:
         try:
             return build_model(req.model, outputs=req.outputs, factories=site.models.factories)

@@ -62,11 +62,13 @@ class SiteAudit:
         if not joined:
             self.log.append(E.RUN_JOINED, {"run_id": run_id, "config_sha256": self._config_sha256, **facts})
 
-    def trained(self, ids: RoundIds, event: LedgerEvent | None, *, patients: int, deterministic: bool) -> None:
+    def trained(self, ids: RoundIds, event: LedgerEvent | None, *, patients: int, deterministic: bool,
+                model: str = "slicenet", findings: tuple[str, ...] = ()) -> None:
         """The round is counted (DP: the ledger event) before the update leaves.
-        ``deterministic``: the site chose reproducible noise (``privacy.seed``)."""
+        ``deterministic``: the site chose reproducible noise (``privacy.seed``); ``model`` and
+        ``findings``: the network and the label columns it was trained on."""
         data: dict[str, Any] = {**ids.data(), "patients": patients, "dp": event is not None,
-                                "deterministic_noise": deterministic}
+                                "deterministic_noise": deterministic, "model": model, "findings": list(findings)}
         self.log.append(E.ROUND_TRAINED, data | _mechanism(event))
 
     def evaluated(self, ids: RoundIds, event: LedgerEvent | None, *, metrics: str, deterministic: bool) -> None:

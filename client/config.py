@@ -14,7 +14,7 @@ from typing import Any
 import tomli_w
 
 from client.dicom.preprocess import FRAME_POLICIES, Preprocessing
-from client.model_names import BUILTIN, FACTORY
+from client.model_names import BUILTIN, FACTORY, MIN_IMAGE_SIZE
 from privacy.errors import InputError
 from privacy.files import atomic_write_bytes, private_dir
 from privacy.secagg.params import SecAggFloors
@@ -113,6 +113,7 @@ class ModelPolicy:
     allowed: tuple[str, ...] = BUILTIN  # built-in networks this site trains
     factories: tuple[str, ...] = ()  # "package.module:function" of installed packages (never the server's bundle)
     max_image_size: int = 512  # larger inputs are refused (memory and time at this site)
+    max_batch_size: int = 512  # larger batches are refused (a request must not exhaust this site's memory)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed", tuple(self.allowed))  # TOML gives lists
@@ -125,13 +126,18 @@ class ModelPolicy:
             if not FACTORY.match(name):
                 raise SiteConfigError(f"models.factories entry {name!r} is not 'package.module:function'")
         _in_range("models.max_image_size", self.max_image_size, 8, 1024)
+        _in_range("models.max_batch_size", self.max_batch_size, 1, 65_536)
 
-    def refusal(self, model: str, image_size: int) -> str | None:
-        """Why this site does not train ``model`` at ``image_size`` (None: it does)."""
+    def refusal(self, model: str, image_size: int, batch_size: int = 1) -> str | None:
+        """Why this site does not train ``model`` at ``image_size`` in batches of ``batch_size`` (None: it does)."""
         if model not in self.allowed and model not in self.factories:
             return (f"model {model[:200]!r} is not in [models] allowed or factories of this site's site.toml")
         if image_size > self.max_image_size:
             return f"image size {image_size} exceeds [models] max_image_size = {self.max_image_size}"
+        if image_size < MIN_IMAGE_SIZE.get(model, 8):
+            return f"model {model!r} needs inputs of at least {MIN_IMAGE_SIZE[model]} px (the run asks for {image_size})"
+        if batch_size > self.max_batch_size:
+            return f"batch size {batch_size} exceeds [models] max_batch_size = {self.max_batch_size}"
         return None
 
 
@@ -194,14 +200,14 @@ class SiteConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise SiteConfigError("site.device must be 'auto', 'cpu' or 'cuda'")
 
-    def task_refusal(self, model: str, image_size: int, findings: tuple[str, ...]) -> str | None:
+    def task_refusal(self, model: str, image_size: int, findings: tuple[str, ...], batch_size: int = 1) -> str | None:
         """Why this site does not train this network on this task (None: it does). The label columns
         are the site's to offer: a run may train only on those listed in ``[data] findings``."""
         if findings and not set(findings) <= set(self.data.findings):
             missing = len(set(findings) - set(self.data.findings))
             return (f"the run asks for {missing} label column(s) this site does not offer for training: list the "
                     f"columns it may train on in [data] findings of {self.workspace / SITE_FILE}")
-        return self.models.refusal(model, image_size)
+        return self.models.refusal(model, image_size, batch_size)
 
     def path(self, rel: str) -> Path:
         """Resolve a workspace-relative path."""

@@ -102,7 +102,7 @@ def request_manifest(site: SiteConfig, msg: Message) -> Mapping[str, tuple[tuple
         req = RoundRequest.from_record(msg.content.config_records[K.CONFIG])
     except (RoundRequestError, KeyError):
         return manifest()
-    if site.task_refusal(req.model, req.image_size, req.finding_names) is not None:
+    if site.task_refusal(req.model, req.image_size, req.finding_names, req.batch_size) is not None:
         return MappingProxyType({})
     try:
         return manifest(req.model, req.outputs, site.models.factories)

@@ -19,6 +19,9 @@ MONAI_NETWORKS: dict[str, tuple[str, int]] = {
     "efficientnet-b0": ("EfficientNetBN", 8),
 }
 BUILTIN = (SLICENET, *MONAI_NETWORKS)
+# the smallest input each network runs on (five stride-2 stages; EfficientNet's "same" padding needs 32)
+MIN_IMAGE_SIZE = {SLICENET: 8, "densenet121": 32, "resnet18": 16, "resnet34": 16, "resnet50": 16,
+                  "efficientnet-b0": 32}
 FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME = 200
 

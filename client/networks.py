@@ -78,18 +78,27 @@ def _monai(name: str, *, in_channels: int, outputs: int) -> nn.Module:
 
 
 def _require_installed(name: str, top: str) -> None:
-    """The package ``top`` must be provided by an installed distribution and resolve (found, not yet
-    run) to that distribution's files: a same-named module earlier on ``sys.path`` is refused."""
+    """The package ``top`` must be provided by an installed distribution, and the file Python finds
+    first for it (found, not run) must be one that distribution's RECORD lists: a same-named module
+    earlier on ``sys.path`` is refused. (A folder that also forges a dist-info whose RECORD lists its
+    own files passes: only a bundle the site approved to run is ever on the path — docs/models.md.)"""
     spec = importlib.util.find_spec(top)
     dists = importlib.metadata.packages_distributions().get(top, [])
     if spec is None or not dists:
         raise ModelRefused(f"model factory {name!r}: no installed distribution provides the package {top!r}; "
                            "install it at this site (pip install ...) before approving it")
     where = Path(spec.origin or next(iter(spec.submodule_search_locations or []), "")).resolve()
-    roots = [Path(str(importlib.metadata.distribution(d).locate_file(""))).resolve() for d in dists]
-    if not any(where.is_relative_to(root) for root in roots):
+    listed: set[Path] = set()
+    for dist_name in dists:
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        listed |= {Path(str(dist.locate_file(f))).resolve() for f in dist.files or ()}
+    if where not in listed:
         raise ModelRefused(f"model factory {name!r}: the package {top!r} found first is not the installed one; "
-                           "remove the other copy from the Python path")
+                           "remove the other copy from the Python path (an editable install is not accepted: "
+                           "install the package normally)")
 
 
 def _factory(name: str, approved: Iterable[str]) -> Callable[..., Any]:

@@ -118,14 +118,19 @@ def run_steps(
         optimizer.zero_grad(set_to_none=True)
         if len(y) == 0 and not summed:  # a plain step on nothing: skip it
             continue
-        # DP (summed): Poisson sampling can draw an empty batch; the step still counts and its noise is
-        # still added, so the empty batch goes through forward and backward like any other
+        # DP (summed): Poisson sampling can draw an empty batch; the step still counts and its noise is still
+        # added. Not every network runs on zero samples (MONAI's ResNet flattens with view(0, -1)), so an empty
+        # batch runs as one blank image whose loss is multiplied by 0: its per-sample gradient is exactly zero,
+        # the clipped sum is the empty sum, and the step adds the noise alone
+        weight = 1.0
+        if len(y) == 0:
+            x, y, weight = x.new_zeros((1, *x.shape[1:])), y.new_zeros((1, *y.shape[1:])), 0.0
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = loss_fn(model(x).reshape(y.shape), y)  # a network's (B, 1) logits are the binary task's (B,)
+        loss = weight * loss_fn(model(x).reshape(y.shape), y)  # a network's (B, 1) logits are the binary (B,)
         loss.backward()
         optimizer.step()
         total += float(loss.detach()) * (1 if summed else len(y))
-        count += len(y)
+        count += len(y) if weight else 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**20

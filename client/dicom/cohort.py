@@ -182,14 +182,20 @@ def _assemble(data: Ingested, joined: Joined) -> Cohort:
 
 
 def split_patients(cohort: Cohort, *, val_fraction: float, seed: int) -> tuple[Cohort, Cohort]:
-    """Split into (train, validation) **by patient**, stratified by patient label.
+    """Split into (train, validation) **by patient**: stratified by the binary label; a multi-label
+    cohort is split without looking at the labels.
 
-    No patient has images on both sides. Deterministic for a given seed.
+    No patient has images on both sides. Deterministic for a given seed. A multi-label run's label
+    columns are the server's choice (among those the site offers): a split stratified by them would
+    make the released patient counts a function of the chosen columns' values.
     """
-    patient_label = np.zeros(cohort.n_patients)
-    any_finding = cohort.labels.max(axis=1) if cohort.labels.ndim == 2 else cohort.labels  # multi-label: by any
-    np.maximum.at(patient_label, cohort.patient, any_finding)
     rng = np.random.default_rng(seed)
+    if cohort.labels.ndim == 2:
+        k = int(round(val_fraction * cohort.n_patients)) if cohort.n_patients >= 2 else 0
+        val_ids = np.sort(rng.permutation(cohort.n_patients)[:k])
+        return cohort.subset(np.setdiff1d(np.arange(cohort.n_patients), val_ids)), cohort.subset(val_ids)
+    patient_label = np.zeros(cohort.n_patients)
+    np.maximum.at(patient_label, cohort.patient, cohort.labels)
     val: list[np.ndarray] = []
     for cls in (0.0, 1.0):
         members = np.flatnonzero(patient_label == cls)

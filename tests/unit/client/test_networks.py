@@ -113,6 +113,7 @@ def _installed(root, package: str, body: str) -> None:
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
     (info / "top_level.txt").write_text(package + "\n")
+    (info / "RECORD").write_text(f"{package}/__init__.py,,\n{info.name}/METADATA,,\n")
 
 
 FACTORY_BODY = ("from monai.networks import nets\n"
@@ -141,3 +142,56 @@ def test_a_bundle_copy_shadowing_an_installed_factory_is_refused(tmp_path, monke
     monkeypatch.syspath_prepend(str(tmp_path / "bundle"))  # first on the path, as Flower puts a FAB
     with pytest.raises(ModelRefused, match="not the installed one"):
         build_network("medfed_test_nets:net", factories=["medfed_test_nets:net"])
+
+
+def test_a_bundle_dist_info_that_does_not_record_the_copy_is_refused(tmp_path, monkeypatch) -> None:
+    """The red team's shadow: the bundle adds its own dist-info naming the package; its RECORD lists no such file."""
+    monkeypatch.delitem(sys.modules, "medfed_test_nets", raising=False)
+    _installed(tmp_path / "env", "medfed_test_nets", FACTORY_BODY)
+    bundle = tmp_path / "bundle"
+    (bundle / "medfed_test_nets").mkdir(parents=True)
+    (bundle / "medfed_test_nets" / "__init__.py").write_text("raise SystemExit('bundle code ran')\n")
+    (bundle / "evil-1.0.dist-info").mkdir()
+    (bundle / "evil-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n")
+    (bundle / "evil-1.0.dist-info" / "top_level.txt").write_text("medfed_test_nets\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "env"))
+    monkeypatch.syspath_prepend(str(bundle))
+    with pytest.raises(ModelRefused, match="not the installed one"):
+        build_network("medfed_test_nets:net", factories=["medfed_test_nets:net"])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_dp_training_survives_empty_poisson_batches_on_every_network(name: str) -> None:
+    """MONAI's ResNet cannot run a batch of zero samples; an empty Poisson batch still takes a noise-only step."""
+    import numpy as np
+
+    from client.dicom.cohort import Cohort
+    from client.train import PatientImages, run_steps
+    from privacy.dp import make_private
+
+    rng = np.random.default_rng(0)
+    cohort = Cohort(rng.uniform(size=(9, 32, 32)).astype(np.float32), rng.integers(0, 2, 9).astype(np.float32),
+                    np.arange(9), 9)
+    model = build_model(name)
+    loader = torch.utils.data.DataLoader(PatientImages(cohort, seed=0), batch_size=1,
+                                         generator=torch.Generator().manual_seed(0))
+    noise = torch.Generator().manual_seed(4)
+    dp_model, dp_opt, _ = make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                       data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+                                       noise_generator=noise)
+    before = [p.detach().clone() for p in model.parameters()]
+    empty = [(torch.zeros(0, 1, 32, 32), torch.zeros(0))]  # what Opacus' DPDataLoader yields for an empty draw
+    result = run_steps(dp_model, dp_opt, empty, steps=2, device=torch.device("cpu"), summed=True)
+    assert result.steps == 2 and result.num_examples == 0 and result.train_loss == 0.0
+    moved = [float((a - b.detach()).abs().max()) for a, b in zip(before, model.parameters(), strict=True)]
+    assert min(moved) > 0  # every parameter took the noise (sigma * C / expected batch), nothing else
+    dp_model.to_standard_module()
+
+
+def test_the_site_refuses_inputs_too_small_for_the_network_and_oversized_batches() -> None:
+    from client.config import ModelPolicy
+
+    policy = ModelPolicy(max_batch_size=64)
+    assert "at least 32 px" in (policy.refusal("densenet121", 16) or "")
+    assert policy.refusal("resnet18", 16) is None
+    assert "max_batch_size" in (policy.refusal("slicenet", 64, batch_size=65) or "")
