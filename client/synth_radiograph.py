@@ -78,20 +78,21 @@ def render_radiograph(rng: np.random.Generator, profile: RadiographProfile, find
         band = np.abs(yy - (y0 + 0.12 * xx**2)) < 0.018
         img[band & (np.abs(xx) < 0.7)] += 0.12
     img[np.abs(xx) < 0.06] = 0.8  # spine and mediastinum
-    ratio = rng.uniform(0.38, 0.47) if not findings[2] else rng.uniform(0.56, 0.66) - 0.04 * (d - 1)
+    # cardiothoracic ratio: normal 0.38-0.47; enlarged above, by less the harder the site
+    ratio = rng.uniform(0.38, 0.47) if not findings[2] else rng.uniform(0.43, 0.49) + rng.uniform(0.0, 0.12) / d
     heart_rx = ratio * 0.85  # the heart's width against the chest's (cardiothoracic ratio)
     img[_ellipse(yy, xx, 0.3, 0.08, 0.28, heart_rx)] = 0.75
     if findings[0]:  # nodule inside a lung field
         cy, cx, ry, rx = lungs[int(rng.integers(2))]
         r, t = 0.6 * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
         ny, nx = cy - 0.2 * ry + r * ry * 0.6 * np.sin(t), cx + r * rx * 0.6 * np.cos(t)
-        sigma = rng.uniform(0.025, 0.045) / d
-        img += (0.35 / d) * np.exp(-((yy - ny) ** 2 + (xx - nx) ** 2) / (2 * sigma**2))
+        sigma = rng.uniform(0.035, 0.06)
+        img += (0.4 / d) * np.exp(-((yy - ny) ** 2 + (xx - nx) ** 2) / (2 * sigma**2))
     if findings[1]:  # effusion: the base of one lung filled, meniscus on top
         cy, cx, ry, rx = lungs[int(rng.integers(2))]
-        top = cy + ry * (0.75 - rng.uniform(0.2, 0.45) / d)
+        top = cy + ry * (0.75 - rng.uniform(0.2, 0.45))
         fluid = _ellipse(yy, xx, cy, cx, ry, rx) & (yy > top + 0.15 * ((xx - cx) / rx) ** 2)
-        img[fluid] = 0.65
+        img[fluid] += 0.25 / d  # denser than aerated lung; fainter the harder the site
     img = img * profile.exposure + rng.normal(0.0, profile.noise, size=img.shape).astype(np.float32)
     return np.clip(img, 0.0, 1.0)
 
