@@ -88,7 +88,7 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
     model = _site_model(site, req)
     if isinstance(model, str):
         return _refuse(msg, site, audit, ids, code=K.REFUSED_MODEL, reason="model-not-approved", metrics={})
-    data = load_site_data(site, image_size=req.image_size, findings=req.finding_names, window=req.voi_window)
+    data = load_site_data(site, image_size=req.image_size, findings=req.finding_names, windows=req.voi_windows)
     policy = site.privacy
     patients = data.train.n_patients
     set_arrays(model, global_arrays)
@@ -152,7 +152,7 @@ def _site_model(site: SiteConfig, req: RoundRequest) -> nn.Module | str:
     why = site.task_refusal(req.model, req.image_size, req.finding_names, req.batch_size)
     if why is None:
         try:
-            return build_model(req.model, outputs=req.outputs, factories=site.models.factories)
+            return build_model(req.model, outputs=req.outputs, in_channels=req.channels, factories=site.models.factories)
         except (ModelRefused, ModelNameError) as exc:
             why = str(exc)
     log.warning("site %s does not train the requested network or task: %s", site.name, why)
@@ -192,7 +192,7 @@ def _evaluate(msg: Message, site: SiteConfig) -> Message:
     model = _site_model(site, req)
     if isinstance(model, str):
         return _refuse_evaluation(msg, site, audit, ids, code=K.REFUSED_MODEL, reason="model-not-approved")
-    data = load_site_data(site, image_size=req.image_size, findings=req.finding_names, window=req.voi_window)
+    data = load_site_data(site, image_size=req.image_size, findings=req.finding_names, windows=req.voi_windows)
     set_arrays(model, arrays)
     device = pick_device(site.device)
     metered = policy.dp or req.dp

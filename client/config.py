@@ -172,9 +172,11 @@ class DataConfig:
             raise SiteConfigError("data.workers must be >= 0 (0 = one per CPU)")
 
     def preprocessing(self, image_size: int, run_window: tuple[float, float] | None = None) -> Preprocessing:
-        """The preprocessing this site's data gets for a model of ``image_size``: the site's own
-        window when it set one (it knows its files), else the run's, else each file's VOI window."""
-        window = (float(self.window[0]), float(self.window[1])) if self.window else run_window
+        """The preprocessing this site's data gets for a model of ``image_size``: the run's window
+        when it names one (the task's: a lung window for nodules), else the site's own (for files
+        whose VOI window is wrong or missing), else each file's VOI window."""
+        own = (float(self.window[0]), float(self.window[1])) if self.window else None
+        window = run_window or own
         return Preprocessing(image_size=image_size, window=window, frames=self.frames)
 
 

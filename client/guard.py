@@ -105,7 +105,7 @@ def request_manifest(site: SiteConfig, msg: Message) -> Mapping[str, tuple[tuple
     if site.task_refusal(req.model, req.image_size, req.finding_names, req.batch_size) is not None:
         return MappingProxyType({})
     try:
-        return manifest(req.model, req.outputs, site.models.factories)
+        return manifest(req.model, req.outputs, site.models.factories, req.channels)
     except (ModelRefused, ModelNameError):
         return MappingProxyType({})
 

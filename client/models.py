@@ -15,12 +15,13 @@ from client.model_names import SLICENET
 from client.networks import build_network
 
 
-def build_model(name: str = SLICENET, *, seed: int = 0, outputs: int = 1, factories: Iterable[str] = ()) -> nn.Module:
+def build_model(name: str = SLICENET, *, seed: int = 0, outputs: int = 1, in_channels: int = 1,
+                factories: Iterable[str] = ()) -> nn.Module:
     """Build a freshly initialised network (``client.networks``); the same seed gives the same weights.
 
     ``outputs``: one logit per finding; ``factories``: the model factories the site approved."""
     torch.manual_seed(seed)
-    return build_network(name, outputs=outputs, factories=factories)
+    return build_network(name, outputs=outputs, in_channels=in_channels, factories=factories)
 
 
 def get_arrays(model: nn.Module) -> OrderedDict[str, np.ndarray]:
@@ -29,13 +30,13 @@ def get_arrays(model: nn.Module) -> OrderedDict[str, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=8)
-def manifest(name: str = SLICENET, outputs: int = 1, factories: tuple[str, ...] = ()
+def manifest(name: str = SLICENET, outputs: int = 1, factories: tuple[str, ...] = (), in_channels: int = 1
              ) -> Mapping[str, tuple[tuple[int, ...], str]]:
     """The model's arrays as the egress guard lets them leave: ``name -> (shape, dtype)``.
 
     Built once per process and network, under a forked torch RNG (building a model seeds it)."""
     with torch.random.fork_rng(devices=[]):
-        arrays = get_arrays(build_model(name, outputs=outputs, factories=factories))
+        arrays = get_arrays(build_model(name, outputs=outputs, in_channels=in_channels, factories=factories))
     return MappingProxyType({k: (tuple(v.shape), v.dtype.name) for k, v in arrays.items()})
 
 

@@ -129,6 +129,9 @@ def build_network(name: str, *, outputs: int = 1, in_channels: int = 1, factorie
 
     check_name(name)
     if name == SLICENET:
+        if in_channels != 1:
+            raise ModelRefused(f"slicenet takes one input channel ({in_channels} windows were asked for): choose a "
+                               "MONAI network or a factory for several windows")
         return SliceNet(outputs=outputs)
     if name in MONAI_NETWORKS:
         model = _monai(name, in_channels=in_channels, outputs=outputs)

@@ -17,15 +17,17 @@ class SiteData:
 
 
 def load_site_data(config: SiteConfig, *, image_size: int, progress: bool = False,
-                   findings: tuple[str, ...] = (), window: tuple[float, float] | None = None) -> SiteData:
+                   findings: tuple[str, ...] = (), windows: tuple[tuple[float, float], ...] = ()) -> SiteData:
     """Load (from the workspace cache when possible) and split the site's cohort by patient;
-    ``findings``: the label columns of a multi-label run (empty: the binary ``label``); ``window``:
-    the run's VOI window (the site's own ``[data] window`` wins)."""
+    ``findings``: the label columns of a multi-label run (empty: the binary ``label``); ``windows``:
+    the run's VOI window, or several (one input channel each); none: the site's ``[data] window``,
+    else each file's own."""
     cohort = load_cohort(
-        config.dicom_dir, config.labels_file, config.data.preprocessing(image_size, window),
+        config.dicom_dir, config.labels_file, config.data.preprocessing(image_size, windows[0] if len(windows) == 1 else None),
         cache_dir=config.cache_dir, keys_dir=config.keys_dir,
         allow_unlabelled=config.data.allow_unlabelled,
         workers=config.data.workers, progress=progress, findings=findings,
+        channels=windows if len(windows) > 1 else (),
     )
     train, val = split_patients(cohort, val_fraction=config.data.val_fraction,
                                 seed=config.data.split_seed)

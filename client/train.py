@@ -81,7 +81,8 @@ class PatientImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         group = self.groups[index]
         j = int(group[self.rng.integers(len(group))])
-        return self.images[j][None], self.labels[j]
+        image = self.images[j]
+        return (image[None] if image.dim() == 2 else image), self.labels[j]  # (1, S, S) or (C, S, S)
 
 
 def patient_loader(cohort: Cohort, *, batch_size: int, seed: int, device: torch.device | None = None) -> DataLoader:
@@ -177,8 +178,11 @@ def train_private(
 def logits(model: nn.Module, cohort: Cohort, device: torch.device, *, batch: int = 256) -> np.ndarray:
     """The model's logits for every image of ``cohort`` (float64): shape (N,), or (N, findings)."""
     model.to(device).eval()
-    out = [model(torch.from_numpy(cohort.images[i : i + batch])[:, None].to(device)).cpu().numpy()
-           for i in range(0, len(cohort.labels), batch)]
+    def inputs(i: int) -> torch.Tensor:
+        x = torch.from_numpy(cohort.images[i : i + batch])
+        return (x[:, None] if x.dim() == 3 else x).to(device)
+
+    out = [model(inputs(i)).cpu().numpy() for i in range(0, len(cohort.labels), batch)]
     shape = cohort.labels.shape
     return np.concatenate(out).astype(np.float64).reshape(shape) if out else np.zeros(shape)
 

@@ -30,17 +30,35 @@ _MODEL = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")  # the site checks the name it
 _FINDING = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,31}$")
 
 
-def parse_window(text: str) -> tuple[float, float] | None:
-    """``(center, width)`` of a ``window`` value ("" = None); :class:`RoundRequestError` when malformed."""
+MAX_CHANNELS = 4
+
+
+def parse_windows(text: str) -> tuple[tuple[float, float], ...]:
+    """The ``(center, width)`` windows of a ``window`` value: "" = none (each file's own), one
+    ``center,width``, or up to MAX_CHANNELS separated by ``;`` (one input channel each);
+    :class:`RoundRequestError` when malformed."""
     if not text.strip():
-        return None
-    try:
-        center, width = (float(t) for t in text.split(","))
-    except ValueError:
-        raise RoundRequestError(f"{K.WINDOW!r} must be 'center,width' (e.g. '-600,1500'), or empty") from None
-    if not (math.isfinite(center) and math.isfinite(width) and abs(center) <= 1e6 and 0 < width <= 1e6):
-        raise RoundRequestError(f"{K.WINDOW!r}: center and width must be finite, width > 0, both within 1e6")
-    return center, width
+        return ()
+    parts = text.split(";")
+    if len(parts) > MAX_CHANNELS:
+        raise RoundRequestError(f"{K.WINDOW!r} names {len(parts)} windows: at most {MAX_CHANNELS} (one channel each)")
+    out = []
+    for part in parts:
+        try:
+            center, width = (float(t) for t in part.split(","))
+        except ValueError:
+            raise RoundRequestError(f"{K.WINDOW!r} must be 'center,width' (e.g. '-600,1500'), several separated by "
+                                    "';', or empty") from None
+        if not (math.isfinite(center) and math.isfinite(width) and abs(center) <= 1e6 and 0 < width <= 1e6):
+            raise RoundRequestError(f"{K.WINDOW!r}: center and width must be finite, width > 0, both within 1e6")
+        out.append((center, width))
+    return tuple(out)
+
+
+def parse_window(text: str) -> tuple[float, float] | None:
+    """The single window of a ``window`` value (None: none given, or several: see :func:`parse_windows`)."""
+    windows = parse_windows(text)
+    return windows[0] if len(windows) == 1 else None
 
 
 def parse_findings(text: str) -> tuple[str, ...]:
@@ -90,11 +108,16 @@ class RoundRequest:
             if not ok:
                 raise RoundRequestError(f"round config {key!r} is out of range (allowed {allowed})")
         parse_findings(self.findings)
-        parse_window(self.window)
+        parse_windows(self.window)
 
     @property
-    def voi_window(self) -> tuple[float, float] | None:
-        return parse_window(self.window)
+    def voi_windows(self) -> tuple[tuple[float, float], ...]:
+        return parse_windows(self.window)
+
+    @property
+    def channels(self) -> int:
+        """Input channels: one per window when several are given, else one."""
+        return max(1, len(self.voi_windows))
 
     @property
     def finding_names(self) -> tuple[str, ...]:

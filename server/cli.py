@@ -52,7 +52,8 @@ def simulate(
                                                       "(default: one binary 'label'; --kind radiograph: its three)")]
     = None,
     window: Annotated[str, typer.Option(help="VOI window 'center,width' for every site's images (e.g. CT lung "
-                                             "'-600,1500'); default: each file's own. A site's own window wins")] = "",
+                                             "'-600,1500'), or up to 4 separated by ';' (one input channel each); "
+                                             "default: the site's own, else each file's")] = "",
     init_weights: Annotated[Path | None, typer.Option(help="start from these local weights (.npz or .safetensors "
                                                            "state_dict; sha256 in the audit log)")] = None,
     local_steps: Annotated[int, typer.Option(min=1)] = RunConfig.local_steps,
@@ -78,7 +79,7 @@ def simulate(
 ) -> None:
     """Generate (or reuse) virtual hospitals and train across them in Flower's simulation runtime."""
     from client.synth_radiograph import FINDINGS as RADIOGRAPH_FINDINGS
-    from privacy.protocol import parse_findings, parse_window
+    from privacy.protocol import parse_findings, parse_windows
     from privacy.secagg.wire import roster_fingerprint
     from server.audit_trail import SERVER_KEY
     from server.initial_model import initial_model
@@ -105,7 +106,7 @@ def simulate(
             initial_model(cfg)  # a file that does not fit the network fails here, before any site is prepared
         with err.status("preparing site workspaces (generating DICOM, warming caches)…"):
             configs = prepare_sites(out, plan, cfg.image_size, keys_dir, findings=parse_findings(cfg.findings),
-                                    window=parse_window(cfg.window))
+                                    windows=parse_windows(cfg.window))
         fingerprint = roster_fingerprint((out / KEYS_DIR / ROSTER_FILE).read_bytes())  # kept from before the run
         if len(configs) < 2 and cfg.secure_aggregation:
             raise ValueError("secure aggregation needs at least 2 sites: use --sites 2 or more, or --no-secagg")

@@ -8,7 +8,7 @@ from typing import Any
 
 from client.model_names import ModelNameError, check_name
 from privacy.errors import InputError
-from privacy.protocol import RoundRequestError, parse_findings, parse_window
+from privacy.protocol import RoundRequestError, parse_findings, parse_windows
 
 
 class RunConfigError(InputError, ValueError):
@@ -53,7 +53,9 @@ class RunConfig:
         try:
             check_name(self.model)
             parse_findings(self.findings)
-            parse_window(self.window)
+            if len(parse_windows(self.window)) > 1 and self.model == "slicenet":
+                raise RunConfigError("run config: several windows (one channel each) need a MONAI network or a "
+                                     "factory: slicenet takes one channel")
         except (ModelNameError, RoundRequestError) as exc:
             raise RunConfigError(f"run config: {exc}") from None
         for ok, message in checks:

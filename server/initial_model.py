@@ -16,7 +16,7 @@ import numpy as np
 
 from client.models import build_model, get_arrays
 from privacy.errors import InputError
-from privacy.protocol import parse_findings
+from privacy.protocol import parse_findings, parse_windows
 from server.config import RunConfig
 
 
@@ -37,7 +37,8 @@ def _read(path: Path) -> dict[str, np.ndarray]:
 
 def initial_model(cfg: RunConfig) -> tuple[OrderedDict[str, np.ndarray], str]:
     """``(arrays, sha256 of the weights file or "")`` of the run's starting global model."""
-    fresh = get_arrays(build_model(cfg.model, seed=cfg.seed, outputs=max(1, len(parse_findings(cfg.findings)))))
+    fresh = get_arrays(build_model(cfg.model, seed=cfg.seed, outputs=max(1, len(parse_findings(cfg.findings))),
+                                   in_channels=max(1, len(parse_windows(cfg.window)))))
     if not cfg.init_weights:
         return fresh, ""
     path = Path(cfg.init_weights)

@@ -60,7 +60,7 @@ def _generate(folder: Path, plan: SimulationPlan, index: int) -> None:
 
 
 def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Path | None = None,
-                  findings: tuple[str, ...] = (), window: tuple[float, float] | None = None) -> list[SiteConfig]:
+                  findings: tuple[str, ...] = (), windows: tuple[tuple[float, float], ...] = ()) -> list[SiteConfig]:
     """Create (or reuse) one site workspace per virtual site and warm its data cache.
 
     Every private key (the server's audit key, each virtual site's identity key and identifier
@@ -100,7 +100,7 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Pat
             write_site_config(config)
             configs.append(config)
     for config in configs:
-        load_site_data(config, image_size=image_size, progress=True, findings=findings, window=window)  # fills the cache
+        load_site_data(config, image_size=image_size, progress=True, findings=findings, windows=windows)  # the cache
         # the site's identity/audit key, and its public half in the run's roster of keys
         key = load_or_create_key(site_key_path(config))
         atomic_write_bytes(out / KEYS_DIR / f"{config.name}.pub", public_pem(key.public_key()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ class Cohort:
     themselves never leave this object (and are not stored in the cache).
     """
 
-    images: np.ndarray  # (N, S, S) float32 in [0, 1]
+    images: np.ndarray  # (N, S, S) float32 in [0, 1]; several windows as channels: (N, C, S, S)
     labels: np.ndarray  # (N,) float32 0/1; multi-label: (N, findings)
     patient: np.ndarray  # (N,) int64 patient index
     n_patients: int
@@ -121,20 +121,26 @@ def join_labels(data: Ingested, labels: Labels) -> Joined:
 def load_cohort(
     folder: Path, labels_path: Path, pre: Preprocessing, *, cache_dir: Path | None = None,
     keys_dir: Path | None = None, allow_unlabelled: bool = False, workers: int = 0, progress: bool = False,
-    findings: tuple[str, ...] = (),
+    findings: tuple[str, ...] = (), channels: tuple[tuple[float, float], ...] = (),
 ) -> Cohort:
     """Read, label and preprocess every image under ``folder``.
 
     With ``cache_dir``, decoded frames are cached there per (file content, preprocessing)
-    and later calls do not open the DICOM files again.
+    and later calls do not open the DICOM files again. ``channels``: two or more VOI windows,
+    one input channel each (images ``(N, C, S, S)``); each window is one cached preprocessing,
+    so a first pass decodes every file once per window.
     """
     folder, labels_path = require_folder(folder), Path(labels_path)
     if not candidate_files(folder, exclude=[labels_path]):
         raise SiteDataError(f"data folder {folder} holds no DICOM files: point --data at the folder of the "
                             "site's DICOM export")
     labels = read_labels(labels_path, findings)
-    data = ingest(folder, pre, cache_dir=cache_dir, keys_dir=keys_dir, workers=workers, progress=progress,
-                  exclude=[labels_path])
+    data = ingest(folder, replace(pre, window=channels[0]) if len(channels) > 1 else pre, cache_dir=cache_dir,
+                  keys_dir=keys_dir, workers=workers, progress=progress, exclude=[labels_path])
+    if len(channels) > 1:
+        more = [ingest(folder, replace(pre, window=w), cache_dir=cache_dir, keys_dir=keys_dir, workers=workers,
+                       progress=progress, exclude=[labels_path]).frames for w in channels[1:]]
+        data = replace(data, frames=np.stack([data.frames, *more], axis=1))
     images = sum(r.status == "image" for r in data.records)
     if images == 0:
         errors = [f"{rel}: {r.reason}" for rel, r in zip(data.rels, data.records, strict=True) if r.status == "error"]

@@ -28,15 +28,16 @@ def _exact_ledgers(run: Path, final: dict) -> None:
         assert final["epsilon"][site] == quantise(EPSILON, expected)  # accounting unchanged and exact
 
 
-def test_densenet121_at_64_px_trains_with_dp_and_secure_aggregation(tmp_path: Path) -> None:
+def test_densenet121_at_64_px_on_two_ct_windows_trains_with_dp_and_secure_aggregation(tmp_path: Path) -> None:
     run = tmp_path / "dense"
-    m = simulate(*TINY, "--model", "densenet121", "--size", "64", "--out", str(run), cwd=tmp_path)
+    m = simulate(*TINY, "--model", "densenet121", "--size", "64", "--window", "-600,1500;40,400", "--out", str(run),
+                 cwd=tmp_path)
     assert m["config"]["model"] == "densenet121" and m["config"]["image_size"] == 64
     final = m["rounds"][-1]
     assert final["sites"] == ["site-1", "site-2"] and final["refused"] == []
     _exact_ledgers(run, final)
     with np.load(run / "model-final.npz") as npz:
-        fresh = get_arrays(build_model("densenet121"))
+        fresh = get_arrays(build_model("densenet121", in_channels=2))  # one input channel per window
         assert set(npz.files) == set(fresh) and all(npz[k].shape == fresh[k].shape for k in fresh)
         assert any(not np.array_equal(npz[k], fresh[k]) for k in fresh if fresh[k].dtype.kind == "f")
     start = next(e for e in read_entries(run / "audit.jsonl") if e.event == "run-start")

@@ -195,3 +195,25 @@ def test_the_site_refuses_inputs_too_small_for_the_network_and_oversized_batches
     assert "at least 32 px" in (policy.refusal("densenet121", 16) or "")
     assert policy.refusal("resnet18", 16) is None
     assert "max_batch_size" in (policy.refusal("slicenet", 64, batch_size=65) or "")
+
+
+def test_several_windows_become_input_channels(tmp_path, small_site) -> None:  # type: ignore[no-untyped-def]
+    """Real DICOM, two CT windows: (N, 2, S, S) inputs; a two-channel network trains one DP step on them."""
+    import numpy as np
+
+    from client.dicom import Preprocessing, load_cohort
+    from client.train import LocalPlan, train_private
+
+    lung, soft = (-600.0, 1500.0), (40.0, 400.0)
+    both = load_cohort(small_site, small_site / "labels.csv", Preprocessing(image_size=32), cache_dir=tmp_path / "c",
+                       channels=(lung, soft))
+    one = load_cohort(small_site, small_site / "labels.csv", Preprocessing(image_size=32, window=soft),
+                      cache_dir=tmp_path / "c")
+    assert both.images.shape == (len(both.labels), 2, 32, 32) and np.array_equal(both.images[:, 1], one.images)
+    assert not np.array_equal(both.images[:, 0], both.images[:, 1])
+    model = build_model("resnet18", in_channels=2)
+    result = train_private(model, both, LocalPlan(steps=1, batch_size=8, learning_rate=1e-3, seed=0),
+                           torch.device("cpu"), noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=1)
+    assert result.steps == 1
+    with pytest.raises(ModelRefused, match="one input channel"):
+        build_network("slicenet", in_channels=2)

@@ -8,7 +8,7 @@ import pytest
 
 from client.config import DataConfig
 from privacy import egress as K
-from privacy.protocol import RoundRequest, RoundRequestError, parse_findings, parse_window
+from privacy.protocol import RoundRequest, RoundRequestError, parse_findings, parse_window, parse_windows
 from server.config import RunConfig, RunConfigError
 from server.rounds import round_config
 
@@ -20,10 +20,17 @@ def test_the_round_request_carries_the_runs_choices_and_parses_them_back() -> No
     cfg = RunConfig(model="densenet121", findings="nodule,effusion", window="-600,1500", image_size=224)
     record = round_config(cfg, "run-1", 1)
     req = RoundRequest.from_record(record)
-    assert (req.model, req.finding_names, req.outputs, req.voi_window) == (
-        "densenet121", ("nodule", "effusion"), 2, (-600.0, 1500.0))
+    assert (req.model, req.finding_names, req.outputs, req.voi_windows, req.channels) == (
+        "densenet121", ("nodule", "effusion"), 2, ((-600.0, 1500.0),), 1)
     assert record[K.MODEL] == "densenet121" and record[K.WINDOW] == "-600,1500"
-    assert BASE.outputs == 1 and BASE.voi_window is None and BASE.model == "slicenet"
+    assert BASE.outputs == 1 and BASE.voi_windows == () and BASE.channels == 1 and BASE.model == "slicenet"
+    three = replace(BASE, window="-600,1500;40,400;400,1800")
+    assert three.channels == 3 and three.voi_windows[2] == (400.0, 1800.0)
+    assert parse_window("-600,1500;40,400") is None and parse_windows("") == ()
+    with pytest.raises(RoundRequestError, match="at most 4"):
+        parse_windows(";".join(["0,1"] * 5))
+    with pytest.raises(RunConfigError, match="one channel"):
+        RunConfig(window="-600,1500;40,400")  # slicenet is single-channel
 
 
 @pytest.mark.parametrize("text", ["-600", "a,b", "0,0", "0,-5", "nan,10", "0,1e9", "1,2,3"])
@@ -42,9 +49,10 @@ def test_malformed_findings_are_refused(text: str) -> None:
         parse_findings(text)
 
 
-def test_the_sites_own_window_wins_over_the_runs() -> None:
+def test_the_runs_window_then_the_sites_then_the_files() -> None:
     assert DataConfig().preprocessing(64, (40.0, 400.0)).window == (40.0, 400.0)
-    assert DataConfig(window=(-600.0, 1500.0)).preprocessing(64, (40.0, 400.0)).window == (-600.0, 1500.0)
+    assert DataConfig(window=(-600.0, 1500.0)).preprocessing(64, (40.0, 400.0)).window == (40.0, 400.0)
+    assert DataConfig(window=(-600.0, 1500.0)).preprocessing(64).window == (-600.0, 1500.0)
     assert DataConfig().preprocessing(64).window is None  # each file's own VOI window
 
 
