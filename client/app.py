@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from torch import nn
 
 from client.audit_trail import RoundIds, SiteAudit
@@ -32,6 +33,7 @@ from privacy.dp_metrics import patient_sums, release
 from privacy.ledger import LedgerEvent, PrivacyLedger, now_utc
 from privacy.model_arrays import arrays_sha256, arrays_to_record, record_to_arrays
 from privacy.protocol import RoundRequest, checked_model, server_head
+from privacy.update_norm import clip_to_norm
 
 NODE_SITE_KEY = "site-workspace"
 log = logging.getLogger("medfed.site")
@@ -144,7 +146,11 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
     metrics[K.NUM_EXAMPLES] = patients
     if not (policy.dp or req.dp) or policy.metrics == "exact":
         metrics[K.TRAIN_LOSS] = result.train_loss  # not DP-protected: released only without a guarantee to keep
-    return _reply(msg, site, metrics, {k: new[k] - global_arrays[k] for k in new}, audit_head=audit.head())
+    update, norm = clip_to_norm({k: new[k] - global_arrays[k] for k in new}, site.robustness.max_update_norm)
+    if site.robustness.max_update_norm > 0:  # the site's own bound, before the update is masked
+        audit.update_bounded(ids, bound=site.robustness.max_update_norm,
+                             scaled=norm > site.robustness.max_update_norm)
+    return _reply(msg, site, metrics, update, audit_head=audit.head())
 
 
 def _site_model(site: SiteConfig, req: RoundRequest) -> nn.Module | str:
@@ -251,16 +257,17 @@ def _metered_metrics(model: nn.Module, data: SiteData, device: torch.device, eve
     return metrics
 
 
-def build_client_app(sim_sites: Sequence[str] = ()) -> ClientApp:
+def build_client_app(sim_sites: Sequence[str] = (), inner_mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp; ``sim_sites`` lists virtual sites' workspaces in a simulation.
 
     Every reply passes the egress guard (outermost mod); ``train`` messages of a secure
-    aggregation round pass the SecAgg+ client, which masks the update before it leaves."""
+    aggregation round pass the SecAgg+ client, which masks the update before it leaves.
+    ``inner_mods``: a simulation's fault injection (``server.chaos``), innermost: never deployed."""
 
     def resolve(context: Context) -> SiteConfig:
         return resolve_site(context, sim_sites)
 
-    client_app = ClientApp(mods=[egress_guard(resolve), secagg_mod(resolve)])
+    client_app = ClientApp(mods=[egress_guard(resolve), secagg_mod(resolve), *inner_mods])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -71,6 +71,10 @@ class SiteAudit:
                                 "deterministic_noise": deterministic, "model": model, "findings": list(findings)}
         self.log.append(E.ROUND_TRAINED, data | _mechanism(event))
 
+    def update_bounded(self, ids: RoundIds, *, bound: float, scaled: bool) -> None:
+        """The update was held to the site's ``[robustness] max_update_norm`` (``scaled``: it was above it)."""
+        self.log.append(E.UPDATE_BOUNDED, {**ids.data(), "bound": bound, "scaled": scaled})
+
     def evaluated(self, ids: RoundIds, event: LedgerEvent | None, *, metrics: str, deterministic: bool) -> None:
         """Validation metrics are about to leave: metered (``event``, charged) or, by the site's
         own choice, exact (``metrics = "exact"``, no guarantee)."""

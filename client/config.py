@@ -142,6 +142,16 @@ class ModelPolicy:
 
 
 @dataclass(frozen=True)
+class RobustnessPolicy:
+    """``[robustness]``: the L2 bound this site puts on its own update before it is masked (0 = none)."""
+
+    max_update_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        _in_range("robustness.max_update_norm (0 = no bound)", self.max_update_norm, 0, 1e6)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the site's DICOM export and labels are (relative paths: to the workspace)."""
 
@@ -193,6 +203,7 @@ class SiteConfig:
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     secagg: SecAggPolicy = field(default_factory=SecAggPolicy)
     models: ModelPolicy = field(default_factory=ModelPolicy)
+    robustness: RobustnessPolicy = field(default_factory=RobustnessPolicy)
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
@@ -244,6 +255,7 @@ class SiteConfig:
             "data": {**asdict(self.data), "window": list(self.data.window), "findings": list(self.data.findings)},
             "privacy": {k: v for k, v in asdict(self.privacy).items() if v is not None},  # TOML has no null
             "secagg": asdict(self.secagg),
+            "robustness": asdict(self.robustness),
             "models": {**asdict(self.models), "allowed": list(self.models.allowed),
                        "factories": list(self.models.factories)},
         }
@@ -313,6 +325,7 @@ def load_site_config(workspace: Path) -> SiteConfig:
             privacy=_section(doc, "privacy", PrivacyPolicy),
             secagg=_section(doc, "secagg", SecAggPolicy),
             models=_section(doc, "models", ModelPolicy),
+            robustness=_section(doc, "robustness", RobustnessPolicy),
         )
     except TypeError as exc:
         raise SiteConfigError(f"{path}: {exc}; fix the value types") from None

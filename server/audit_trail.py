@@ -58,6 +58,10 @@ class ServerAudit:
     def aggregate(self, rnd: int, sites: list[str], arrays: Mapping[str, np.ndarray]) -> None:
         self._add(E.AGGREGATE, round=rnd, sites=sites, new_sha256=arrays_sha256(arrays))
 
+    def aggregate_rejected(self, rnd: int, norm: float, bound: float) -> None:
+        """The secure aggregate's norm exceeded the run's update-norm bound: not applied."""
+        self._add(E.AGGREGATE_REJECTED, round=rnd, norm=norm, bound=bound)
+
     def checkpoint(self, rnd: int, file: str, arrays: Mapping[str, np.ndarray]) -> None:
         self._add(E.CHECKPOINT, round=rnd, file=file, sha256=arrays_sha256(arrays))
 

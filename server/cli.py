@@ -74,6 +74,13 @@ def simulate(
                           "to the ledger, as hospitals do) or none")] = "exact",
     site_seed: Annotated[int | None, typer.Option(help="virtual sites draw DETERMINISTIC noise from this seed "
                                                        "(reproducible research; warned and audited)")] = None,
+    aggregator: Annotated[str, typer.Option(help="mean, or (needs --no-secagg) median, trimmed-mean or krum")]
+    = RunConfig.aggregator,
+    update_norm_bound: Annotated[float, typer.Option(min=0.0, help="L2 bound on a site's update: each is clipped to it "
+                                                                   "(in the clear), or a secure aggregate above it "
+                                                                   "is rejected; 0 = none")] = 0.0,
+    poison: Annotated[list[str] | None, typer.Option(help="chaos: SITE:scale=FACTOR (the site sends its update "
+                                                          "times FACTOR) or SITE:flip-labels; repeatable")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the final metrics as JSON")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower and Ray logs")] = False,
 ) -> None:
@@ -82,6 +89,7 @@ def simulate(
     from privacy.protocol import parse_findings, parse_windows
     from privacy.secagg.wire import roster_fingerprint
     from server.audit_trail import SERVER_KEY
+    from server.chaos import parse_poison
     from server.initial_model import initial_model
     from server.rundir import private_keys_dir
     from server.simulate import KEYS_DIR, ROSTER_FILE, SimulationPlan, prepare_sites
@@ -90,10 +98,12 @@ def simulate(
     try:
         policy = PrivacyPolicy(dp=not no_dp, max_epsilon=epsilon, delta=delta, accountant=accountant,
                                require_secure_aggregation=not no_secagg, metrics=metrics_release, seed=site_seed)
+        poisons = tuple(parse_poison(p) for p in poison or ())
         if findings is None:
             findings = ",".join(RADIOGRAPH_FINDINGS) if kind == "radiograph" and not (data or sites_dir) else ""
         cfg = RunConfig(num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size, model=model,
-                        image_size=size, findings=findings, window=window,
+                        image_size=size, findings=findings, window=window, aggregator=aggregator,
+                        update_norm_bound=update_norm_bound,
                         init_weights=str(init_weights.resolve()) if init_weights else "",
                         learning_rate=learning_rate, run_dir=str(out.resolve()), seed=seed, dp=not no_dp,
                         noise_multiplier=noise_multiplier, secure_aggregation=not no_secagg, secagg_k=secagg_k,
@@ -101,7 +111,8 @@ def simulate(
                         roster_file=str((out / KEYS_DIR / ROSTER_FILE).resolve()),
                         audit_key=str((keys_dir or private_keys_dir(out)).resolve() / SERVER_KEY))
         plan = SimulationPlan(sites=sites, patients=patients, data=tuple(data or ()),
-                              sites_dir=sites_dir, data_seed=seed, policy=policy, kind=kind, difficulty=difficulty)
+                              sites_dir=sites_dir, data_seed=seed, policy=policy, kind=kind, difficulty=difficulty,
+                              poisons=poisons)
         if cfg.init_weights:
             initial_model(cfg)  # a file that does not fit the network fails here, before any site is prepared
         with err.status("preparing site workspaces (generating DICOM, warming caches)…"):
@@ -114,7 +125,7 @@ def simulate(
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
-    _train(cfg, configs, verbose=verbose)
+    _train(cfg, configs, verbose=verbose, poisons=plan.poisons)
     _finish(out, configs, fingerprint, sites_dir=sites_dir, keys_dir=keys_dir, as_json=as_json)
 
 
@@ -134,7 +145,7 @@ def _warn(*, no_dp: bool, exact_metrics: bool, site_seed: int | None, no_secagg:
                   "Gradient inversion can turn an update back into patient images. Comparison only.[/]")
 
 
-def _train(cfg: RunConfig, configs: list[SiteConfig], *, verbose: bool) -> None:
+def _train(cfg: RunConfig, configs: list[SiteConfig], *, verbose: bool, poisons: tuple = ()) -> None:
     """Run the simulation, one line per round under a progress bar."""
     from server.simulate import run_simulation_runtime
 
@@ -151,7 +162,7 @@ def _train(cfg: RunConfig, configs: list[SiteConfig], *, verbose: bool) -> None:
                 f"refused {len(row.get('refused', []))}  train loss {fmt(row.get('train_loss'))}  "
                 f"val AUROC {fmt(row.get('val_auroc'))}  max ε {fmt(eps, 3)}  {fmt(row['seconds'], 1)}s")
 
-        run_simulation_runtime(cfg, configs, on_round=on_round, verbose=verbose)
+        run_simulation_runtime(cfg, configs, on_round=on_round, verbose=verbose, poisons=poisons)
 
 
 def _finish(out: Path, configs: list[SiteConfig], fingerprint: str, *, sites_dir: Path | None, keys_dir: Path | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from client.model_names import ModelNameError, check_name
 from privacy.errors import InputError
 from privacy.protocol import RoundRequestError, parse_findings, parse_windows
+from server.robust import AGGREGATORS
 
 
 class RunConfigError(InputError, ValueError):
@@ -28,6 +30,8 @@ class RunConfig:
     findings: str = ""  # multi-label: the labels.csv columns, comma-separated ("" = one binary 'label' column)
     window: str = ""  # "center,width": the run's VOI window (e.g. CT lung "-600,1500"); "" = each file's own
     init_weights: str = ""  # start from these local weights (.npz or .safetensors; sha256 in the audit log)
+    aggregator: str = "mean"  # mean | median | trimmed-mean | krum (the last three need every update: no SecAgg)
+    update_norm_bound: float = 0.0  # L2 bound on a site's update: clipped (in the clear) / aggregate checked (SecAgg)
     min_sites: int = 1
     round_timeout: float = 600.0
     run_dir: str = ""
@@ -49,6 +53,12 @@ class RunConfig:
             (8 <= self.image_size <= 1024, "image-size must be between 8 and 1024"),
             (self.min_sites >= 1, "min-sites must be >= 1"),
             (self.round_timeout > 0, "round-timeout must be > 0 seconds"),
+            (self.aggregator in AGGREGATORS, f"aggregator must be one of {', '.join(AGGREGATORS)}"),
+            (not (self.secure_aggregation and self.aggregator != "mean"),
+             f"aggregator {self.aggregator!r} needs every site's update in the clear; secure aggregation shows the "
+             "server only their mean: use aggregator 'mean' (with update-norm-bound) or turn secure aggregation off"),
+            (math.isfinite(self.update_norm_bound) and self.update_norm_bound >= 0,
+             "update-norm-bound must be a finite number >= 0 (0 = no bound)"),
         ]
         try:
             check_name(self.model)

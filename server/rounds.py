@@ -17,10 +17,11 @@ from flwr.serverapp import Grid
 from privacy import egress as K
 from privacy.model_arrays import arrays_sha256, arrays_to_record
 from privacy.protocol import RoundRequest, parse_findings
-from server.aggregate import apply_update, weighted_mean
+from server.aggregate import apply_update
 from server.audit_trail import ServerAudit
 from server.config import RunConfig
 from server.messaging import Reply, RoundOutcome, exchange, wait_for_sites
+from server.robust import aggregate, clip_to_norm, l2_norm
 from server.rundir import RunDir
 from server.secagg_driver import SecureRound, secure_train
 
@@ -83,15 +84,14 @@ def run_federation(
             log.warning("round %d: site %s refused to train (privacy budget exhausted)", rnd, site)
         if secure is not None:
             row["secagg"] = secure.info
-        if updates:
-            update = secure.update if secure is not None and secure.update is not None else weighted_mean(
-                [r.arrays for r in updates if r.arrays is not None], [r.metrics[K.NUM_EXAMPLES] for r in updates])
+        update = _round_update(cfg, updates, secure, row, audit, rnd) if updates else None
+        if update is not None:
             arrays = apply_update(arrays, update)
             audit.aggregate(rnd, sorted(r.site for r in updates), arrays)
             path = rundir.checkpoint(rnd, arrays)
             audit.checkpoint(rnd, path.name, arrays)
             last_round = rnd
-        else:
+        elif not updates:
             log.warning("round %d: no site returned an update; the global model is unchanged", rnd)
         row["model_sha256"] = arrays_sha256(arrays)
         row["train_loss"] = _weighted(train.replies, K.TRAIN_LOSS)
@@ -118,6 +118,34 @@ def run_federation(
     metrics["audit"] = audit.summary()
     rundir.write_metrics(_jsonable(metrics))
     return metrics
+
+
+def _round_update(cfg: RunConfig, updates: list[Reply], secure: SecureRound | None, row: dict[str, Any],
+                  audit: ServerAudit, rnd: int) -> OrderedDict[str, np.ndarray] | None:
+    """The round's aggregated update, or None when the round is rejected (``server.robust``): in the
+    clear each update is clipped to ``update_norm_bound`` and aggregated by ``cfg.aggregator``; a
+    secure aggregate above the bound is rejected (honest sites' mean cannot exceed it)."""
+    bound = cfg.update_norm_bound
+    if secure is not None and secure.update is not None:
+        norm = l2_norm(secure.update)
+        row["update_norm"] = norm
+        if bound > 0 and norm > bound:
+            log.warning("round %d: the secure aggregate's norm %.4g exceeds update-norm-bound %.4g: round rejected, "
+                        "the global model is unchanged", rnd, norm, bound)
+            row["rejected"] = f"aggregate norm {norm:.6g} above the bound {bound:g}"
+            audit.aggregate_rejected(rnd, norm, bound)
+            return None
+        return secure.update
+    clipped, norms = [], {}
+    for r in updates:
+        if r.arrays is None:
+            continue
+        arrays, norms[r.site] = clip_to_norm(r.arrays, bound)
+        clipped.append(arrays)
+    row["update_norms"] = norms
+    if bound > 0:
+        row["clipped"] = sorted(site for site, n in norms.items() if n > bound)
+    return aggregate(clipped, [r.metrics[K.NUM_EXAMPLES] for r in updates if r.arrays is not None], cfg.aggregator)
 
 
 def _train_round(grid: Grid, cfg: RunConfig, nodes: list[int], arrays: OrderedDict[str, np.ndarray],

@@ -20,6 +20,7 @@ from privacy.files import atomic_write_bytes, private_dir
 from privacy.keys import load_or_create_key, public_pem
 from privacy.secagg.wire import roster_bytes
 from server.audit_trail import SERVER_KEY
+from server.chaos import Poison, flip_labels, scale_mod
 from server.config import RunConfig
 from server.rounds import RoundCallback
 from server.rundir import private_keys_dir
@@ -41,10 +42,16 @@ class SimulationPlan:
     policy: PrivacyPolicy = PrivacyPolicy()
     kind: str = "ct"  # generated sites: "ct" (chest CT slices, one binary label) or "radiograph" (multi-label DX)
     difficulty: float = 1.0  # generated sites: higher = fainter findings
+    poisons: tuple[Poison, ...] = ()  # chaos: poisoned virtual sites (server.chaos)
 
     def __post_init__(self) -> None:
         if self.kind not in GENERATED_KINDS:
             raise ValueError(f"--kind {self.kind!r}: use one of {', '.join(GENERATED_KINDS)}")
+        names = {f"site-{i + 1}" for i in range(self.sites)}
+        if any(p.site not in names for p in self.poisons):
+            raise ValueError(f"--poison names a site that is not in this simulation ({', '.join(sorted(names))})")
+        if any(p.flip_labels for p in self.poisons) and (self.data or self.sites_dir is not None):
+            raise ValueError("--poison SITE:flip-labels works on generated sites only (not with --data or --sites-dir)")
 
 
 GENERATED_KINDS = ("ct", "radiograph")
@@ -91,6 +98,9 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Pat
                 data = DataConfig(findings=findings)  # a generated site offers the run's label columns
                 if not (ws / data.labels).is_file():
                     _generate(ws / data.dicom, plan, i)
+                if any(p.site == name and p.flip_labels for p in plan.poisons):
+                    flipped = flip_labels(ws / data.labels, ws / "labels-flipped.csv")
+                    data = DataConfig(findings=findings, labels=str(flipped))
             # a 2-site study is a researcher's choice: the virtual sites accept rounds of all the sites there are
             secagg = SecAggPolicy(min_sites=min(SecAggPolicy.min_sites, plan.sites),
                                   min_neighbours=min(SecAggPolicy.min_neighbours, plan.sites - 1)) \
@@ -117,7 +127,7 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Pat
 
 def run_simulation_runtime(
     cfg: RunConfig, configs: Sequence[SiteConfig], *, on_round: RoundCallback | None = None,
-    verbose: bool = False,
+    verbose: bool = False, poisons: Sequence[Poison] = (),
 ) -> dict[str, Any]:
     """Run the federation with Flower's simulation runtime, one Ray actor CPU per site.
 
@@ -132,7 +142,7 @@ def run_simulation_runtime(
         if not verbose:
             flwr_log.setLevel(logging.ERROR)
         try:
-            return _run(cfg, configs, on_round, verbose)
+            return _run(cfg, configs, on_round, verbose, poisons)
         finally:
             flwr_log.setLevel(level)
 
@@ -149,14 +159,15 @@ def scoped_environment(values: Mapping[str, str]) -> Iterator[None]:
             os.environ.pop(k, None)
 
 
-def _run(cfg: RunConfig, configs: Sequence[SiteConfig], on_round: RoundCallback | None, verbose: bool
-         ) -> dict[str, Any]:
+def _run(cfg: RunConfig, configs: Sequence[SiteConfig], on_round: RoundCallback | None, verbose: bool,
+         poisons: Sequence[Poison] = ()) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app
     from server.app import build_server_app
 
     result: dict[str, Any] = {}
+    sites = [str(c.workspace) for c in configs]
 
     def record(row: dict[str, Any]) -> None:
         result.setdefault("rounds", []).append(row)
@@ -165,7 +176,7 @@ def _run(cfg: RunConfig, configs: Sequence[SiteConfig], on_round: RoundCallback 
 
     run_simulation(
         server_app=build_server_app(cfg, on_round=record),
-        client_app=build_client_app([str(c.workspace) for c in configs]),
+        client_app=build_client_app(sites, inner_mods=[scale_mod(poisons, sites)] if poisons else []),
         num_supernodes=len(configs),
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

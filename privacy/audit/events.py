@@ -15,6 +15,7 @@ class E:
     SITE_REPLY = "site-reply"  # run_id, round, site, status (trained|refused|error|timeout), site_head, epsilon
     SECAGG = "secure-aggregation"  # run_id, round, sites, dropped, aborted, k, threshold
     AGGREGATE = "aggregate-applied"  # run_id, round, sites, new_sha256
+    AGGREGATE_REJECTED = "aggregate-rejected"  # run_id, round, norm, bound: a secure aggregate above the bound
     CHECKPOINT = "checkpoint-written"  # run_id, round, file, sha256
     ROUND_END = "round-end"  # run_id, round, metrics_sha256: digest of the round's row of metrics.json
     RUN_END = "run-end"  # run_id, rounds, final_sha256, ended_early (the round every site refused, or null)
@@ -24,6 +25,7 @@ class E:
     ROUND_TRAINED = "round-trained"  # run_id, round, global_sha256, noise_multiplier, sample_rate, steps, ...
     EVALUATED = "round-evaluated"  # run_id, round, global_sha256, metrics (dp|exact), dp, noise_multiplier, ...
     REFUSED = "refused"  # run_id, round, global_sha256, reason
+    UPDATE_BOUNDED = "update-bounded"  # run_id, round, bound, scaled: the site held its update to its norm bound
     EGRESS_BLOCKED = "egress-blocked"
     CODE_REFUSED = "code-refused"  # code_sha256 (the bundle's digest), fab_sha256, run_id (Flower's run id)
     CODE_FOREIGN = "code-ran"  # code_sha256, run_id: an approved bundle other than the installed medfed ran
