@@ -133,6 +133,7 @@ def _round_update(cfg: RunConfig, updates: list[Reply], secure: SecureRound | No
             log.warning("round %d: the secure aggregate's norm %.4g exceeds update-norm-bound %.4g: round rejected, "
                         "the global model is unchanged", rnd, norm, bound)
             row["rejected"] = f"aggregate norm {norm:.6g} above the bound {bound:g}"
+            row["rejected_sites"], row["sites"] = row["sites"], []  # "sites": whose update was applied
             audit.aggregate_rejected(rnd, norm, bound)
             return None
         return secure.update

@@ -4,11 +4,14 @@ aggregation the poisoned aggregate is rejected and never applied."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from privacy.audit.log import read_entries
+from privacy.audit.trust import from_roster
+from privacy.audit.verify import run_logs, verify_paths
 from tests.e2e.test_simulate import simulate
 
 pytestmark = pytest.mark.e2e
@@ -41,3 +44,9 @@ def test_one_poisoned_site_of_five(tmp_path: Path) -> None:
     log = read_entries(tmp_path / "secure" / "audit.jsonl")
     assert [e.data["round"] for e in log if e.event == "aggregate-rejected"] == [1, 2, 3]
     assert not [e for e in log if e.event == "aggregate-applied"]
+    for name in ("bound", "secure"):  # the defended and the rejected runs verify, site logs included
+        run = tmp_path / name
+        logs = run_logs(run) | {k: v for k, v in run_logs(tmp_path / "clean").items() if k != "server"}  # --sites-dir
+        verdict = verify_paths(logs, from_roster(run / "keys" / "roster.json"),
+                               json.loads((run / "metrics.json").read_text()))
+        assert verdict.ok, verdict.problems[:3]
