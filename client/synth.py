@@ -156,19 +156,17 @@ def _uid(*parts: object) -> str:
     return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
-def _dataset(
-    profile: SiteProfile, hu: np.ndarray, *, patient_id: str, study_uid: str, series_uid: str,
-    sop_uid: str, instance: int,
-) -> Dataset:
+def synthetic_dataset(sop_class: UID, modality: str, *, patient_id: str, study_uid: str, series_uid: str,
+                      sop_uid: str, instance: int) -> Dataset:
+    """The file meta, identity and de-identification tags every generated image shares."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
@@ -176,11 +174,20 @@ def _dataset(
     ds.PatientName = ""
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = "medfed synthetic generator"
-    ds.Modality = "CT"
+    ds.Modality = modality
     ds.Manufacturer = "medfed-synth"
     ds.StudyDate = ""
     ds.SeriesNumber = 1
     ds.InstanceNumber = instance
+    return ds
+
+
+def _dataset(
+    profile: SiteProfile, hu: np.ndarray, *, patient_id: str, study_uid: str, series_uid: str,
+    sop_uid: str, instance: int,
+) -> Dataset:
+    ds = synthetic_dataset(CTImageStorage, "CT", patient_id=patient_id, study_uid=study_uid, series_uid=series_uid,
+                           sop_uid=sop_uid, instance=instance)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"

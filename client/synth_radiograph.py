@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, generate_uid
 
-from client.synth import LABELS_FILE, SynthSummary
+from client.synth import LABELS_FILE, SynthSummary, synthetic_dataset
 
 FINDINGS = ("nodule", "effusion", "cardiomegaly")
 DIGITAL_XRAY = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation
@@ -98,26 +98,9 @@ def render_radiograph(rng: np.random.Generator, profile: RadiographProfile, find
 
 
 def _dataset(pixels: np.ndarray, *, patient_id: str, study_uid: str, sop_uid: str, instance: int) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DIGITAL_XRAY
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = DIGITAL_XRAY
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study_uid, "series"])
-    ds.PatientID = patient_id
-    ds.PatientName = ""
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "medfed synthetic generator"
-    ds.Modality = "DX"
-    ds.Manufacturer = "medfed-synth"
-    ds.StudyDate = ""
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = instance
+    ds = synthetic_dataset(DIGITAL_XRAY, "DX", patient_id=patient_id, study_uid=study_uid,
+                           series_uid=generate_uid(entropy_srcs=[study_uid, "series"]), sop_uid=sop_uid,
+                           instance=instance)
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.ViewPosition = "PA"
     ds.PresentationIntentType = "FOR PRESENTATION"
