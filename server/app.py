@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.config import RunConfig
 from server.initial_model import initial_model
+from server.resume import resume_point
 from server.rounds import RoundCallback, run_federation
+from server.stop import StopRequest
 
 
-def build_server_app(config: RunConfig | None = None, on_round: RoundCallback | None = None) -> ServerApp:
-    """The ServerApp; ``config`` given by a driver wins over ``context.run_config``."""
+def build_server_app(config: RunConfig | None = None, on_round: RoundCallback | None = None, *,
+                     stop: StopRequest | None = None, resume: bool = False) -> ServerApp:
+    """The ServerApp; ``config`` given by a driver wins over ``context.run_config``. ``resume``:
+    continue the run in ``run_dir`` (``server.resume``) under its own run id; ``stop``: the
+    driver's stop request (signals)."""
     server_app = ServerApp()
 
     @server_app.main()
@@ -22,8 +28,13 @@ def build_server_app(config: RunConfig | None = None, on_round: RoundCallback | 
         if not cfg.run_dir:
             cfg = replace(cfg, run_dir=f"runs/{context.run_id}")
         initial, weights_sha256 = initial_model(cfg)
+        if resume:
+            point = resume_point(Path(cfg.run_dir), initial)
+            run_federation(grid, point.config, point.arrays, run_id=point.run_id, on_round=on_round, stop=stop,
+                           resume=point)
+            return
         run_federation(grid, cfg, initial, run_id=str(context.run_id), on_round=on_round,
-                       init_weights_sha256=weights_sha256)
+                       init_weights_sha256=weights_sha256, stop=stop)
 
     return server_app
 

@@ -10,7 +10,8 @@ import numpy as np
 
 from privacy.audit.events import SERVER_ACTOR, E
 from privacy.audit.fingerprint import versions
-from privacy.audit.log import AuditLog, body_hash
+from privacy.audit.log import AuditLog, body_hash, read_entries
+from privacy.audit.verify import segment_files
 from privacy.bundle import installed_digest
 from privacy.keys import load_or_create_key
 from privacy.model_arrays import arrays_sha256
@@ -30,7 +31,9 @@ class ServerAudit:
         key = load_or_create_key(Path(cfg.audit_key) if cfg.audit_key else private_keys_dir(run_dir) / SERVER_KEY)
         self.log = AuditLog(run_dir / AUDIT_FILE, SERVER_ACTOR, key)
         self.run_id = run_id
-        self.entries = 0
+        # a resumed run counts its earlier entries too
+        self.entries = sum(1 for f in segment_files(self.log.path) for e in read_entries(f)
+                           if e.data.get("run_id") == run_id)
 
     def _add(self, event: str, **data: Any) -> None:
         self.log.append(event, {"run_id": self.run_id, **data})
@@ -72,6 +75,17 @@ class ServerAudit:
     def run_end(self, rounds: int, arrays: Mapping[str, np.ndarray], ended_early: int | None = None) -> None:
         """``ended_early``: the round every site refused, when the run stopped there."""
         self._add(E.RUN_END, rounds=rounds, final_sha256=arrays_sha256(arrays), ended_early=ended_early)
+
+    def run_stopped(self, reason: str, last_round: int, arrays: Mapping[str, np.ndarray],
+                    abandoned: int | None) -> None:
+        """The operator stopped the run: ``arrays`` (after ``last_round``) is model-final.npz; the
+        round ``abandoned`` (started, never ended) is not applied and its number is not reused."""
+        self._add(E.RUN_STOPPED, reason=reason, round=last_round, final_sha256=arrays_sha256(arrays),
+                  abandoned=abandoned)
+
+    def run_resumed(self, next_round: int, arrays: Mapping[str, np.ndarray], abandoned: int | None) -> None:
+        """The run continues at ``next_round`` from ``arrays`` (the model after its last applied round)."""
+        self._add(E.RUN_RESUMED, next_round=next_round, global_sha256=arrays_sha256(arrays), abandoned=abandoned)
 
     def summary(self) -> dict[str, Any]:
         """What ``metrics.json`` records so that truncating the log is detectable."""

@@ -81,10 +81,19 @@ def simulate(
                                                                    "is rejected; 0 = none")] = 0.0,
     poison: Annotated[list[str] | None, typer.Option(help="chaos: SITE:scale=FACTOR (the site sends its update "
                                                           "times FACTOR) or SITE:flip-labels; repeatable")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue a stopped or crashed simulation in this run directory "
+                                                     "(its config, sites and keys; other options are ignored)")]
+    = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the final metrics as JSON")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower and Ray logs")] = False,
 ) -> None:
-    """Generate (or reuse) virtual hospitals and train across them in Flower's simulation runtime."""
+    """Generate (or reuse) virtual hospitals and train across them in Flower's simulation runtime.
+
+    SIGINT (Ctrl-C) or SIGTERM stops the run within seconds: the round in progress is abandoned,
+    model-final.npz holds the model after the last applied round, and ``--resume OUT`` continues."""
+    if resume is not None:
+        _resume(resume, verbose=verbose, as_json=as_json)
+        return
     from client.synth_radiograph import FINDINGS as RADIOGRAPH_FINDINGS
     from privacy.protocol import parse_findings, parse_windows
     from privacy.secagg.wire import roster_fingerprint
@@ -92,7 +101,7 @@ def simulate(
     from server.chaos import parse_poison
     from server.initial_model import initial_model
     from server.rundir import private_keys_dir
-    from server.simulate import KEYS_DIR, ROSTER_FILE, SimulationPlan, prepare_sites
+    from server.simulate import KEYS_DIR, ROSTER_FILE, SimulationPlan, SimulationRecord, prepare_sites
 
     _warn(no_dp=no_dp, exact_metrics=metrics_release == "exact", site_seed=site_seed, no_secagg=no_secagg)
     try:
@@ -121,12 +130,60 @@ def simulate(
         fingerprint = roster_fingerprint((out / KEYS_DIR / ROSTER_FILE).read_bytes())  # kept from before the run
         if len(configs) < 2 and cfg.secure_aggregation:
             raise ValueError("secure aggregation needs at least 2 sites: use --sites 2 or more, or --no-secagg")
+        SimulationRecord(workspaces=tuple(str(c.workspace) for c in configs), roster_fingerprint=fingerprint,
+                         sites_dir=str(sites_dir.resolve()) if sites_dir else "",
+                         keys_dir=str(keys_dir.resolve()) if keys_dir else "", poisons=tuple(poison or ())).write(out)
     except INPUT_ERRORS as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
-    _train(cfg, configs, verbose=verbose, poisons=plan.poisons)
+    metrics = _train(cfg, configs, verbose=verbose, poisons=plan.poisons)
     _finish(out, configs, fingerprint, sites_dir=sites_dir, keys_dir=keys_dir, as_json=as_json)
+    _exit_if_stopped(out, metrics)
+
+
+def _resume(out: Path, *, verbose: bool, as_json: bool) -> None:
+    """``simulate --resume OUT``: the same sites, config and keys, from the run's next round."""
+    from client.config import load_site_config
+    from server.chaos import parse_poison
+    from server.initial_model import initial_model
+    from server.resume import ResumeError, ResumeIntegrityError, resume_point
+    from server.simulate import SimulationRecord
+
+    out = out.resolve()
+    try:
+        record = SimulationRecord.read(out)
+        cfg = RunConfig(**json.loads((out / "metrics.json").read_text())["config"])
+        point = resume_point(out, initial_model(cfg)[0])  # refuses a finished run or a damaged log, before Ray starts
+        configs = [load_site_config(Path(w)) for w in record.workspaces]
+        poisons = tuple(parse_poison(p) for p in record.poisons)
+    except ResumeIntegrityError:
+        raise  # damaged evidence: exit 4 (privacy.errors.run_cli), never "bad input"
+    except (*INPUT_ERRORS, ResumeError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    left = cfg.num_server_rounds - point.next_round + 1
+    err.print(f"resuming {out}: run {point.run_id}, rounds {point.next_round}..{cfg.num_server_rounds} ({max(left, 0)} "
+              f"left) from the model after round {point.last_round}"
+              + (f"; round {point.abandoned} was cut short and is not repeated" if point.abandoned else ""))
+    metrics = _train(cfg, configs, verbose=verbose, poisons=poisons, resume=True, done=point.next_round - 1)
+    _finish(out, configs, record.roster_fingerprint, sites_dir=Path(record.sites_dir) if record.sites_dir else None,
+            keys_dir=Path(record.keys_dir) if record.keys_dir else None, as_json=as_json)
+    _exit_if_stopped(out, metrics)
+
+
+def _exit_if_stopped(out: Path, metrics: dict[str, Any]) -> None:
+    """A run stopped by a signal says so and exits 128 + the signal's number (130 SIGINT, 143 SIGTERM)."""
+    import signal
+
+    stopped = metrics.get("stopped")
+    if not stopped:
+        return
+    err.print(f"[yellow]stopped by {stopped['reason']} after round {stopped['after_round']}[/]"
+              + (f" (round {stopped['abandoned']} abandoned)" if stopped.get("abandoned") else "")
+              + f"; model-final.npz is that round's model. Continue: medfed-server simulate --resume {out}")
+    code = getattr(signal.Signals, str(stopped["reason"]), None) if str(stopped["reason"]).startswith("SIG") else None
+    raise typer.Exit(128 + int(code) if code is not None else 1)
 
 
 def _warn(*, no_dp: bool, exact_metrics: bool, site_seed: int | None, no_secagg: bool) -> None:
@@ -145,14 +202,34 @@ def _warn(*, no_dp: bool, exact_metrics: bool, site_seed: int | None, no_secagg:
                   "Gradient inversion can turn an update back into patient images. Comparison only.[/]")
 
 
-def _train(cfg: RunConfig, configs: list[SiteConfig], *, verbose: bool, poisons: tuple = ()) -> None:
-    """Run the simulation, one line per round under a progress bar."""
+def _train(cfg: RunConfig, configs: list[SiteConfig], *, verbose: bool, poisons: tuple = (), resume: bool = False,
+           done: int = 0) -> dict[str, Any]:
+    """Run the simulation in a child process (``server.stop.supervise``: SIGINT/SIGTERM stop it
+    cleanly). Returns metrics.json as the run left it."""
+    from server.stop import supervise
+
+    def on_signal(name: str) -> None:
+        err.print(f"[yellow]{name}: stopping after the current exchange (again to exit at once)…[/]")
+
+    code = supervise(_train_child, cfg, configs, verbose, poisons, resume, done, on_signal=on_signal)
+    metrics_file = Path(cfg.run_dir) / "metrics.json"
+    if code != 0:
+        err.print(f"[red]error:[/] the simulation runtime ended with exit code {code}"
+                  + (f"; continue the run with: medfed-server simulate --resume {cfg.run_dir}"
+                     if metrics_file.is_file() else "; rerun with --verbose"))
+        raise typer.Exit(1)
+    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+
+
+def _train_child(cfg: RunConfig, configs: list[SiteConfig], verbose: bool, poisons: tuple, resume: bool, done: int,
+                 *, stop: Any) -> None:
+    """The simulation itself (child process): one line per round under a progress bar."""
     from server.simulate import run_simulation_runtime
 
     progress = Progress(TextColumn("[bold]training"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
                         TimeElapsedColumn(), console=err, transient=True)
     with progress:
-        task = progress.add_task("rounds", total=cfg.num_server_rounds)
+        task = progress.add_task("rounds", total=cfg.num_server_rounds, completed=done)
 
         def on_round(row: dict[str, Any]) -> None:
             progress.update(task, completed=row["round"])
@@ -162,7 +239,8 @@ def _train(cfg: RunConfig, configs: list[SiteConfig], *, verbose: bool, poisons:
                 f"refused {len(row.get('refused', []))}  train loss {fmt(row.get('train_loss'))}  "
                 f"val AUROC {fmt(row.get('val_auroc'))}  max ε {fmt(eps, 3)}  {fmt(row['seconds'], 1)}s")
 
-        run_simulation_runtime(cfg, configs, on_round=on_round, verbose=verbose, poisons=poisons)
+        run_simulation_runtime(cfg, configs, on_round=on_round, verbose=verbose, poisons=poisons, stop=stop,
+                               resume=resume)
 
 
 def _finish(out: Path, configs: list[SiteConfig], fingerprint: str, *, sites_dir: Path | None, keys_dir: Path | None,

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from privacy import egress as K
 from privacy.errors import ServiceError
 from privacy.model_arrays import record_to_arrays
+from server.stop import StopRequest
 
 log = logging.getLogger("medfed.server")
 
@@ -43,10 +44,15 @@ class RoundOutcome:
     failed: list[str] = field(default_factory=list)
 
 
-def wait_for_sites(grid: Grid, min_sites: int, timeout: float) -> list[int]:
-    """Node ids once at least ``min_sites`` are connected (bounded wait)."""
+PULL_INTERVAL = 0.2  # seconds between polls of the replies (and of a stop request)
+
+
+def wait_for_sites(grid: Grid, min_sites: int, timeout: float, stop: StopRequest | None = None) -> list[int]:
+    """Node ids once at least ``min_sites`` are connected (bounded wait; a stop request ends it)."""
     deadline = time.monotonic() + timeout
     while True:
+        if stop is not None:
+            stop.check()
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= min_sites:
             return nodes
@@ -58,14 +64,32 @@ def wait_for_sites(grid: Grid, min_sites: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, stop: StopRequest | None) -> list[Message]:
+    """The replies within ``timeout`` (Grid's public push and pull); a stop request ends the wait
+    within ``PULL_INTERVAL`` (raises :class:`server.stop.RunStopped`)."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() >= deadline:
+            break
+        if stop is not None:
+            stop.check()
+        time.sleep(PULL_INTERVAL)
+    return replies
+
+
 def exchange(grid: Grid, contents: Mapping[int, RecordDict], message_type: str, timeout: float,
-             with_arrays: bool) -> RoundOutcome:
+             with_arrays: bool, stop: StopRequest | None = None) -> RoundOutcome:
     """Send each node its content; collect usable replies, log errors and timeouts."""
     messages = [Message(content=c, dst_node_id=n, message_type=message_type) for n, c in contents.items()]
     sent = {m.metadata.dst_node_id for m in messages}
     outcome = RoundOutcome()
     answered = set()
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in _send_and_receive(grid, messages, timeout, stop):
         node = reply.metadata.src_node_id
         answered.add(node)
         if reply.has_error():

@@ -21,9 +21,11 @@ from server.aggregate import apply_update
 from server.audit_trail import ServerAudit
 from server.config import RunConfig
 from server.messaging import Reply, RoundOutcome, exchange, wait_for_sites
+from server.resume import ResumePoint
 from server.robust import aggregate, clip_to_norm, l2_norm
 from server.rundir import RunDir
 from server.secagg_driver import SecureRound, secure_train
+from server.stop import RunStopped, StopRequest
 
 log = logging.getLogger("medfed.server")
 
@@ -52,72 +54,118 @@ def round_config(cfg: RunConfig, run_id: str, round_: int, server_head: str = ""
 
 def run_federation(
     grid: Grid, cfg: RunConfig, initial: OrderedDict[str, np.ndarray], *, run_id: str,
-    on_round: RoundCallback | None = None, init_weights_sha256: str = "",
+    on_round: RoundCallback | None = None, init_weights_sha256: str = "", stop: StopRequest | None = None,
+    resume: ResumePoint | None = None,
 ) -> dict[str, Any]:
-    """Run ``cfg.num_server_rounds`` rounds; write the run directory; return metrics."""
+    """Run ``cfg.num_server_rounds`` rounds; write the run directory; return metrics.
+
+    ``resume``: continue a stopped or crashed run (``server.resume``) at its next round, in the
+    same log. ``stop``: polled between and during rounds; when set, the round in progress is
+    abandoned, the model after the last applied round is written as model-final.npz, the log
+    records ``run-stopped`` and the run can be resumed.
+    """
     rundir = RunDir(Path(cfg.run_dir))
     audit = ServerAudit(cfg, run_id)
-    audit.run_start(cfg, initial, init_weights_sha256=init_weights_sha256)
-    metrics: dict[str, Any] = {"run_id": run_id, "config": cfg.to_dict(), "rounds": []}  # checked against the log
-    arrays = initial
-    last_round = 0
+    if resume is None:
+        audit.run_start(cfg, initial, init_weights_sha256=init_weights_sha256)
+        metrics: dict[str, Any] = {"run_id": run_id, "config": cfg.to_dict(), "rounds": []}  # checked against the log
+        arrays, last_round, first = initial, 0, 1
+    else:
+        metrics, arrays, last_round, first = resume.metrics, resume.arrays, resume.last_round, resume.next_round
+        audit.run_resumed(first, arrays, resume.abandoned)
+        metrics.setdefault("resumed", []).append({"next_round": first, "abandoned": resume.abandoned})
+        metrics.pop("stopped", None)
+        log.warning("resuming run %s at round %d from the model after round %d%s", run_id, first, last_round,
+                    f" (round {resume.abandoned} was cut short: abandoned)" if resume.abandoned else "")
     ended_early: int | None = None
     roster = Path(cfg.roster_file).read_bytes() if cfg.roster_file else b""
-    for rnd in range(1, cfg.num_server_rounds + 1):
-        started = time.monotonic()
-        nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
-        audit.round_start(rnd, arrays, nodes)
-        conf = round_config(cfg, run_id, rnd, audit.log.head())
-        train, updates, secure = _train_round(grid, cfg, nodes, arrays, conf, run_id=run_id, rnd=rnd, roster=roster)
-        refused = sorted(r.site for r in train.replies if r.metrics.get(K.REFUSED))
-        _audit_replies(audit, rnd, train)
-        if secure is not None:
-            audit.secure_aggregation(rnd, secure.info)
-        row: dict[str, Any] = {
-            "round": rnd, "sites": sorted(r.site for r in updates), "refused": refused,
-            "failed": train.failed,
-            "epsilon": {r.site: r.metrics[K.EPSILON] for r in train.replies if K.EPSILON in r.metrics},
-            "noise_multiplier": {r.site: r.metrics[K.NOISE_MULTIPLIER] for r in updates
-                                 if K.NOISE_MULTIPLIER in r.metrics},
-        }
-        for site in refused:
-            log.warning("round %d: site %s refused to train (privacy budget exhausted)", rnd, site)
-        if secure is not None:
-            row["secagg"] = secure.info
-        update = _round_update(cfg, updates, secure, row, audit, rnd) if updates else None
-        if update is not None:
-            arrays = apply_update(arrays, update)
-            audit.aggregate(rnd, sorted(r.site for r in updates), arrays)
-            path = rundir.checkpoint(rnd, arrays)
-            audit.checkpoint(rnd, path.name, arrays)
-            last_round = rnd
-        elif not updates:
-            log.warning("round %d: no site returned an update; the global model is unchanged", rnd)
-        row["model_sha256"] = arrays_sha256(arrays)
-        row["train_loss"] = _weighted(train.replies, K.TRAIN_LOSS)
-        conf = round_config(cfg, run_id, rnd, audit.log.head())  # the sites counter-sign the round so far
-        _evaluate_round(grid, cfg, nodes, arrays, conf, audit, rnd, row)
-        row["seconds"] = round(time.monotonic() - started, 3)
-        row = _jsonable(row)
-        audit.round_end(rnd, row)  # metrics.json's row, signed: verify checks the file against it
-        metrics["rounds"].append(row)
+    rnd = first - 1
+    try:
+        for rnd in range(first, cfg.num_server_rounds + 1):
+            if stop is not None:
+                stop.check()
+            arrays, applied, row, all_refused = _one_round(grid, cfg, arrays, audit, rundir, run_id=run_id, rnd=rnd,
+                                              roster=roster, stop=stop)
+            last_round = rnd if applied else last_round
+            metrics["rounds"].append(row)
+            metrics["audit"] = audit.summary()
+            rundir.write_metrics(_jsonable(metrics))  # the row before its round-end: a row may lack one, never
+            audit.round_end(rnd, row)  # the reverse (--resume drops a row the log did not end)
+            metrics["audit"] = audit.summary()
+            rundir.write_metrics(_jsonable(metrics))
+            log.info("round %d: sites=%s refused=%s train_loss=%.4f val_auroc=%.4f (%.1fs)", rnd,
+                     row["sites"], row["refused"], row["train_loss"], row["val_auroc"], row["seconds"])
+            if on_round is not None:
+                on_round(row)
+            if all_refused:
+                log.warning("every site refused round %d: ending the run (no budget left anywhere)", rnd)
+                metrics["ended_early"] = f"all sites refused round {rnd}"
+                ended_early = rnd
+                break
+    except RunStopped as exc:
+        ended = {r["round"] for r in metrics["rounds"]}
+        abandoned = rnd if rnd >= first and rnd not in ended else None
+        log.warning("%s: the run stops after round %d%s; continue it with --resume %s", exc, last_round,
+                    f" (round {abandoned} abandoned)" if abandoned else "", cfg.run_dir)
+        rundir.final(last_round, arrays)
+        audit.run_stopped(stop.reason if stop is not None else "request", last_round, arrays, abandoned)
+        metrics["stopped"] = {"reason": stop.reason if stop is not None else "request", "after_round": last_round,
+                              "abandoned": abandoned}
+        metrics["final_model_sha256"] = arrays_sha256(arrays)
         metrics["audit"] = audit.summary()
         rundir.write_metrics(_jsonable(metrics))
-        log.info("round %d: sites=%s refused=%s train_loss=%.4f val_auroc=%.4f (%.1fs)", rnd,
-                 row["sites"], refused, row["train_loss"], row["val_auroc"], row["seconds"])
-        if on_round is not None:
-            on_round(row)
-        if not updates and refused and len(refused) == len(train.replies) and not train.failed:
-            log.warning("every site refused round %d: ending the run (no budget left anywhere)", rnd)
-            metrics["ended_early"] = f"all sites refused round {rnd}"
-            ended_early = rnd
-            break
+        return metrics
     rundir.final(last_round, arrays)
     metrics["final_model_sha256"] = arrays_sha256(arrays)
     audit.run_end(last_round, arrays, ended_early)
     metrics["audit"] = audit.summary()
     rundir.write_metrics(_jsonable(metrics))
     return metrics
+
+
+def _one_round(grid: Grid, cfg: RunConfig, arrays: OrderedDict[str, np.ndarray], audit: ServerAudit, rundir: RunDir,
+               *, run_id: str, rnd: int, roster: bytes, stop: StopRequest | None
+               ) -> tuple[OrderedDict[str, np.ndarray], bool, dict[str, Any], bool]:
+    """One round: (the global model after it, whether an update was applied, its metrics row,
+    whether every site refused it)."""
+    started = time.monotonic()
+    nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout, stop)
+    audit.round_start(rnd, arrays, nodes)
+    conf = round_config(cfg, run_id, rnd, audit.log.head())
+    train, updates, secure = _train_round(grid, cfg, nodes, arrays, conf, run_id=run_id, rnd=rnd, roster=roster,
+                                          stop=stop)
+    refused = sorted(r.site for r in train.replies if r.metrics.get(K.REFUSED))
+    _audit_replies(audit, rnd, train)
+    if secure is not None:
+        audit.secure_aggregation(rnd, secure.info)
+    row: dict[str, Any] = {
+        "round": rnd, "sites": sorted(r.site for r in updates), "refused": refused,
+        "failed": train.failed,
+        "epsilon": {r.site: r.metrics[K.EPSILON] for r in train.replies if K.EPSILON in r.metrics},
+        "noise_multiplier": {r.site: r.metrics[K.NOISE_MULTIPLIER] for r in updates
+                             if K.NOISE_MULTIPLIER in r.metrics},
+    }
+    for site in refused:
+        log.warning("round %d: site %s refused to train (privacy budget exhausted)", rnd, site)
+    if secure is not None:
+        row["secagg"] = secure.info
+    update = _round_update(cfg, updates, secure, row, audit, rnd) if updates else None
+    applied = update is not None
+    if update is not None:
+        arrays = apply_update(arrays, update)
+        path = rundir.checkpoint(rnd, arrays)  # the file before the log says so: --resume loads what it signed
+        audit.aggregate(rnd, sorted(r.site for r in updates), arrays)
+        audit.checkpoint(rnd, path.name, arrays)
+    elif not updates:
+        log.warning("round %d: no site returned an update; the global model is unchanged", rnd)
+    row["model_sha256"] = arrays_sha256(arrays)
+    row["train_loss"] = _weighted(train.replies, K.TRAIN_LOSS)
+    conf = round_config(cfg, run_id, rnd, audit.log.head())  # the sites counter-sign the round so far
+    _evaluate_round(grid, cfg, nodes, arrays, conf, audit, rnd, row, stop)
+    row["seconds"] = round(time.monotonic() - started, 3)
+    row = _jsonable(row)
+    all_refused = bool(not updates and refused and len(refused) == len(train.replies) and not train.failed)
+    return arrays, applied, row, all_refused
 
 
 def _round_update(cfg: RunConfig, updates: list[Reply], secure: SecureRound | None, row: dict[str, Any],
@@ -150,24 +198,25 @@ def _round_update(cfg: RunConfig, updates: list[Reply], secure: SecureRound | No
 
 
 def _train_round(grid: Grid, cfg: RunConfig, nodes: list[int], arrays: OrderedDict[str, np.ndarray],
-                 conf: ConfigRecord, *, run_id: str, rnd: int, roster: bytes
+                 conf: ConfigRecord, *, run_id: str, rnd: int, roster: bytes, stop: StopRequest | None = None
                  ) -> tuple[RoundOutcome, list[Reply], SecureRound | None]:
     """One round of training: the replies, the ones whose update counts, and the secure round (if any)."""
     if cfg.secure_aggregation:
         secure = secure_train(grid, nodes, arrays, conf, run_id=run_id, round_=rnd, timeout=cfg.round_timeout,
-                              k=cfg.secagg_k, threshold=cfg.secagg_threshold, roster=roster)
+                              k=cfg.secagg_k, threshold=cfg.secagg_threshold, roster=roster, stop=stop)
         train = RoundOutcome(replies=secure.replies, failed=secure.failed)
         return train, [r for r in train.replies if r.masked is not None] if secure.update is not None else [], secure
     train = exchange(grid, dict.fromkeys(nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf})),
-                     MessageType.TRAIN, cfg.round_timeout, with_arrays=True)
+                     MessageType.TRAIN, cfg.round_timeout, with_arrays=True, stop=stop)
     return train, [r for r in train.replies if r.arrays is not None], None
 
 
 def _evaluate_round(grid: Grid, cfg: RunConfig, nodes: list[int], arrays: OrderedDict[str, np.ndarray],
-                    conf: ConfigRecord, audit: ServerAudit, rnd: int, row: dict[str, Any]) -> None:
+                    conf: ConfigRecord, audit: ServerAudit, rnd: int, row: dict[str, Any],
+                    stop: StopRequest | None = None) -> None:
     """Validation metrics of the new model, into ``row``; each reply into the audit log."""
     evaluation = exchange(grid, dict.fromkeys(nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf})),
-                          MessageType.EVALUATE, cfg.round_timeout, with_arrays=False)
+                          MessageType.EVALUATE, cfg.round_timeout, with_arrays=False, stop=stop)
     row["val_loss"] = _weighted(evaluation.replies, K.VAL_LOSS)
     row["val_auroc"] = _weighted(evaluation.replies, K.VAL_AUROC)
     row["val_auroc_by_site"] = {r.site: r.metrics[K.VAL_AUROC] for r in evaluation.replies if K.VAL_AUROC in r.metrics}

@@ -32,6 +32,7 @@ from privacy.secagg.wire import (
     reveals_from_bytes,
 )
 from server.messaging import Reply, exchange
+from server.stop import StopRequest
 
 log = logging.getLogger("medfed.server")
 
@@ -57,7 +58,7 @@ def _stage_conf(conf: ConfigRecord, stage: str, **extra: Any) -> ConfigRecord:
 
 def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray], conf: ConfigRecord, *,
                  run_id: str, round_: int, timeout: float, k: int = 0, threshold: int = 0,
-                 roster: bytes = b"") -> SecureRound:
+                 roster: bytes = b"", stop: StopRequest | None = None) -> SecureRound:
     """Run one training round under SecAgg+; the server learns only the weighted mean update."""
     result = SecureRound(info={"sites": 0, "dropped": 0, "aborted": False})
     clock = _Clock()
@@ -66,7 +67,7 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         agg = Aggregator(SecAggParams.for_sites(run_id, round_, names, k=k, threshold=threshold))
         advertise = _stage_conf(conf, "advertise", **({K.SECAGG_ROSTER: roster} if roster else {}))
         adv = exchange(grid, {n: RecordDict({K.CONFIG: advertise}) for n in nodes}, MessageType.TRAIN, timeout,
-                       with_arrays=False)
+                       with_arrays=False, stop=stop)
         result.failed += adv.failed
         clock.mark("advertise")
         node_of = {r.site: r.node_id for r in adv.replies if K.ADVERT in r.secagg}
@@ -79,7 +80,7 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         share_conf = _stage_conf(conf, "share", **{K.SECAGG_PARAMS: json.dumps(params_to_json(params)),
                                                    K.SECAGG_ADVERTS: adverts_to_bytes(relay)})
         shared = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: share_conf}) for s in params.sites},
-                          MessageType.TRAIN, timeout, with_arrays=False)
+                          MessageType.TRAIN, timeout, with_arrays=False, stop=stop)
         result.failed += shared.failed
         clock.mark("share")
         inboxes, sharers = agg.route_shares({r.site: boxes_from_bytes(r.secagg[K.OUTBOX]) for r in shared.replies
@@ -88,7 +89,7 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         contents = {node_of[s]: RecordDict({K.ARRAYS: global_record, K.CONFIG: _stage_conf(
             conf, "input", **{K.SECAGG_INBOX: boxes_to_bytes(inboxes[s]), K.SECAGG_SHARERS: sharers})})
             for s in sorted(inboxes)}
-        trained = exchange(grid, contents, MessageType.TRAIN, timeout, with_arrays=True)
+        trained = exchange(grid, contents, MessageType.TRAIN, timeout, with_arrays=True, stop=stop)
         result.failed += trained.failed
         clock.mark("input")
         result.replies = trained.replies
@@ -99,14 +100,14 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         survivors = agg.collect_inputs(masked)
         check_conf = _stage_conf(conf, "consistency", **{K.SECAGG_SURVIVORS: survivors})
         checked = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: check_conf}) for s in survivors},
-                           MessageType.TRAIN, timeout, with_arrays=False)
+                           MessageType.TRAIN, timeout, with_arrays=False, stop=stop)
         result.failed += checked.failed
         clock.mark("consistency")
         signatures = agg.collect_signatures({r.site: r.secagg[K.CONSISTENCY] for r in checked.replies
                                              if K.CONSISTENCY in r.secagg})
         unmask_conf = _stage_conf(conf, "unmask", **{K.SECAGG_SIGNATURES: boxes_to_bytes(signatures)})
         revealed = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: unmask_conf}) for s in sorted(signatures)},
-                            MessageType.TRAIN, timeout, with_arrays=False)
+                            MessageType.TRAIN, timeout, with_arrays=False, stop=stop)
         result.failed += revealed.failed
         total, weight = agg.finish({r.site: reveals_from_bytes(r.secagg[K.REVEALS]) for r in revealed.replies
                                     if K.REVEALS in r.secagg})

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from client.secagg_mod import roster_path
 from client.site import load_site_data
 from client.synth import generate_site, site_profile
 from client.synth_radiograph import generate_radiograph_site, radiograph_profile
-from privacy.files import atomic_write_bytes, private_dir
+from privacy.files import atomic_write_bytes, atomic_write_json, private_dir
 from privacy.keys import load_or_create_key, public_pem
 from privacy.secagg.wire import roster_bytes
 from server.audit_trail import SERVER_KEY
@@ -24,10 +25,40 @@ from server.chaos import Poison, flip_labels, scale_mod
 from server.config import RunConfig
 from server.rounds import RoundCallback
 from server.rundir import private_keys_dir
+from server.stop import StopRequest
 
 SITES_DIR = "sites"
 KEYS_DIR = "keys"
 ROSTER_FILE = "roster.json"
+SIMULATION_FILE = "simulation.json"  # what --resume needs besides metrics.json: the sites, the roster's fingerprint
+
+
+@dataclass(frozen=True)
+class SimulationRecord:
+    """How a simulation was set up, kept in ``RUN_DIR/simulation.json`` for ``--resume`` (no patient data)."""
+
+    workspaces: tuple[str, ...]
+    roster_fingerprint: str
+    sites_dir: str = ""
+    keys_dir: str = ""
+    poisons: tuple[str, ...] = ()
+
+    def write(self, run_dir: Path) -> None:
+        atomic_write_json(Path(run_dir) / SIMULATION_FILE, asdict(self))
+
+    @classmethod
+    def read(cls, run_dir: Path) -> SimulationRecord:
+        path = Path(run_dir) / SIMULATION_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: only a run made by `medfed-server simulate` can be resumed "
+                                    "with simulate --resume (a deployment: `medfed-server run --resume`)")
+        doc = json.loads(path.read_text())
+        try:
+            return cls(workspaces=tuple(doc["workspaces"]), roster_fingerprint=str(doc["roster_fingerprint"]),
+                       sites_dir=str(doc.get("sites_dir", "")), keys_dir=str(doc.get("keys_dir", "")),
+                       poisons=tuple(doc.get("poisons", ())))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: field {exc} is missing or malformed; the file was edited") from None
 
 
 @dataclass(frozen=True)
@@ -127,7 +158,7 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Pat
 
 def run_simulation_runtime(
     cfg: RunConfig, configs: Sequence[SiteConfig], *, on_round: RoundCallback | None = None,
-    verbose: bool = False, poisons: Sequence[Poison] = (),
+    verbose: bool = False, poisons: Sequence[Poison] = (), stop: StopRequest | None = None, resume: bool = False,
 ) -> dict[str, Any]:
     """Run the federation with Flower's simulation runtime, one Ray actor CPU per site.
 
@@ -142,7 +173,7 @@ def run_simulation_runtime(
         if not verbose:
             flwr_log.setLevel(logging.ERROR)
         try:
-            return _run(cfg, configs, on_round, verbose, poisons)
+            return _run(cfg, configs, on_round, verbose, poisons, stop=stop, resume=resume)
         finally:
             flwr_log.setLevel(level)
 
@@ -160,7 +191,7 @@ def scoped_environment(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def _run(cfg: RunConfig, configs: Sequence[SiteConfig], on_round: RoundCallback | None, verbose: bool,
-         poisons: Sequence[Poison] = ()) -> dict[str, Any]:
+         poisons: Sequence[Poison] = (), *, stop: StopRequest | None = None, resume: bool = False) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app
@@ -175,7 +206,7 @@ def _run(cfg: RunConfig, configs: Sequence[SiteConfig], on_round: RoundCallback 
             on_round(row)
 
     run_simulation(
-        server_app=build_server_app(cfg, on_round=record),
+        server_app=build_server_app(cfg, on_round=record, stop=stop, resume=resume),
         client_app=build_client_app(sites, inner_mods=[scale_mod(poisons, sites)] if poisons else []),
         num_supernodes=len(configs),
         backend_config={

@@ -60,6 +60,9 @@ class RunView:
     ends: dict[int, Entry] = field(default_factory=dict)  # round-end
     replies: dict[tuple[str, int, str], Entry] = field(default_factory=dict)  # (site, round, train|eval)
     model_after: dict[int, str] = field(default_factory=dict)  # global model after each round
+    stopped: Entry | None = None  # run-stopped, when the run is stopped (not resumed since)
+    resumes: list[Entry] = field(default_factory=list)  # run-resumed entries
+    abandoned: set[int] = field(default_factory=set)  # rounds cut short by a stop or a crash (never applied)
 
 
 def _phase(status: str) -> str | None:
@@ -110,6 +113,19 @@ def view_runs(server: Logs, problems: list[Problem]) -> dict[str, RunView]:
             slot[rnd] = e
         elif e.event == E.RUN_END:
             view.end = e
+        elif e.event == E.RUN_STOPPED:
+            view.stopped = e
+            if isinstance(e.data.get("abandoned"), int):
+                view.abandoned.add(int(e.data["abandoned"]))
+        elif e.event == E.RUN_RESUMED:
+            view.stopped = None
+            view.resumes.append(e)
+            if isinstance(e.data.get("abandoned"), int):
+                view.abandoned.add(int(e.data["abandoned"]))
+            nxt = e.data.get("next_round")
+            if not isinstance(nxt, int) or any(r >= nxt for r in view.rounds):
+                problems.append(Problem(server.file, e.seq, f"run {run} resumes at round {nxt}, which is not after "
+                                                            "every round it started (a round number reused)"))
         elif e.event == E.SITE_REPLY:
             status = str(e.data.get("status"))
             phase = _phase(status)
@@ -139,6 +155,15 @@ def view_runs(server: Logs, problems: list[Problem]) -> dict[str, RunView]:
             view.model_after[rnd] = model
         if view.end is not None and view.end.data.get("final_sha256") != model:
             problems.append(Problem(server.file, view.end.seq, "the final model is not the last round's aggregate"))
+        if view.stopped is not None and view.stopped.data.get("final_sha256") != model:
+            problems.append(Problem(server.file, view.stopped.seq, "the model a stopped run kept is not the last "
+                                                                   "round's aggregate"))
+        for resumed in view.resumes:
+            before = [r for r in view.model_after if r < int(resumed.data.get("next_round") or 0)]
+            expected = view.model_after[max(before)] if before else str(view.start.data.get("initial_sha256"))
+            if resumed.data.get("global_sha256") != expected:
+                problems.append(Problem(server.file, resumed.seq, "the run resumed from another model than its last "
+                                                                  "applied round's"))
     return runs
 
 
@@ -173,7 +198,7 @@ def cross_check(server: Logs, sites: dict[str, Logs], metrics: dict[str, Any] | 
     seq_of = {e.hash: e.seq for e in server.entries}
     missing_ok = set(allow_missing)
     for view in runs.values():
-        if view.end is None:
+        if view.end is None and view.stopped is None:
             problems.append(Problem(server.file, None, f"run {view.run_id} has no run-end entry: the server's log "
                                                        "was truncated, or the run did not finish"))
         countersigned: set[int] = set()
@@ -193,7 +218,7 @@ def cross_check(server: Logs, sites: dict[str, Logs], metrics: dict[str, Any] | 
                                              joined_required=site in named)
         if sites and not server_only:
             for rnd, start in sorted(view.rounds.items()):
-                if rnd not in countersigned:
+                if rnd not in countersigned and rnd not in view.abandoned:
                     problems.append(Problem(server.file, start.seq, f"round {rnd} of run {view.run_id} is not counter-"
                                                                     "signed by any given site log (the site logs "
                                                                     "were cut short, or the round is the server's "
@@ -221,7 +246,10 @@ def _site_against_server(view: RunView, site: str, log: Logs, server_file: str, 
         latest[(rnd, phase)] = s
         reply = view.replies.get((site, rnd, phase))
         what = "validation metrics of round" if phase == "eval" else "round"
-        if reply is None or reply.data.get("status") not in STATUS_OF_EVENT[s.event]:
+        # a site may have answered a round the server cut short (stop or crash) before the server logged the
+        # reply: the site's ledger counts it, nothing of it was applied
+        cut_short = reply is None and rnd in view.abandoned
+        if not cut_short and (reply is None or reply.data.get("status") not in STATUS_OF_EVENT[s.event]):
             problems.append(Problem(log.file, s.seq, f"site log records {what} {rnd} of run {run} ({s.event}) but the "
                                                      "server's log has no such reply from this site"))
         head = s.data.get("server_head")
@@ -292,6 +320,14 @@ def check_metrics(view: RunView, metrics: dict[str, Any], server: Logs) -> list[
                                                  f"{end.seq})"))
         if ("ended_early" in metrics) != (end.data.get("ended_early") is not None):
             problems.append(Problem(where, None, f"ended_early disagrees with the run's end (server seq {end.seq})"))
+    stopped = view.stopped
+    if end is None and stopped is not None:
+        if metrics.get("final_model_sha256") != stopped.data.get("final_sha256"):
+            problems.append(Problem(where, None, f"final_model_sha256 is not the model the stopped run kept (server "
+                                                 f"seq {stopped.seq})"))
+        if not isinstance(metrics.get("stopped"), dict):
+            problems.append(Problem(where, None, f"the run was stopped (server seq {stopped.seq}) but metrics.json "
+                                                 "does not say so"))
     recorded = (metrics.get("audit") or {}).get("server_head")
     if recorded is None:
         problems.append(Problem(where, None, "no audit.server_head recorded"))

@@ -19,6 +19,8 @@ class E:
     CHECKPOINT = "checkpoint-written"  # run_id, round, file, sha256
     ROUND_END = "round-end"  # run_id, round, metrics_sha256: digest of the round's row of metrics.json
     RUN_END = "run-end"  # run_id, rounds, final_sha256, ended_early (the round every site refused, or null)
+    RUN_STOPPED = "run-stopped"  # run_id, reason, round (last applied), final_sha256, abandoned (round or null)
+    RUN_RESUMED = "run-resumed"  # run_id, next_round, global_sha256, abandoned (the round cut short, or null)
     # site
     RUN_JOINED = "run-joined"  # run_id, config_sha256
     CONFIG = "config-changed"  # config_sha256
