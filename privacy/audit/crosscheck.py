@@ -140,6 +140,10 @@ def view_runs(server: Logs, problems: list[Problem]) -> dict[str, RunView]:
                                                             f"{rnd} (first at seq {view.replies[key].seq})"))
             view.replies[key] = e
     for view in runs.values():
+        for rnd in sorted(view.abandoned & (set(view.aggregates) | set(view.ends))):
+            problems.append(Problem(server.file, None, f"round {rnd} of run {view.run_id} is declared abandoned but "
+                                                       "the log applied or ended it (an abandoned round hides no "
+                                                       "update)"))
         model = str(view.start.data.get("initial_sha256"))
         for rnd in sorted(view.rounds):
             start = view.rounds[rnd]

@@ -319,3 +319,42 @@ def test_a_dropped_site_workspace_and_duplicate_keys_are_caught(run: dict[str, P
     (run_dir / "metrics.json").write_text(text.replace('"rounds":', '"run_id": "0", "rounds":', 1))
     r = _cli("verify", str(run_dir), "--roster", str(run["roster"]))
     assert r.returncode == 2 and "duplicate key 'run_id'" in r.stderr
+
+
+def _like(e: Entry, event: str, **data: object) -> Entry:
+    return Entry(e.seq, e.time, e.actor, event, {"run_id": e.data["run_id"], **data}, e.prev, e.hash, e.sig)
+
+
+def test_a_round_declared_abandoned_to_hide_its_replies_is_caught(run: dict[str, Path | str], tmp_path: Path) -> None:
+    """The operator applies round 2, drops the sites' training replies of round 2 from its log and
+    declares the round abandoned (a stop and a resume) so that verify would excuse the sites'
+    entries without a server reply: an abandoned round may not be applied or ended."""
+    run_dir = _copy(run, tmp_path / "abandoned")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    out = []
+    for e in _entries(run_dir):
+        if e.event == "site-reply" and e.data["round"] == 2 and e.data["status"] == "trained":
+            continue
+        out.append(e)
+        if e.event == "round-start" and e.data["round"] == 2:
+            out.append(_like(e, "run-stopped", reason="SIGTERM", round=1, final_sha256=e.data["global_sha256"],
+                             abandoned=2))
+    _resign_server(run_dir, out, _server_key(run), metrics)
+    v = _verdict(run_dir, run)
+    whats = " | ".join(p.what for p in v.problems)
+    assert not v.ok and "round 2 of run" in whats and "declared abandoned" in whats, whats
+
+
+def test_a_resume_that_reuses_a_round_number_is_caught(run: dict[str, Path | str], tmp_path: Path) -> None:
+    """A resumed run that asks for a round number again (to get a second release under it) is caught."""
+    run_dir = _copy(run, tmp_path / "reused")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    out = []
+    for e in _entries(run_dir):
+        if e.event == "round-start" and e.data["round"] == 2:
+            out.append(_like(e, "run-resumed", next_round=1, global_sha256=e.data["global_sha256"], abandoned=None))
+        out.append(e)
+    _resign_server(run_dir, out, _server_key(run), metrics)
+    v = _verdict(run_dir, run)
+    whats = " | ".join(p.what for p in v.problems)
+    assert not v.ok and "resumes at round 1, which is not after every round it started" in whats, whats
