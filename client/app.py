@@ -125,7 +125,7 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
         audit.trained(ids, event, patients=patients, deterministic=seeds.deterministic, model=req.model,
                       findings=req.finding_names)
         plan = LocalPlan(steps=req.local_steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
-                         seed=seeds.sampling)
+                         seed=seeds.sampling, optimizer=req.optimizer)
         result = train_private(model, data.train, plan, device, noise_multiplier=event.noise_multiplier,
                                max_grad_norm=policy.max_grad_norm, noise_seed=seeds.noise,
                                secure_mode=policy.secure_noise, grad_sample_mode=event.grad_sample_mode)
@@ -138,7 +138,7 @@ def _train(msg: Message, site: SiteConfig, *, masked: bool = False) -> Message:
         audit.trained(ids, None, patients=patients, deterministic=seeds.deterministic, model=req.model,
                       findings=req.finding_names)
         plan = LocalPlan(steps=req.local_steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
-                         seed=seeds.sampling)
+                         seed=seeds.sampling, optimizer=req.optimizer)
         result = train_plain(model, data.train, plan, device)
     log.info("site %s trained round %d (%s on %s): %.1f images/s, training memory %.0f MiB", site.name,
              req.server_round, req.model, device.type, result.images_per_s, result.peak_mib)

@@ -164,6 +164,7 @@ class DataConfig:
     frames: str = "middle"  # multi-frame objects: "middle", "all" (one sample per frame) or "reject"
     window: tuple[float, ...] = ()  # [center, width] overriding the files' VOI window; empty = theirs
     workers: int = 0  # decoding processes; 0 = one per CPU (at most 8)
+    canaries: str = ""  # a DP audit's planted canary patients (client.canaries), always trained on; "" = none
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:

@@ -182,7 +182,7 @@ def synthetic_dataset(sop_class: UID, modality: str, *, patient_id: str, study_u
     return ds
 
 
-def _dataset(
+def ct_dataset(
     profile: SiteProfile, hu: np.ndarray, *, patient_id: str, study_uid: str, series_uid: str,
     sop_uid: str, instance: int,
 ) -> Dataset:
@@ -239,7 +239,7 @@ def generate_site(out_dir: Path, profile: SiteProfile, *, seed: int) -> SynthSum
             level = (i + 0.5) / n_images
             hu = render_slice(rng, profile, lesion=bool(label), level=level)
             sop_uid = _uid(tag, p, i, "sop")
-            ds = _dataset(profile, hu, patient_id=patient_id, study_uid=study_uid,
+            ds = ct_dataset(profile, hu, patient_id=patient_id, study_uid=study_uid,
                           series_uid=series_uid, sop_uid=sop_uid, instance=i + 1)
             ds.save_as(folder / f"{i + 1:03d}.dcm", enforce_file_format=True)
             rows.append((sop_uid, label))

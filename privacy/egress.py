@@ -28,6 +28,7 @@ DP_ENABLED = "dp"
 NOISE_MULTIPLIER_REQUEST = "noise-multiplier"  # the server's minimum; a site may use more
 MODEL = "model"  # the network: a built-in name or a factory the site installed and approved
 FINDINGS = "findings"  # comma-separated label columns of a multi-label task ("" = one binary 'label')
+OPTIMIZER = "optimizer"  # local optimizer: "adam" or "sgd" (momentum 0.9)
 WINDOW = "window"  # "center,width": the run's VOI window ("" = each file's own); a site's own window wins
 SERVER_HEAD = "server-audit-head"  # the server's audit-log head when it sent the request (64 hex); sites log it
 

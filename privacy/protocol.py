@@ -24,7 +24,9 @@ _KEYS = {
     "local_steps": K.LOCAL_STEPS, "batch_size": K.BATCH_SIZE, "learning_rate": K.LEARNING_RATE,
     "image_size": K.IMAGE_SIZE, "dp": K.DP_ENABLED, "noise_multiplier": K.NOISE_MULTIPLIER_REQUEST,
     "model": K.MODEL, "findings": K.FINDINGS, "window": K.WINDOW,
+    "optimizer": K.OPTIMIZER,
 }
+OPTIMIZERS = ("adam", "sgd")
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _MODEL = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")  # the site checks the name itself (client.model_names)
 _FINDING = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,31}$")
@@ -90,6 +92,7 @@ class RoundRequest:
     model: str = "slicenet"
     findings: str = ""  # label columns of a multi-label task, in output order ("" = one binary 'label')
     window: str = ""  # "center,width" VOI window for this run ("" = each file's own); the site's own wins
+    optimizer: str = "adam"  # the local optimizer: adam, or sgd (momentum 0.9)
 
     def __post_init__(self) -> None:
         checks = (
@@ -103,6 +106,7 @@ class RoundRequest:
             (math.isfinite(self.noise_multiplier) and 0 <= self.noise_multiplier <= 1000,
              K.NOISE_MULTIPLIER_REQUEST, "[0, 1000]"),
             (_MODEL.match(self.model) is not None, K.MODEL, "a network name or package.module:function"),
+            (self.optimizer in OPTIMIZERS, K.OPTIMIZER, " or ".join(OPTIMIZERS)),
         )
         for ok, key, allowed in checks:
             if not ok:

@@ -59,7 +59,16 @@ def simulate(
     local_steps: Annotated[int, typer.Option(min=1)] = RunConfig.local_steps,
     batch_size: Annotated[int, typer.Option(min=1)] = RunConfig.batch_size,
     learning_rate: Annotated[float, typer.Option(min=0.0)] = RunConfig.learning_rate,
-    epsilon: Annotated[float, typer.Option(help="virtual sites' privacy budget (max ε)")] = PrivacyPolicy.max_epsilon,
+    optimizer: Annotated[str, typer.Option(help="the sites' local optimizer: adam, or sgd (momentum 0.9)")]
+    = RunConfig.optimizer,
+    val_share: Annotated[float | None, typer.Option(help="each virtual site's share of patients held out for "
+                                                         "validation, the membership attack's non-members "
+                                                         "(default 0.2)")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help=f"virtual sites' DP clipping norm per patient "
+                                                             f"(default {PrivacyPolicy.max_grad_norm:g})")] = None,
+    epsilon: Annotated[float | None, typer.Option(help=f"virtual sites' privacy budget (max ε; default "
+                                                       f"{PrivacyPolicy.max_epsilon:g}; given, it applies to "
+                                                       "--sites-dir sites too)")] = None,
     delta: Annotated[float, typer.Option(help="virtual sites' δ (0 = below 1/patients)")] = 0.0,
     accountant: Annotated[str, typer.Option(help="virtual sites' accountant: rdp or prv")] = "rdp",
     noise_multiplier: Annotated[float, typer.Option(min=0.0, help="minimum noise the server asks for (sites may use more)")] = 0.0,
@@ -81,6 +90,11 @@ def simulate(
                                                                    "is rejected; 0 = none")] = 0.0,
     poison: Annotated[list[str] | None, typer.Option(help="chaos: SITE:scale=FACTOR (the site sends its update "
                                                           "times FACTOR) or SITE:flip-labels; repeatable")] = None,
+    privacy_audit: Annotated[bool, typer.Option("--privacy-audit", help="plant canaries at --audit-site, and after "
+                                                "training run the membership, inversion and canary attacks there; "
+                                                "the report's 'Empirical privacy audit' shows them")] = False,
+    audit_site: Annotated[str, typer.Option(help="the site --privacy-audit attacks")] = "site-1",
+    canaries: Annotated[int, typer.Option(min=2, help="canary patients --privacy-audit plants")] = 64,
     resume: Annotated[Path | None, typer.Option(help="continue a stopped or crashed simulation in this run directory "
                                                      "(its config, sites and keys; other options are ignored)")]
     = None,
@@ -105,8 +119,12 @@ def simulate(
 
     _warn(no_dp=no_dp, exact_metrics=metrics_release == "exact", site_seed=site_seed, no_secagg=no_secagg)
     try:
-        policy = PrivacyPolicy(dp=not no_dp, max_epsilon=epsilon, delta=delta, accountant=accountant,
-                               require_secure_aggregation=not no_secagg, metrics=metrics_release, seed=site_seed)
+        # given on the command line, these also apply to reused --sites-dir sites (their own policy otherwise)
+        given = tuple((k, v) for k, v in (("dp", False if no_dp else None), ("max_epsilon", epsilon),
+                                          ("max_grad_norm", max_grad_norm)) if v is not None)
+        policy = PrivacyPolicy(**{"dp": not no_dp, "max_epsilon": PrivacyPolicy.max_epsilon, "delta": delta,
+                                  "accountant": accountant, "require_secure_aggregation": not no_secagg,
+                                  "metrics": metrics_release, "seed": site_seed, **dict(given)})
         poisons = tuple(parse_poison(p) for p in poison or ())
         if findings is None:
             findings = ",".join(RADIOGRAPH_FINDINGS) if kind == "radiograph" and not (data or sites_dir) else ""
@@ -114,14 +132,17 @@ def simulate(
                         image_size=size, findings=findings, window=window, aggregator=aggregator,
                         update_norm_bound=update_norm_bound,
                         init_weights=str(init_weights.resolve()) if init_weights else "",
-                        learning_rate=learning_rate, run_dir=str(out.resolve()), seed=seed, dp=not no_dp,
+                        learning_rate=learning_rate, optimizer=optimizer, run_dir=str(out.resolve()), seed=seed,
+                        dp=not no_dp,
                         noise_multiplier=noise_multiplier, secure_aggregation=not no_secagg, secagg_k=secagg_k,
                         secagg_threshold=secagg_threshold,
                         roster_file=str((out / KEYS_DIR / ROSTER_FILE).resolve()),
                         audit_key=str((keys_dir or private_keys_dir(out)).resolve() / SERVER_KEY))
         plan = SimulationPlan(sites=sites, patients=patients, data=tuple(data or ()),
                               sites_dir=sites_dir, data_seed=seed, policy=policy, kind=kind, difficulty=difficulty,
-                              poisons=poisons)
+                              poisons=poisons, val_share=val_share, reuse_privacy=given,
+                              canaries=canaries if privacy_audit else 0,
+                              audit_site=audit_site if privacy_audit else "")
         if cfg.init_weights:
             initial_model(cfg)  # a file that does not fit the network fails here, before any site is prepared
         with err.status("preparing site workspaces (generating DICOM, warming caches)…"):
@@ -132,12 +153,14 @@ def simulate(
             raise ValueError("secure aggregation needs at least 2 sites: use --sites 2 or more, or --no-secagg")
         SimulationRecord(workspaces=tuple(str(c.workspace) for c in configs), roster_fingerprint=fingerprint,
                          sites_dir=str(sites_dir.resolve()) if sites_dir else "",
-                         keys_dir=str(keys_dir.resolve()) if keys_dir else "", poisons=tuple(poison or ())).write(out)
+                         keys_dir=str(keys_dir.resolve()) if keys_dir else "", poisons=tuple(poison or ()),
+                         privacy_audit=plan.audit_site).write(out)
     except INPUT_ERRORS as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
     metrics = _train(cfg, configs, verbose=verbose, poisons=plan.poisons)
+    _privacy_audit(out, configs, plan.audit_site, metrics)
     _finish(out, configs, fingerprint, sites_dir=sites_dir, keys_dir=keys_dir, as_json=as_json)
     _exit_if_stopped(out, metrics)
 
@@ -167,9 +190,27 @@ def _resume(out: Path, *, verbose: bool, as_json: bool) -> None:
               f"left) from the model after round {point.last_round}"
               + (f"; round {point.abandoned} was cut short and is not repeated" if point.abandoned else ""))
     metrics = _train(cfg, configs, verbose=verbose, poisons=poisons, resume=True, done=point.next_round - 1)
+    _privacy_audit(out, configs, record.privacy_audit, metrics)
     _finish(out, configs, record.roster_fingerprint, sites_dir=Path(record.sites_dir) if record.sites_dir else None,
             keys_dir=Path(record.keys_dir) if record.keys_dir else None, as_json=as_json)
     _exit_if_stopped(out, metrics)
+
+
+def _privacy_audit(out: Path, configs: list[SiteConfig], site: str, metrics: dict[str, Any]) -> None:
+    """``--privacy-audit``: the audited virtual site attacks the finished run at home; its numbers
+    go to RUN_DIR/attacks.json for the report (a real site keeps them: ``medfed-audit attack``)."""
+    if not site or metrics.get("stopped"):
+        return
+    from client.attacks import run_attacks
+    from client.audit_cli import summary_lines
+    from privacy.files import atomic_write_json
+
+    config = next(c for c in configs if c.name == site)
+    with err.status(f"privacy audit at {site}: membership inference, gradient inversion, canaries…"):
+        result = run_attacks(config, out)
+    atomic_write_json(out / "attacks.json", {"sites": {site: result}})
+    for line in summary_lines(result):
+        err.print(line)
 
 
 def _exit_if_stopped(out: Path, metrics: dict[str, Any]) -> None:

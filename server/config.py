@@ -9,7 +9,7 @@ from typing import Any
 
 from client.model_names import ModelNameError, check_name
 from privacy.errors import InputError
-from privacy.protocol import RoundRequestError, parse_findings, parse_windows
+from privacy.protocol import OPTIMIZERS, RoundRequestError, parse_findings, parse_windows
 from server.robust import AGGREGATORS
 
 
@@ -30,6 +30,7 @@ class RunConfig:
     findings: str = ""  # multi-label: the labels.csv columns, comma-separated ("" = one binary 'label' column)
     window: str = ""  # "center,width": the run's VOI window (e.g. CT lung "-600,1500"); "" = each file's own
     init_weights: str = ""  # start from these local weights (.npz or .safetensors; sha256 in the audit log)
+    optimizer: str = "adam"  # the sites' local optimizer: adam, or sgd (momentum 0.9)
     aggregator: str = "mean"  # mean | median | trimmed-mean | krum (the last three need every update: no SecAgg)
     update_norm_bound: float = 0.0  # L2 bound on a site's update: clipped (in the clear) / aggregate checked (SecAgg)
     min_sites: int = 1
@@ -53,6 +54,7 @@ class RunConfig:
             (8 <= self.image_size <= 1024, "image-size must be between 8 and 1024"),
             (self.min_sites >= 1, "min-sites must be >= 1"),
             (self.round_timeout > 0, "round-timeout must be > 0 seconds"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.aggregator in AGGREGATORS, f"aggregator must be one of {', '.join(AGGREGATORS)}"),
             (not (self.secure_aggregation and self.aggregator != "mean"),
              f"aggregator {self.aggregator!r} needs every site's update in the clear; secure aggregation shows the "

@@ -45,7 +45,7 @@ def round_config(cfg: RunConfig, run_id: str, round_: int, server_head: str = ""
         server_round=round_, run_id=run_id, num_rounds=cfg.num_server_rounds, local_steps=cfg.local_steps,
         batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, image_size=cfg.image_size,
         dp=cfg.dp, noise_multiplier=cfg.noise_multiplier, model=cfg.model, findings=cfg.findings,
-        window=cfg.window,
+        window=cfg.window, optimizer=cfg.optimizer,
     ).to_record()
     if server_head:
         record[K.SERVER_HEAD] = server_head

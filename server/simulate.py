@@ -7,11 +7,12 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from client.audit_trail import site_key_path
+from client.canaries import plant, planted
 from client.config import DataConfig, PrivacyPolicy, SecAggPolicy, SiteConfig, load_site_config, write_site_config
 from client.secagg_mod import roster_path
 from client.site import load_site_data
@@ -42,6 +43,7 @@ class SimulationRecord:
     sites_dir: str = ""
     keys_dir: str = ""
     poisons: tuple[str, ...] = ()
+    privacy_audit: str = ""  # the site whose attacks run at the end (simulate --privacy-audit)
 
     def write(self, run_dir: Path) -> None:
         atomic_write_json(Path(run_dir) / SIMULATION_FILE, asdict(self))
@@ -56,7 +58,7 @@ class SimulationRecord:
         try:
             return cls(workspaces=tuple(doc["workspaces"]), roster_fingerprint=str(doc["roster_fingerprint"]),
                        sites_dir=str(doc.get("sites_dir", "")), keys_dir=str(doc.get("keys_dir", "")),
-                       poisons=tuple(doc.get("poisons", ())))
+                       poisons=tuple(doc.get("poisons", ())), privacy_audit=str(doc.get("privacy_audit", "")))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{path}: field {exc} is missing or malformed; the file was edited") from None
 
@@ -74,6 +76,10 @@ class SimulationPlan:
     kind: str = "ct"  # generated sites: "ct" (chest CT slices, one binary label) or "radiograph" (multi-label DX)
     difficulty: float = 1.0  # generated sites: higher = fainter findings
     poisons: tuple[Poison, ...] = ()  # chaos: poisoned virtual sites (server.chaos)
+    val_share: float | None = None  # each site's validation share (the attacks' non-members); None: the default
+    reuse_privacy: tuple[tuple[str, Any], ...] = ()  # privacy fields given on the CLI: applied to --sites-dir too
+    canaries: int = 0  # canary patients planted at ``audit_site`` for the one-run DP audit (client.canaries)
+    audit_site: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in GENERATED_KINDS:
@@ -83,6 +89,12 @@ class SimulationPlan:
             raise ValueError(f"--poison names a site that is not in this simulation ({', '.join(sorted(names))})")
         if any(p.flip_labels for p in self.poisons) and (self.data or self.sites_dir is not None):
             raise ValueError("--poison SITE:flip-labels works on generated sites only (not with --data or --sites-dir)")
+        if self.val_share is not None and not 0 < self.val_share < 1:
+            raise ValueError(f"--val-share {self.val_share}: give a share between 0 and 1 (e.g. 0.5)")
+        if self.canaries and self.kind != "ct":
+            raise ValueError("--privacy-audit plants binary CT canaries: use --kind ct (or --canaries 0)")
+        if self.audit_site and self.audit_site not in names and self.sites_dir is None:
+            raise ValueError(f"--audit-site {self.audit_site!r} is not in this simulation ({', '.join(sorted(names))})")
 
 
 GENERATED_KINDS = ("ct", "radiograph")
@@ -115,23 +127,31 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Pat
                 "point --sites-dir at OLD_RUN/sites or lower --sites"
             )
         configs = [load_site_config(w) for w in workspaces[: plan.sites]]
+        if plan.reuse_privacy or plan.val_share is not None:  # the flags given apply to reused virtual sites too
+            configs = [replace(c, privacy=replace(c.privacy, **dict(plan.reuse_privacy)),
+                               data=replace(c.data, val_fraction=plan.val_share or c.data.val_fraction))
+                       for c in configs]
+            for config in configs:
+                write_site_config(config)
     else:
         if plan.data and len(plan.data) != plan.sites:
             raise ValueError(f"--data was given {len(plan.data)} time(s) for {plan.sites} sites: give one folder per site")
         configs = []
+        share = plan.val_share or DataConfig.val_fraction
         for i in range(plan.sites):
             name = f"site-{i + 1}"
             ws = (out / SITES_DIR / name).resolve()
             if plan.data:
                 folder = Path(plan.data[i]).resolve()
-                data = DataConfig(dicom=str(folder), labels=str(folder / "labels.csv"), findings=findings)
-            else:
-                data = DataConfig(findings=findings)  # a generated site offers the run's label columns
+                data = DataConfig(dicom=str(folder), labels=str(folder / "labels.csv"), findings=findings,
+                                  val_fraction=share)
+            else:  # a generated site offers the run's label columns
+                data = DataConfig(findings=findings, val_fraction=share)
                 if not (ws / data.labels).is_file():
                     _generate(ws / data.dicom, plan, i)
                 if any(p.site == name and p.flip_labels for p in plan.poisons):
                     flipped = flip_labels(ws / data.labels, ws / "labels-flipped.csv")
-                    data = DataConfig(findings=findings, labels=str(flipped))
+                    data = DataConfig(findings=findings, labels=str(flipped), val_fraction=share)
             # a 2-site study is a researcher's choice: the virtual sites accept rounds of all the sites there are
             secagg = SecAggPolicy(min_sites=min(SecAggPolicy.min_sites, plan.sites),
                                   min_neighbours=min(SecAggPolicy.min_neighbours, plan.sites - 1)) \
@@ -140,6 +160,10 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Pat
                                 keys=str((private / SITES_DIR / name).resolve()))
             write_site_config(config)
             configs.append(config)
+    if plan.canaries:
+        configs = [_with_canaries(c, plan.canaries) if c.name == plan.audit_site else c for c in configs]
+        if not any(c.name == plan.audit_site for c in configs):
+            raise ValueError(f"--audit-site {plan.audit_site!r} is not among the sites ({', '.join(c.name for c in configs)})")
     for config in configs:
         load_site_data(config, image_size=image_size, progress=True, findings=findings, windows=windows)  # the cache
         # the site's identity/audit key, and its public half in the run's roster of keys
@@ -154,6 +178,15 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Pat
     for config in configs:
         atomic_write_bytes(roster_path(config), roster)
     return configs
+
+
+def _with_canaries(config: SiteConfig, m: int) -> SiteConfig:
+    """The audited site with ``m`` canaries planted (kept when an earlier run planted them: their
+    inclusion draw does not depend on this run, whose model starts afresh)."""
+    found = planted(config)
+    if found is not None and found.m == m and config.data.canaries:
+        return config
+    return plant(config, m)
 
 
 def run_simulation_runtime(

@@ -45,6 +45,12 @@ class Cohort:
         remap[np.sort(patients)] = np.arange(len(patients))
         return Cohort(self.images[keep], self.labels[keep], remap[self.patient[keep]], len(patients), self.fingerprint)
 
+    def joined(self, other: Cohort) -> Cohort:
+        """This cohort followed by ``other`` (its patients numbered after these); keeps this fingerprint."""
+        return Cohort(np.concatenate([self.images, other.images]), np.concatenate([self.labels, other.labels]),
+                      np.concatenate([self.patient, other.patient + self.n_patients]),
+                      self.n_patients + other.n_patients, self.fingerprint)
+
 
 @dataclass(frozen=True)
 class Labels:

@@ -19,6 +19,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
+from privacy.attacks.result import attack_result
 from privacy.audit.crosscheck import load_metrics
 from privacy.audit.events import SERVER_ACTOR, E
 from privacy.audit.export import KIND, ExportError, summarize, verify_export
@@ -221,12 +222,61 @@ def protection_section(d: ReportData) -> Section:
 
 
 def attacks_section(d: ReportData) -> Section:
+    """The sites' own attacks on the run (``medfed-audit attack``, ``simulate --privacy-audit``):
+    RUN_DIR/attacks.json, each site's result re-checked against the closed schema."""
     sec = Section("attacks", "Empirical privacy audit")
     path = d.run_dir / "attacks.json"
     if not path.is_file():
         return sec.p(NOT_RECORDED, "muted")
-    results = json.loads(path.read_text())
-    return sec.table(["measure", "value"], [[k, v] for k, v in sorted(results.items()) if isinstance(v, int | float | str)])
+    try:
+        sites = {str(name): attack_result(r) for name, r in json.loads(path.read_text())["sites"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return sec.p(f"{path.name} is malformed and is not shown ({str(exc)[:120]})", "bad")
+    for name, r in sorted(sites.items()):
+        if r.get("run_id") != d.metrics.get("run_id"):
+            sec.p(f"{name}: the attack result is of run {r.get('run_id')}, not of this run: not shown", "bad")
+            continue
+        sec.p(f"{name}: attacks run at the site against this run's final model "
+              f"(sha256 {str(r.get('model_sha256'))[:16]}…); the site's validation AUROC of that model: "
+              f"{_shown(r.get('utility', {}).get('val_auroc'))}")
+        rows = attack_rows(r)
+        curves = {f"{kind} attack": list(zip(s["roc_fpr"], s["roc_tpr"], strict=True))
+                  for kind, s in (r.get("membership") or {}).items() if isinstance(s, dict)}
+        if curves:
+            curves["chance"] = [(0.0, 0.0), (1.0, 1.0)]
+            sec.chart(line_chart(curves, title=f"{name}: membership inference ROC (patients)", y_label="TPR",
+                                 x_label="FPR", x_ticks=(0.0, 0.25, 0.5, 0.75, 1.0)))
+        sec.table(["attack", "measure", "value"], rows)
+        if "inversion" in r:
+            sec.p(f"{name}: the image grid of the inversion (original | reconstruction) is kept at the site, in its "
+                  "workspace under audit/attacks/; it shows patient images and never leaves", "muted")
+    return sec
+
+
+def attack_rows(r: dict[str, Any]) -> list[list[Any]]:
+    """The report's table of one site's attack result."""
+    rows: list[list[Any]] = []
+    for kind, s in (r.get("membership") or {}).items():
+        if isinstance(s, dict):
+            rows += [[f"membership ({kind})", "AUROC (0.5 = coin)", _shown(s["auroc"])],
+                     [f"membership ({kind})", "TPR at 1% / 0.1% FPR",
+                      f"{_shown(s['tpr_at_1pct_fpr'])} / {_shown(s['tpr_at_01pct_fpr'])}"],
+                     [f"membership ({kind})", "members / non-members", f"{s['members']} / {s['non_members']}"]]
+    for kind, s in (r.get("inversion") or {}).items():
+        if isinstance(s, dict):
+            rows.append([f"inversion ({kind})", "SSIM / PSNR (dB)", f"{_shown(s.get('ssim'))} / {_shown(s.get('psnr'), 1)}"])
+    c = r.get("canary")
+    if c:
+        rows += [["canary audit", f"ε lower bound ({c['confidence']:.0%})", _shown(c["epsilon_lower_bound"])],
+                 ["canary audit", "accountant's ε", _shown(c["accountant_epsilon"]) if c["accountant_epsilon"] is not None
+                  else "∞ (no DP)"],
+                 ["canary audit", "right guesses / guesses / canaries", f"{c['correct']} / {c['guesses']} / {c['canaries']}"],
+                 ["canary audit", "bound within the accountant's ε", "yes" if c["within_accountant"] else "NO"]]
+    return rows
+
+
+def _shown(v: Any, digits: int = 3) -> str:
+    return "–" if v is None else f"{float(v):.{digits}f}"
 
 
 def software_section(d: ReportData) -> Section:

@@ -9,7 +9,8 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, y_label: str,
-               hlines: dict[str, float] | None = None, width: int = 640, height: int = 300) -> str:
+               hlines: dict[str, float] | None = None, width: int = 640, height: int = 300, x_label: str = "round",
+               x_ticks: tuple[float, ...] | None = None) -> str:
     """Lines (one per series, same colour as its optional dashed horizontal line)."""
     points = [p for pts in series.values() for p in pts if math.isfinite(p[1])]
     ys = [y for _, y in points] + list((hlines or {}).values())
@@ -36,9 +37,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, y_la
     for frac in (0.0, 0.5, 1.0):
         y = y0 + frac * (y1 - y0)
         out.append(f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" font-size="10" text-anchor="end">{y:.3g}</text>')
-    for x in sorted({x for x, _ in points}):
+    for x in x_ticks if x_ticks is not None else sorted({x for x, _ in points}):
         out.append(f'<text x="{sx(x):.1f}" y="{top + h + 14}" font-size="10" text-anchor="middle">{x:g}</text>')
-    out.append(f'<text x="{left + w / 2}" y="{height - 6}" font-size="11" text-anchor="middle">round</text>')
+    out.append(f'<text x="{left + w / 2}" y="{height - 6}" font-size="11" text-anchor="middle">{escape(x_label)}</text>')
     for i, (name, pts) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
         good = [(x, y) for x, y in pts if math.isfinite(y)]
