@@ -174,6 +174,7 @@ def _join(audit: SiteAudit, site: SiteConfig, run_id: str, data: SiteData) -> No
         "code_sha256": _code_digest(),
         "data_sha256": data.train.fingerprint, "images": len(data.train.labels) + len(data.val.labels),
         "patients": data.train.n_patients + data.val.n_patients,
+        "canaries": data.canaries,  # a DP audit's planted canary patients among the training patients
     })
 
 

@@ -105,10 +105,21 @@ def canary(config: SiteConfig, task: RunTask, final: dict[str, np.ndarray], *, g
 
 
 def run_attacks(config: SiteConfig, run_dir: Path, *, kinds: tuple[str, ...] = KINDS, references: int = 4,
-                reference_steps: int = 0, inversion_iterations: int = 0, seed: int | None = None) -> dict[str, Any]:
+                reference_steps: int = 0, inversion_iterations: int = 0, seed: int | None = None,
+                simulated: bool = False) -> dict[str, Any]:
     """Run the chosen attacks at the site; write the result (and any image grid) under
-    ``WORKSPACE/audit/attacks/`` and return the result (its closed schema: ``privacy.attacks.result``)."""
+    ``WORKSPACE/audit/attacks/`` and return the result (its closed schema: ``privacy.attacks.result``).
+
+    The run directory is the server's: a workspace inside it (its site.toml, its data paths, its
+    cache) is refused, except for a simulation's virtual sites (``simulated``)."""
+    run_dir = Path(run_dir).resolve()
+    if not simulated and config.workspace.resolve().is_relative_to(run_dir):
+        raise ValueError(f"the workspace {config.workspace} lies inside the run directory, which the server wrote: "
+                         "attack with your site's own workspace (--workspace)")
     task, final = RunTask.from_run_dir(run_dir)
+    why = config.task_refusal(task.model, task.image_size, task.finding_names, task.batch_size)
+    if why is not None:
+        raise ValueError(f"{config.name} does not run this run's task: {why}")
     rng = np.random.default_rng(seed if seed is not None else secrets.randbits(128))
     doc: dict[str, Any] = {"site": config.name, "run_id": task.run_id, "model_sha256": arrays_sha256(final),
                            "utility": utility(config, task, final)}

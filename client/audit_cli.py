@@ -18,9 +18,9 @@ from privacy.audit.cli import EXIT_BAD_INPUT, cli, err
 @cli.command()
 def attack(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory (metrics.json, model-final.npz)")],
-    site: Annotated[str, typer.Option(help="the site that attacks its own patients (its workspace: --workspace, "
-                                           "default RUN_DIR/sites/SITE, a simulation's)")],
-    workspace: Annotated[Path | None, typer.Option(help="the site's workspace")] = None,
+    site: Annotated[str, typer.Option(help="the site that attacks its own patients")],
+    workspace: Annotated[Path, typer.Option(help="the site's own workspace (never one inside RUN_DIR: the server "
+                                                 "wrote that directory)")],
     kind: Annotated[str, typer.Option(help="membership, inversion, canary or all")] = "all",
     references: Annotated[int, typer.Option(min=0, help="reference models of the calibrated membership attack "
                                                         "(0: the loss attack only)")] = 4,
@@ -28,6 +28,10 @@ def attack(
                                                              "rounds × local steps)")] = 0,
     iterations: Annotated[int, typer.Option(min=0, help="gradient inversion iterations (0: the default)")] = 0,
     seed: Annotated[int | None, typer.Option(help="seed the attacks' randomness (reproducible research)")] = None,
+    simulation: Annotated[bool, typer.Option("--simulation", help="RUN_DIR is a simulation run on this machine and "
+                                                                  "the workspace one of its virtual sites "
+                                                                  "(RUN_DIR/sites/SITE); never for a real site")]
+    = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Attack what this site shared in a run, at the site: membership inference against the final
@@ -39,11 +43,12 @@ def attack(
     try:
         if kind != "all" and kind not in KINDS:
             raise ValueError(f"--kind {kind!r}: use one of {', '.join(KINDS)} or all")
-        config = load_site_config(workspace or Path(run_dir) / "sites" / site)
+        config = load_site_config(workspace)
         if config.name != site:
             raise ValueError(f"--site {site!r} but the workspace {config.workspace} is site {config.name!r}")
         result = run_attacks(config, Path(run_dir), kinds=kinds, references=references,
-                             reference_steps=reference_steps, inversion_iterations=iterations, seed=seed)
+                             reference_steps=reference_steps, inversion_iterations=iterations, seed=seed,
+                             simulated=simulation)
     except (FileNotFoundError, ValueError, SiteConfigError, SiteDataError, AttackResultError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -12,7 +12,9 @@ import numpy as np
 from torch import nn
 
 from client.models import build_model, set_arrays
-from privacy.protocol import RoundRequestError, checked_model, parse_findings, parse_windows
+from privacy.protocol import RUN_ID_PATTERN, RoundRequestError, checked_model, parse_findings, parse_windows
+
+MAX_STEPS = 100_000  # a reference model's training, whatever the run's config claims
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,12 @@ class RunTask:
                        seed=int(c.get("seed", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{metrics}: config field {exc} is missing or malformed") from None
+        if task.rounds * task.local_steps > MAX_STEPS:
+            raise ValueError(f"{metrics}: {task.rounds} rounds of {task.local_steps} local steps: the attacks' reference "
+                             f"models train at most {MAX_STEPS} steps")
+        if not RUN_ID_PATTERN.match(task.run_id):  # it names the site's result files
+            raise ValueError(f"{metrics}: run_id must be 1-64 letters, digits, '.', '_' or '-' (the server wrote "
+                             "another value: do not attack this directory)")
         with np.load(final, allow_pickle=False) as npz:
             arrays = OrderedDict((k, npz[k]) for k in npz.files)
         try:  # the server's file: the same checks as a global model a round brings

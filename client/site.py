@@ -15,6 +15,7 @@ class SiteData:
 
     train: Cohort
     val: Cohort
+    canaries: int = 0  # planted canary patients at the end of ``train`` (``[data] canaries``)
 
 
 def load_site_data(config: SiteConfig, *, image_size: int, progress: bool = False,
@@ -40,5 +41,5 @@ def load_site_data(config: SiteConfig, *, image_size: int, progress: bool = Fals
                                   "one-channel CT slices; this run is multi-label or multi-window: remove them")
         planted = training_canaries(config, image_size, windows[0] if windows else None)
         if planted is not None:
-            train = train.joined(planted)
+            return SiteData(train=train.joined(planted), val=val, canaries=planted.n_patients)
     return SiteData(train=train, val=val)

@@ -27,7 +27,7 @@ _KEYS = {
     "optimizer": K.OPTIMIZER,
 }
 OPTIMIZERS = ("adam", "sgd")
-_RUN_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+RUN_ID_PATTERN = re.compile(r"^(?!\.+$)[A-Za-z0-9_.\-]{1,64}$")  # a run id; never "." or ".."
 _MODEL = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")  # the site checks the name itself (client.model_names)
 _FINDING = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,31}$")
 
@@ -97,7 +97,7 @@ class RoundRequest:
     def __post_init__(self) -> None:
         checks = (
             (1 <= self.server_round <= 1_000_000, K.SERVER_ROUND, "1..1000000"),
-            (_RUN_ID.match(self.run_id) is not None, K.RUN_ID, "1-64 letters, digits, '.', '_' or '-'"),
+            (RUN_ID_PATTERN.match(self.run_id) is not None, K.RUN_ID, "1-64 letters, digits, '.', '_' or '-'"),
             (1 <= self.num_rounds <= 1_000_000, K.NUM_ROUNDS, "1..1000000"),
             (1 <= self.local_steps <= 100_000, K.LOCAL_STEPS, "1..100000"),
             (1 <= self.batch_size <= 65_536, K.BATCH_SIZE, "1..65536"),

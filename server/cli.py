@@ -94,6 +94,9 @@ def simulate(
                                                 "training run the membership, inversion and canary attacks there; "
                                                 "the report's 'Empirical privacy audit' shows them")] = False,
     audit_site: Annotated[str, typer.Option(help="the site --privacy-audit attacks")] = "site-1",
+    canary_site: Annotated[str, typer.Option(help="the site whose canaries --privacy-audit plants and audits "
+                                                  "(default: --audit-site; another site keeps them out of the "
+                                                  "membership attack's training set)")] = "",
     canaries: Annotated[int, typer.Option(min=2, help="canary patients --privacy-audit plants")] = 64,
     resume: Annotated[Path | None, typer.Option(help="continue a stopped or crashed simulation in this run directory "
                                                      "(its config, sites and keys; other options are ignored)")]
@@ -142,7 +145,8 @@ def simulate(
                               sites_dir=sites_dir, data_seed=seed, policy=policy, kind=kind, difficulty=difficulty,
                               poisons=poisons, val_share=val_share, reuse_privacy=given,
                               canaries=canaries if privacy_audit else 0,
-                              audit_site=audit_site if privacy_audit else "")
+                              audit_site=audit_site if privacy_audit else "",
+                              canary_site=canary_site if privacy_audit else "")
         if cfg.init_weights:
             initial_model(cfg)  # a file that does not fit the network fails here, before any site is prepared
         with err.status("preparing site workspaces (generating DICOM, warming caches)…"):
@@ -154,13 +158,13 @@ def simulate(
         SimulationRecord(workspaces=tuple(str(c.workspace) for c in configs), roster_fingerprint=fingerprint,
                          sites_dir=str(sites_dir.resolve()) if sites_dir else "",
                          keys_dir=str(keys_dir.resolve()) if keys_dir else "", poisons=tuple(poison or ()),
-                         privacy_audit=plan.audit_site).write(out)
+                         privacy_audit=plan.audit_site, canary_site=plan.canary_site).write(out)
     except INPUT_ERRORS as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
     metrics = _train(cfg, configs, verbose=verbose, poisons=plan.poisons)
-    _privacy_audit(out, configs, plan.audit_site, metrics)
+    _privacy_audit(out, configs, plan.audit_site, plan.canaries_at, metrics)
     _finish(out, configs, fingerprint, sites_dir=sites_dir, keys_dir=keys_dir, as_json=as_json)
     _exit_if_stopped(out, metrics)
 
@@ -190,27 +194,37 @@ def _resume(out: Path, *, verbose: bool, as_json: bool) -> None:
               f"left) from the model after round {point.last_round}"
               + (f"; round {point.abandoned} was cut short and is not repeated" if point.abandoned else ""))
     metrics = _train(cfg, configs, verbose=verbose, poisons=poisons, resume=True, done=point.next_round - 1)
-    _privacy_audit(out, configs, record.privacy_audit, metrics)
+    _privacy_audit(out, configs, record.privacy_audit, record.canary_site or record.privacy_audit, metrics)
     _finish(out, configs, record.roster_fingerprint, sites_dir=Path(record.sites_dir) if record.sites_dir else None,
             keys_dir=Path(record.keys_dir) if record.keys_dir else None, as_json=as_json)
     _exit_if_stopped(out, metrics)
 
 
-def _privacy_audit(out: Path, configs: list[SiteConfig], site: str, metrics: dict[str, Any]) -> None:
-    """``--privacy-audit``: the audited virtual site attacks the finished run at home; its numbers
-    go to RUN_DIR/attacks.json for the report (a real site keeps them: ``medfed-audit attack``)."""
+def _privacy_audit(out: Path, configs: list[SiteConfig], site: str, canary_site: str, metrics: dict[str, Any]) -> None:
+    """``--privacy-audit``: the audited virtual site (and the canary site, when another) attacks the
+    finished run at home; the numbers go to RUN_DIR/attacks.json for the report (a real site keeps
+    them: ``medfed-audit attack``)."""
     if not site or metrics.get("stopped"):
         return
     from client.attacks import run_attacks
     from client.audit_cli import summary_lines
+    from privacy.attacks.result import KINDS
     from privacy.files import atomic_write_json
 
-    config = next(c for c in configs if c.name == site)
-    with err.status(f"privacy audit at {site}: membership inference, gradient inversion, canaries…"):
-        result = run_attacks(config, out)
-    atomic_write_json(out / "attacks.json", {"sites": {site: result}})
-    for line in summary_lines(result):
-        err.print(line)
+    plan = {site: KINDS} if canary_site == site else {site: ("membership", "inversion"), canary_site: ("canary",)}
+    results = {}
+    for name, kinds in plan.items():
+        config = next(c for c in configs if c.name == name)
+        try:
+            with err.status(f"privacy audit at {name}: {', '.join(kinds)}…"):
+                results[name] = run_attacks(config, out, kinds=kinds, simulated=True)
+        except INPUT_ERRORS as exc:  # the run stands; its report says what is not recorded
+            err.print(f"[red]privacy audit failed at {name}:[/] {exc}")
+            continue
+        for line in summary_lines(results[name]):
+            err.print(line)
+    if results:
+        atomic_write_json(out / "attacks.json", {"sites": results})
 
 
 def _exit_if_stopped(out: Path, metrics: dict[str, Any]) -> None:

@@ -44,6 +44,7 @@ class SimulationRecord:
     keys_dir: str = ""
     poisons: tuple[str, ...] = ()
     privacy_audit: str = ""  # the site whose attacks run at the end (simulate --privacy-audit)
+    canary_site: str = ""  # the site whose canaries are audited ("" = privacy_audit's)
 
     def write(self, run_dir: Path) -> None:
         atomic_write_json(Path(run_dir) / SIMULATION_FILE, asdict(self))
@@ -58,7 +59,8 @@ class SimulationRecord:
         try:
             return cls(workspaces=tuple(doc["workspaces"]), roster_fingerprint=str(doc["roster_fingerprint"]),
                        sites_dir=str(doc.get("sites_dir", "")), keys_dir=str(doc.get("keys_dir", "")),
-                       poisons=tuple(doc.get("poisons", ())), privacy_audit=str(doc.get("privacy_audit", "")))
+                       poisons=tuple(doc.get("poisons", ())), privacy_audit=str(doc.get("privacy_audit", "")),
+                       canary_site=str(doc.get("canary_site", "")))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{path}: field {exc} is missing or malformed; the file was edited") from None
 
@@ -78,8 +80,13 @@ class SimulationPlan:
     poisons: tuple[Poison, ...] = ()  # chaos: poisoned virtual sites (server.chaos)
     val_share: float | None = None  # each site's validation share (the attacks' non-members); None: the default
     reuse_privacy: tuple[tuple[str, Any], ...] = ()  # privacy fields given on the CLI: applied to --sites-dir too
-    canaries: int = 0  # canary patients planted at ``audit_site`` for the one-run DP audit (client.canaries)
+    canaries: int = 0  # canary patients planted at ``canary_site`` for the one-run DP audit (client.canaries)
     audit_site: str = ""
+    canary_site: str = ""  # "" = audit_site
+
+    @property
+    def canaries_at(self) -> str:
+        return self.canary_site or self.audit_site
 
     def __post_init__(self) -> None:
         if self.kind not in GENERATED_KINDS:
@@ -93,8 +100,9 @@ class SimulationPlan:
             raise ValueError(f"--val-share {self.val_share}: give a share between 0 and 1 (e.g. 0.5)")
         if self.canaries and self.kind != "ct":
             raise ValueError("--privacy-audit plants binary CT canaries: use --kind ct (or --canaries 0)")
-        if self.audit_site and self.audit_site not in names and self.sites_dir is None:
-            raise ValueError(f"--audit-site {self.audit_site!r} is not in this simulation ({', '.join(sorted(names))})")
+        for flag, site in (("--audit-site", self.audit_site), ("--canary-site", self.canary_site)):
+            if site and site not in names and self.sites_dir is None:
+                raise ValueError(f"{flag} {site!r} is not in this simulation ({', '.join(sorted(names))})")
 
 
 GENERATED_KINDS = ("ct", "radiograph")
@@ -161,9 +169,11 @@ def prepare_sites(out: Path, plan: SimulationPlan, image_size: int, private: Pat
             write_site_config(config)
             configs.append(config)
     if plan.canaries:
-        configs = [_with_canaries(c, plan.canaries) if c.name == plan.audit_site else c for c in configs]
-        if not any(c.name == plan.audit_site for c in configs):
-            raise ValueError(f"--audit-site {plan.audit_site!r} is not among the sites ({', '.join(c.name for c in configs)})")
+        configs = [_with_canaries(c, plan.canaries) if c.name == plan.canaries_at else c for c in configs]
+        missing = {plan.audit_site, plan.canaries_at} - {c.name for c in configs}
+        if missing:
+            raise ValueError(f"--audit-site/--canary-site {', '.join(sorted(missing))} not among the sites "
+                             f"({', '.join(c.name for c in configs)})")
     for config in configs:
         load_site_data(config, image_size=image_size, progress=True, findings=findings, windows=windows)  # the cache
         # the site's identity/audit key, and its public half in the run's roster of keys

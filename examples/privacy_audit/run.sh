@@ -7,14 +7,15 @@
 #   examples/privacy_audit/run.sh [OUT]        (default runs/privacy-audit; needs the medfed venv active)
 #
 # The setting is made to overfit, so that the attacks have something to find without DP: two small sites
-# (100 patients, half held out as the attack's non-members), faint findings (difficulty 5), 16 rounds of 50
-# local Adam steps at batch 16, 32-pixel slices, 100 canaries (mislabelled slices, half trained on).
+# (100 patients, half held out as the attack's non-members), faint findings (difficulty 10), 16 rounds of 50
+# local Adam steps at batch 16, 32-pixel slices; site-1 is attacked (membership, inversion), site-2 holds
+# the 100 canaries (mislabelled slices, each trained on with probability 1/2).
 set -euo pipefail
 OUT=${1:-runs/privacy-audit}
 mkdir -p "$OUT"
 export FLWR_TELEMETRY_ENABLED=0
-COMMON=(--sites 2 --patients 100 --val-share 0.5 --difficulty 5 --rounds 16 --local-steps 50 --batch-size 16
-        --learning-rate 0.003 --size 32 --seed 1 --privacy-audit --canaries 100)
+COMMON=(--sites 2 --patients 100 --val-share 0.5 --difficulty 10 --rounds 16 --local-steps 50 --batch-size 16
+        --learning-rate 0.003 --size 32 --seed 1 --privacy-audit --canaries 100 --canary-site site-2)
 for eps in inf 8 4 1; do
   for secagg in on off; do
     run="$OUT/eps-$eps-secagg-$secagg"

@@ -19,18 +19,19 @@ SCHEMA = "medfed-attacks/1"
 
 _SEPARATION = {"auroc": float, "tpr_at_1pct_fpr": float, "tpr_at_01pct_fpr": float, "members": int,
                "non_members": int, "roc_fpr": list, "roc_tpr": list}
-_RECONSTRUCTION = {"ssim": float, "psnr": float, "sites": int, "batch_size": int, "noise_multiplier": float,
-                   "max_grad_norm": float}
+_PLAIN = {"ssim": float, "psnr": float, "batch_size": int}
 _SECTIONS: dict[str, dict[str, Any]] = {
     "utility": {"val_auroc": float, "val_loss": float},
     "membership": {"loss": _SEPARATION, "calibrated": _SEPARATION, "reference_models": int},
-    "inversion": {"plain": _RECONSTRUCTION, "dp": _RECONSTRUCTION, "aggregate": _RECONSTRUCTION,
-                  "iterations": int, "image_size": int,
+    "inversion": {"plain": _PLAIN, "dp": {**_PLAIN, "noise_multiplier": float, "max_grad_norm": float},
+                  "aggregate": {**_PLAIN, "sites": int}, "iterations": int, "image_size": int,
                   "reference": {"ssim": float, "median_ssim": float, "images": int}},
     "canary": {"canaries": int, "included": int, "guesses": int, "correct": int, "epsilon_lower_bound": float,
                "confidence": float, "delta": float, "accountant_epsilon": (float, type(None)),
                "within_accountant": bool},
 }
+# fields a section may leave out (no reference models; no validation AUROC for one class; no other patients)
+_OPTIONAL = frozenset({"calibrated", "reference_models", "val_auroc", "reference"})
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -69,7 +70,11 @@ def _check(value: Any, spec: Any, where: str) -> Any:
         unknown = set(value) - set(spec)
         if unknown:
             raise AttackResultError(f"attack result: unknown field(s) {sorted(unknown)} in {where}")
-        return {k: _check(v, spec[k], f"{where}.{k}") for k, v in value.items()}
+        checked = {k: _check(v, spec[k], f"{where}.{k}") for k, v in value.items()}
+        missing = set(spec) - set(value) - _OPTIONAL
+        if missing:
+            raise AttackResultError(f"attack result: {where} lacks {sorted(missing)}")
+        return checked
     if spec is list:
         if not isinstance(value, list | tuple) or len(value) != ROC_POINTS:
             raise AttackResultError(f"attack result: {where} must list {ROC_POINTS} numbers")

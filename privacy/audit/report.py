@@ -230,8 +230,10 @@ def attacks_section(d: ReportData) -> Section:
         return sec.p(NOT_RECORDED, "muted")
     try:
         sites = {str(name): attack_result(r) for name, r in json.loads(path.read_text())["sites"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        return sec.p(f"{path.name} is malformed and is not shown ({str(exc)[:120]})", "bad")
+        if any(r.get("site") != name for name, r in sites.items()):
+            raise ValueError("a result filed under another site's name")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return sec.p(f"{path.name} does not fit the attack result schema and is not shown", "bad")
     for name, r in sorted(sites.items()):
         if r.get("run_id") != d.metrics.get("run_id"):
             sec.p(f"{name}: the attack result is of run {r.get('run_id')}, not of this run: not shown", "bad")

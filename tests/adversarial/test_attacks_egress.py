@@ -18,7 +18,7 @@ import pytest
 
 from client.attacks import ATTACKS_DIR, run_attacks
 from client.canaries import plant
-from client.config import SiteConfig
+from client.config import SiteConfig, load_site_config, write_site_config
 from client.models import build_model, get_arrays
 from privacy.attacks.result import AttackResultError, attack_result
 from tests.adversarial.test_egress_against_server import BIRTH, FOLDER, NUMBERS, PID, TEXTS, doe  # noqa: F401
@@ -82,6 +82,7 @@ def test_a_crafted_final_model_gets_a_clear_error_and_no_result(doe: SiteConfig,
     ({"utility": {"val_auroc": "4821397"}}, "utility.val_auroc"),  # a string where a number belongs
     ({"utility": {"val_auroc": float("nan")}}, "finite"),
     ({"utility": {"patient": 1.0}}, "unknown field"),
+    ({"utility": {"val_auroc": 0.5}}, r"utility lacks \['val_loss'\]"),
     ({"patients": [4821397]}, "unknown field"),
     ({"site": "DOE^JOHN"}, "site"),
     ({"model_sha256": "19620314"}, "model_sha256"),
@@ -89,5 +90,48 @@ def test_a_crafted_final_model_gets_a_clear_error_and_no_result(doe: SiteConfig,
     ({"canary": {"correct": -1}}, "count"),
 ])
 def test_the_schema_refuses_anything_but_its_numbers(doc: dict, field: str) -> None:
-    with pytest.raises(AttackResultError, match=field.replace(".", r"\.").replace("^", r"\^")):
+    with pytest.raises(AttackResultError, match=field if "lacks" in field else field.replace(".", r"\.").replace("^", r"\^")):
         attack_result(doc)
+
+
+def test_a_run_id_that_walks_out_of_the_workspace_is_refused(doe: SiteConfig, tmp_path: Path) -> None:  # noqa: F811
+    """The run id names the site's result and grid files: a server's ``../..`` never becomes a path."""
+    run = _run_dir(tmp_path)
+    doc = json.loads((run / "metrics.json").read_text())
+    for bad in ("../../../etc/medfed", "..", "a/b", ""):
+        (run / "metrics.json").write_text(json.dumps({**doc, "run_id": bad}))
+        with pytest.raises(ValueError, match="run_id must be"):
+            run_attacks(doe, run, kinds=("inversion",), seed=0)
+    assert not (doe.workspace / ATTACKS_DIR).exists() and not list(tmp_path.rglob("*.png"))
+
+
+def test_a_workspace_the_server_wrote_is_not_attacked_from(doe: SiteConfig, tmp_path: Path) -> None:  # noqa: F811
+    """The server ships RUN_DIR/sites/NAME/site.toml pointing at the hospital's export: attacking
+    "from" it would put the hospital's cache, identifier key and image grid in the server's directory."""
+    run = _run_dir(tmp_path)
+    planted = SiteConfig(workspace=(run / "sites" / doe.name).resolve(), name=doe.name, data=doe.data)
+    write_site_config(planted)
+    with pytest.raises(ValueError, match="lies inside the run directory"):
+        run_attacks(load_site_config(planted.workspace), run, seed=0)
+    assert sorted(p.name for p in (run / "sites" / doe.name).iterdir()) == ["site.toml"]
+
+
+def test_a_task_the_site_does_not_offer_is_not_run(doe: SiteConfig, tmp_path: Path) -> None:  # noqa: F811
+    run = _run_dir(tmp_path)
+    doc = json.loads((run / "metrics.json").read_text())
+    doc["config"]["findings"] = "nodule"
+    (run / "metrics.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="does not offer"):
+        run_attacks(doe, run, seed=0)
+    doc["config"] |= {"findings": "", "local_steps": 100_000, "num_server_rounds": 5}
+    doc["rounds"] = []
+    (run / "metrics.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="at most 100000 steps"):
+        run_attacks(doe, run, seed=0)
+
+
+def test_a_result_missing_its_fields_is_refused() -> None:
+    with pytest.raises(AttackResultError, match=r"membership\.loss lacks"):
+        attack_result({"membership": {"loss": {}}})
+    with pytest.raises(AttackResultError, match="canary lacks"):
+        attack_result({"canary": {"canaries": 3}})

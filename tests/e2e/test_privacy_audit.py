@@ -44,12 +44,18 @@ def test_privacy_audit_fills_the_report_and_the_site_cli_attacks_again(tmp_path:
     assert not list(run.glob("*.png"))  # patient images stay in the site's workspace
 
     # the site attacks the run again with its own command; bad requests get a clear error
-    again = _run("-m", "client.audit_cli", "attack", str(run), "--site", "site-1", "--kind", "canary", "--json",
-                 cwd=tmp_path)
+    ws = ["--workspace", str(site)]
+    refused = _run("-m", "client.audit_cli", "attack", str(run), "--site", "site-1", *ws, cwd=tmp_path)
+    assert refused.returncode == 2 and "lies inside the run directory" in refused.stderr  # the server wrote it
+    again = _run("-m", "client.audit_cli", "attack", str(run), "--site", "site-1", *ws, "--simulation", "--kind",
+                 "canary", "--json", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["canary"]["accountant_epsilon"] == c["accountant_epsilon"]
-    for args, message in ((["--site", "site-1", "--kind", "bogus"], "use one of membership, inversion, canary"),
-                          (["--site", "site-2", "--kind", "canary"], "no planted canaries"),
-                          (["--site", "site-9"], "site.toml not found")):
+    other = ["--workspace", str(run / "sites" / "site-2"), "--simulation"]
+    for args, message in ((["--site", "site-1", *ws, "--simulation", "--kind", "bogus"],
+                           "use one of membership, inversion, canary"),
+                          (["--site", "site-2", *other, "--kind", "canary"], "no planted canaries"),
+                          (["--site", "site-1", *other], "is site 'site-2'"),
+                          (["--site", "site-9", "--workspace", str(tmp_path / "nowhere")], "site.toml not found")):
         bad = _run("-m", "client.audit_cli", "attack", str(run), *args, cwd=tmp_path)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]

@@ -19,7 +19,7 @@ def _result(run_id: str) -> dict:
     sep = separation(rng.normal(0.3, 1, 50), rng.normal(0, 1, 50)).as_dict()
     canary = CanaryAudit(canaries=100, included=51, guesses=50, correct=41, epsilon_lower_bound=0.88, confidence=0.95,
                          delta=1e-5).as_dict()
-    return {"site": "site-1", "run_id": run_id, "model_sha256": "ab" * 32, "utility": {"val_auroc": 0.61},
+    return {"site": "site-1", "run_id": run_id, "model_sha256": "ab" * 32, "utility": {"val_auroc": 0.61, "val_loss": 0.69},
             "membership": {"loss": sep, "calibrated": sep, "reference_models": 4},
             "inversion": {"plain": {"ssim": 0.21, "psnr": 10.0, "batch_size": 1},
                           "dp": {"ssim": 0.01, "psnr": 8.7, "batch_size": 1, "noise_multiplier": 1.2,
@@ -53,6 +53,6 @@ def test_absent_malformed_or_foreign_results_are_not_shown(tmp_path: Path) -> No
     assert _section(tmp_path, None)[0] == "not recorded"
     bad = _result("r1")
     bad["membership"]["loss"]["auroc"] = "4821397"
-    assert "malformed and is not shown" in _section(tmp_path, {"sites": {"site-1": bad}})[0]
+    assert "does not fit the attack result schema" in _section(tmp_path, {"sites": {"site-1": bad}})[0]
     texts, blocks = _section(tmp_path, {"sites": {"site-1": _result("other-run")}})
     assert "not of this run" in texts and not any(b["kind"] == "table" for b in blocks)
