@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from privacy.attacks.roc import ROC_POINTS
+from privacy.errors import InputError
 
 KINDS = ("membership", "inversion", "canary")
 SCHEMA = "medfed-attacks/1"
@@ -36,7 +37,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class AttackResultError(ValueError):
+class AttackResultError(InputError, ValueError):
     """An attack result does not fit the closed schema (it is not written, shown or sent)."""
 
 
