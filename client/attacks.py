@@ -17,7 +17,7 @@ from client.canaries import all_canaries, planted
 from client.config import SiteConfig
 from client.dicom import Cohort
 from client.run_task import RunTask
-from client.site import load_site_data
+from client.site import SiteData, load_site_data
 from client.site_ledger import open_ledger
 from client.train import LocalPlan, evaluate, image_losses, logits, train_plain
 from privacy.attacks import canary as canary_audit
@@ -30,23 +30,26 @@ from privacy.model_arrays import arrays_sha256
 ATTACKS_DIR = "audit/attacks"  # in the site workspace: results and image grids, never sent
 
 
+def _pooled_confidence(scores: np.ndarray, cohort: Cohort) -> np.ndarray:
+    return per_patient(confidence(scores, cohort.labels), cohort.patient, cohort.n_patients)
+
+
 def _patient_confidence(model: nn.Module, cohort: Cohort, device: torch.device) -> np.ndarray:
-    return per_patient(confidence(logits(model, cohort, device), cohort.labels), cohort.patient, cohort.n_patients)
+    return _pooled_confidence(logits(model, cohort, device), cohort)
 
 
-def membership(config: SiteConfig, task: RunTask, final: dict[str, np.ndarray], *, references: int = 4,
-               reference_steps: int = 0, rng: np.random.Generator) -> dict[str, Any]:
+def membership(config: SiteConfig, task: RunTask, final: dict[str, np.ndarray], data: SiteData, *,
+               references: int = 4, reference_steps: int = 0, rng: np.random.Generator) -> dict[str, Any]:
     """Loss and calibrated (LiRA offline) attacks on the site's training patients (members) and
-    validation patients (non-members), with the final global model. Reference models start from
-    the run's initial model and train, without DP, on random halves of the validation patients
-    for ``reference_steps`` steps (default: as many as the run's local training took)."""
-    data = load_site_data(config, image_size=task.image_size, findings=task.finding_names, windows=task.windows,
-                          canaries=False)
+    validation patients (non-members) of ``data``, with the final global model. Reference models
+    start from the run's initial model and train, without DP, on random halves of the validation
+    patients for ``reference_steps`` steps (default: as many as the run's local training took)."""
     device = torch.device("cpu")
     model = task.network(final, factories=config.models.factories)
     members, non = data.train, data.val
-    lm = loss_scores(image_losses(logits(model, members, device), members.labels), members.patient, members.n_patients)
-    ln = loss_scores(image_losses(logits(model, non, device), non.labels), non.patient, non.n_patients)
+    sm, sn = logits(model, members, device), logits(model, non, device)
+    lm = loss_scores(image_losses(sm, members.labels), members.patient, members.n_patients)
+    ln = loss_scores(image_losses(sn, non.labels), non.patient, non.n_patients)
     out: dict[str, Any] = {"loss": separation(lm, ln).as_dict()}
     if references >= 2 and non.n_patients >= 4:
         halves = reference_halves(non.n_patients, references, rng)
@@ -59,7 +62,7 @@ def membership(config: SiteConfig, task: RunTask, final: dict[str, np.ndarray], 
             train_plain(ref, non.subset(np.flatnonzero(halves[k])), plan, device)
             ref_m.append(_patient_confidence(ref, members, device))
             ref_n.append(_patient_confidence(ref, non, device))
-        target = np.r_[_patient_confidence(model, members, device), _patient_confidence(model, non, device)]
+        target = np.r_[_pooled_confidence(sm, members), _pooled_confidence(sn, non)]
         outside = np.c_[np.ones((references, members.n_patients), bool), ~halves]
         cal = calibrated_scores(target, [np.r_[a, b] for a, b in zip(ref_m, ref_n, strict=True)], outside)
         out["calibrated"] = separation(cal[: members.n_patients], cal[members.n_patients :]).as_dict()
@@ -67,16 +70,14 @@ def membership(config: SiteConfig, task: RunTask, final: dict[str, np.ndarray], 
     return out
 
 
-def utility(config: SiteConfig, task: RunTask, final: dict[str, np.ndarray]) -> dict[str, float]:
+def utility(config: SiteConfig, task: RunTask, final: dict[str, np.ndarray], data: SiteData) -> dict[str, float]:
     """The final model's exact validation AUROC and loss at the site (beside every attack figure)."""
-    data = load_site_data(config, image_size=task.image_size, findings=task.finding_names, windows=task.windows,
-                          canaries=False)
     res = evaluate(task.network(final, factories=config.models.factories), data.val, torch.device("cpu"))
     return {"val_loss": res.loss, **({"val_auroc": res.auroc} if res.auroc is not None else {})}
 
 
-def canary(config: SiteConfig, task: RunTask, final: dict[str, np.ndarray], *, guesses: float = 0.5
-           ) -> dict[str, Any]:
+def canary(config: SiteConfig, task: RunTask, final: dict[str, np.ndarray], data: SiteData, *,
+           guesses: float = 0.5) -> dict[str, Any]:
     """Score the planted canaries with the final model (minus their loss) and bound ε from the
     guesses: the ``guesses`` share of canaries is guessed, half "in" (highest scores), half "out"."""
     found = planted(config)
@@ -92,7 +93,7 @@ def canary(config: SiteConfig, task: RunTask, final: dict[str, np.ndarray], *, g
             scores[np.flatnonzero(side)] = -per_patient(image_losses(logits(model, cohort, device), cohort.labels),
                                                         cohort.patient, cohort.n_patients)
     ledger = open_ledger(config)
-    patients = load_site_data(config, image_size=task.image_size, windows=task.windows).train.n_patients
+    patients = data.train.n_patients + int(found.included.sum())  # as training counted them: canaries included
     delta = config.privacy.delta_for(patients)
     trained_dp = any(e.kind == "train" for e in ledger.events)
     accountant = ledger.epsilon(delta=delta, accountant=config.privacy.accountant) if trained_dp else None
@@ -121,17 +122,19 @@ def run_attacks(config: SiteConfig, run_dir: Path, *, kinds: tuple[str, ...] = K
     if why is not None:
         raise ValueError(f"{config.name} does not run this run's task: {why}")
     rng = np.random.default_rng(seed if seed is not None else secrets.randbits(128))
+    data = load_site_data(config, image_size=task.image_size, findings=task.finding_names, windows=task.windows,
+                          canaries=False)  # the real patients, loaded once for every attack
     doc: dict[str, Any] = {"site": config.name, "run_id": task.run_id, "model_sha256": arrays_sha256(final),
-                           "utility": utility(config, task, final)}
+                           "utility": utility(config, task, final, data)}
     if "membership" in kinds:
-        doc["membership"] = membership(config, task, final, references=references, reference_steps=reference_steps,
-                                       rng=rng)
+        doc["membership"] = membership(config, task, final, data, references=references,
+                                       reference_steps=reference_steps, rng=rng)
     if "canary" in kinds:
-        doc["canary"] = canary(config, task, final)
+        doc["canary"] = canary(config, task, final, data)
     if "inversion" in kinds:
         from client.inversion_at_site import inversion  # torch double-backward: loaded only when asked for
 
-        doc["inversion"] = inversion(config, task, final, iterations=inversion_iterations,
+        doc["inversion"] = inversion(config, task, final, data, iterations=inversion_iterations,
                                      grid=private_dir(config.workspace / ATTACKS_DIR) / f"inversion-{task.run_id}.png",
                                      rng=rng)
     result = attack_result(doc)

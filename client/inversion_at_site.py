@@ -22,7 +22,7 @@ from client.config import SiteConfig
 from client.dicom.cohort import Cohort
 from client.models import get_arrays
 from client.run_task import RunTask
-from client.site import load_site_data
+from client.site import SiteData
 from client.site_ledger import open_ledger
 from client.train import LocalPlan, train_plain, train_private
 from privacy.attacks.inversion import DpSetting, InversionResult, best_match_ssim, invert, save_grid, scores, ssim
@@ -33,11 +33,10 @@ DEFAULT_ITERATIONS = 400
 DP_FALLBACK_SIGMA = 1.0  # a site that trained without DP: what σ = 1 would have done
 
 
-def inversion(config: SiteConfig, task: RunTask, final: dict[str, np.ndarray], *, iterations: int, grid: Path,
-              rng: np.random.Generator) -> dict[str, Any]:
-    """Attack one training patient's image (and, for the aggregate, four more patients' beside it)
-    through the final global model; numbers in the result, the grid at ``grid``."""
-    data = load_site_data(config, image_size=task.image_size, windows=task.windows, canaries=False)
+def inversion(config: SiteConfig, task: RunTask, final: dict[str, np.ndarray], data: SiteData, *, iterations: int,
+              grid: Path, rng: np.random.Generator) -> dict[str, Any]:
+    """Attack one training patient's image of ``data`` (and, for the aggregate, four more patients'
+    beside it) through the final global model; numbers in the result, the grid at ``grid``."""
     train = data.train
     if train.n_patients < AGGREGATE_OF:
         raise ValueError(f"gradient inversion needs {AGGREGATE_OF} training patients at {config.name}; it has "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -125,9 +126,8 @@ def simulate(
         # given on the command line, these also apply to reused --sites-dir sites (their own policy otherwise)
         given = tuple((k, v) for k, v in (("dp", False if no_dp else None), ("max_epsilon", epsilon),
                                           ("max_grad_norm", max_grad_norm)) if v is not None)
-        policy = PrivacyPolicy(**{"dp": not no_dp, "max_epsilon": PrivacyPolicy.max_epsilon, "delta": delta,
-                                  "accountant": accountant, "require_secure_aggregation": not no_secagg,
-                                  "metrics": metrics_release, "seed": site_seed, **dict(given)})
+        policy = replace(PrivacyPolicy(delta=delta, accountant=accountant, require_secure_aggregation=not no_secagg,
+                                       metrics=metrics_release, seed=site_seed), **dict(given))
         poisons = tuple(parse_poison(p) for p in poison or ())
         if findings is None:
             findings = ",".join(RADIOGRAPH_FINDINGS) if kind == "radiograph" and not (data or sites_dir) else ""
