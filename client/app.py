@@ -258,17 +258,19 @@ def _metered_metrics(model: nn.Module, data: SiteData, device: torch.device, eve
     return metrics
 
 
-def build_client_app(sim_sites: Sequence[str] = (), inner_mods: Sequence[Mod] = ()) -> ClientApp:
+def build_client_app(sim_sites: Sequence[str] = (), inner_mods: Sequence[Mod] = (),
+                     outer_mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp; ``sim_sites`` lists virtual sites' workspaces in a simulation.
 
     Every reply passes the egress guard (outermost mod); ``train`` messages of a secure
     aggregation round pass the SecAgg+ client, which masks the update before it leaves.
-    ``inner_mods``: a simulation's fault injection (``server.chaos``), innermost: never deployed."""
+    ``inner_mods`` (innermost) and ``outer_mods`` (outside the guard): a simulation's fault
+    injection (``server.chaos``), never deployed."""
 
     def resolve(context: Context) -> SiteConfig:
         return resolve_site(context, sim_sites)
 
-    client_app = ClientApp(mods=[egress_guard(resolve), secagg_mod(resolve), *inner_mods])
+    client_app = ClientApp(mods=[*outer_mods, egress_guard(resolve), secagg_mod(resolve), *inner_mods])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -56,7 +56,8 @@ class ServerAudit:
 
     def secure_aggregation(self, rnd: int, info: dict[str, Any]) -> None:
         self._add(E.SECAGG, round=rnd, sites=info.get("sites"), dropped=info.get("dropped"),
-                  aborted=bool(info.get("aborted")), k=info.get("k"), threshold=info.get("threshold"))
+                  aborted=bool(info.get("aborted")), k=info.get("k"), threshold=info.get("threshold"),
+                  dropped_at=info.get("dropped_at") or {})
 
     def aggregate(self, rnd: int, sites: list[str], arrays: Mapping[str, np.ndarray]) -> None:
         self._add(E.AGGREGATE, round=rnd, sites=sites, new_sha256=arrays_sha256(arrays))

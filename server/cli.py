@@ -91,6 +91,9 @@ def simulate(
                                                                    "is rejected; 0 = none")] = 0.0,
     poison: Annotated[list[str] | None, typer.Option(help="chaos: SITE:scale=FACTOR (the site sends its update "
                                                           "times FACTOR) or SITE:flip-labels; repeatable")] = None,
+    fail: Annotated[list[str] | None, typer.Option(help="chaos: SITE:ROUND:STAGE kills a virtual site in that round at "
+                                                        "STAGE: advertise, share, input, train, reply, consistency "
+                                                        "or unmask (docs/robustness.md); repeatable")] = None,
     privacy_audit: Annotated[bool, typer.Option("--privacy-audit", help="plant canaries at --audit-site, and after "
                                                 "training run the membership, inversion and canary attacks there; "
                                                 "the report's 'Empirical privacy audit' shows them")] = False,
@@ -116,7 +119,7 @@ def simulate(
     from privacy.protocol import parse_findings, parse_windows
     from privacy.secagg.wire import roster_fingerprint
     from server.audit_trail import SERVER_KEY
-    from server.chaos import parse_poison
+    from server.chaos import parse_failure, parse_poison
     from server.initial_model import initial_model
     from server.rundir import private_keys_dir
     from server.simulate import KEYS_DIR, ROSTER_FILE, SimulationPlan, SimulationRecord, prepare_sites
@@ -129,6 +132,7 @@ def simulate(
         policy = replace(PrivacyPolicy(delta=delta, accountant=accountant, require_secure_aggregation=not no_secagg,
                                        metrics=metrics_release, seed=site_seed), **dict(given))
         poisons = tuple(parse_poison(p) for p in poison or ())
+        failures = tuple(parse_failure(f) for f in fail or ())
         if findings is None:
             findings = ",".join(RADIOGRAPH_FINDINGS) if kind == "radiograph" and not (data or sites_dir) else ""
         cfg = RunConfig(num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size, model=model,
@@ -143,7 +147,7 @@ def simulate(
                         audit_key=str((keys_dir or private_keys_dir(out)).resolve() / SERVER_KEY))
         plan = SimulationPlan(sites=sites, patients=patients, data=tuple(data or ()),
                               sites_dir=sites_dir, data_seed=seed, policy=policy, kind=kind, difficulty=difficulty,
-                              poisons=poisons, val_share=val_share, reuse_privacy=given,
+                              poisons=poisons, failures=failures, val_share=val_share, reuse_privacy=given,
                               canaries=canaries if privacy_audit else 0,
                               audit_site=audit_site if privacy_audit else "",
                               canary_site=canary_site if privacy_audit else "")
@@ -158,12 +162,12 @@ def simulate(
         SimulationRecord(workspaces=tuple(str(c.workspace) for c in configs), roster_fingerprint=fingerprint,
                          sites_dir=str(sites_dir.resolve()) if sites_dir else "",
                          keys_dir=str(keys_dir.resolve()) if keys_dir else "", poisons=tuple(poison or ()),
-                         privacy_audit=plan.audit_site, canary_site=plan.canary_site).write(out)
+                         failures=tuple(fail or ()), privacy_audit=plan.audit_site, canary_site=plan.canary_site).write(out)
     except INPUT_ERRORS as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
-    metrics = _train(cfg, configs, verbose=verbose, poisons=plan.poisons)
+    metrics = _train(cfg, configs, verbose=verbose, poisons=plan.poisons, failures=plan.failures)
     _privacy_audit(out, configs, plan.audit_site, plan.canaries_at, metrics)
     _finish(out, configs, fingerprint, sites_dir=sites_dir, keys_dir=keys_dir, as_json=as_json)
     _exit_if_stopped(out, metrics)
@@ -172,7 +176,7 @@ def simulate(
 def _resume(out: Path, *, verbose: bool, as_json: bool) -> None:
     """``simulate --resume OUT``: the same sites, config and keys, from the run's next round."""
     from client.config import load_site_config
-    from server.chaos import parse_poison
+    from server.chaos import parse_failure, parse_poison
     from server.initial_model import initial_model
     from server.resume import ResumeError, ResumeIntegrityError, resume_point
     from server.simulate import SimulationRecord
@@ -184,6 +188,7 @@ def _resume(out: Path, *, verbose: bool, as_json: bool) -> None:
         point = resume_point(out, initial_model(cfg)[0])  # refuses a finished run or a damaged log, before Ray starts
         configs = [load_site_config(Path(w)) for w in record.workspaces]
         poisons = tuple(parse_poison(p) for p in record.poisons)
+        failures = tuple(parse_failure(f) for f in record.failures)
     except ResumeIntegrityError:
         raise  # damaged evidence: exit 4 (privacy.errors.run_cli), never "bad input"
     except (*INPUT_ERRORS, ResumeError) as exc:
@@ -193,7 +198,8 @@ def _resume(out: Path, *, verbose: bool, as_json: bool) -> None:
     err.print(f"resuming {out}: run {point.run_id}, rounds {point.next_round}..{cfg.num_server_rounds} ({max(left, 0)} "
               f"left) from the model after round {point.last_round}"
               + (f"; round {point.abandoned} was cut short and is not repeated" if point.abandoned else ""))
-    metrics = _train(cfg, configs, verbose=verbose, poisons=poisons, resume=True, done=point.next_round - 1)
+    metrics = _train(cfg, configs, verbose=verbose, poisons=poisons, resume=True, done=point.next_round - 1,
+                     failures=failures)
     _privacy_audit(out, configs, record.privacy_audit, record.canary_site or record.privacy_audit, metrics)
     _finish(out, configs, record.roster_fingerprint, sites_dir=Path(record.sites_dir) if record.sites_dir else None,
             keys_dir=Path(record.keys_dir) if record.keys_dir else None, as_json=as_json)
@@ -258,7 +264,7 @@ def _warn(*, no_dp: bool, exact_metrics: bool, site_seed: int | None, no_secagg:
 
 
 def _train(cfg: RunConfig, configs: list[SiteConfig], *, verbose: bool, poisons: tuple = (), resume: bool = False,
-           done: int = 0) -> dict[str, Any]:
+           done: int = 0, failures: tuple = ()) -> dict[str, Any]:
     """Run the simulation in a child process (``server.stop.supervise``: SIGINT/SIGTERM stop it
     cleanly). Returns metrics.json as the run left it."""
     from server.stop import supervise
@@ -266,7 +272,7 @@ def _train(cfg: RunConfig, configs: list[SiteConfig], *, verbose: bool, poisons:
     def on_signal(name: str) -> None:
         err.print(f"[yellow]{name}: stopping after the current exchange (again to exit at once)…[/]")
 
-    code = supervise(_train_child, cfg, configs, verbose, poisons, resume, done, on_signal=on_signal)
+    code = supervise(_train_child, cfg, configs, verbose, poisons, resume, done, failures, on_signal=on_signal)
     metrics_file = Path(cfg.run_dir) / "metrics.json"
     if code != 0:
         err.print(f"[red]error:[/] the simulation runtime ended with exit code {code}"
@@ -277,7 +283,7 @@ def _train(cfg: RunConfig, configs: list[SiteConfig], *, verbose: bool, poisons:
 
 
 def _train_child(cfg: RunConfig, configs: list[SiteConfig], verbose: bool, poisons: tuple, resume: bool, done: int,
-                 *, stop: Any) -> None:
+                 failures: tuple, *, stop: Any) -> None:
     """The simulation itself (child process): one line per round under a progress bar."""
     from server.simulate import run_simulation_runtime
 
@@ -295,7 +301,7 @@ def _train_child(cfg: RunConfig, configs: list[SiteConfig], verbose: bool, poiso
                 f"val AUROC {fmt(row.get('val_auroc'))}  max ε {fmt(eps, 3)}  {fmt(row['seconds'], 1)}s")
 
         run_simulation_runtime(cfg, configs, on_round=on_round, verbose=verbose, poisons=poisons, stop=stop,
-                               resume=resume)
+                               resume=resume, failures=failures)
 
 
 def _finish(out: Path, configs: list[SiteConfig], fingerprint: str, *, sites_dir: Path | None, keys_dir: Path | None,

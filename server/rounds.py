@@ -79,13 +79,14 @@ def run_federation(
                     f" (round {resume.abandoned} was cut short: abandoned)" if resume.abandoned else "")
     ended_early: int | None = None
     roster = Path(cfg.roster_file).read_bytes() if cfg.roster_file else b""
+    names: dict[int, str] = {}  # node id -> site, from the replies so far: a failed node is logged by name
     rnd = first - 1
     try:
         for rnd in range(first, cfg.num_server_rounds + 1):
             if stop is not None:
                 stop.check()
             arrays, applied, row, all_refused = _one_round(grid, cfg, arrays, audit, rundir, run_id=run_id, rnd=rnd,
-                                              roster=roster, stop=stop)
+                                              roster=roster, stop=stop, names=names)
             last_round = rnd if applied else last_round
             metrics["rounds"].append(row)
             metrics["audit"] = audit.summary()
@@ -124,10 +125,10 @@ def run_federation(
 
 
 def _one_round(grid: Grid, cfg: RunConfig, arrays: OrderedDict[str, np.ndarray], audit: ServerAudit, rundir: RunDir,
-               *, run_id: str, rnd: int, roster: bytes, stop: StopRequest | None
+               *, run_id: str, rnd: int, roster: bytes, stop: StopRequest | None, names: dict[int, str]
                ) -> tuple[OrderedDict[str, np.ndarray], bool, dict[str, Any], bool]:
     """One round: (the global model after it, whether an update was applied, its metrics row,
-    whether every site refused it)."""
+    whether every site refused it). ``names``: node id -> site as learnt from replies (updated)."""
     started = time.monotonic()
     nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout, stop)
     audit.round_start(rnd, arrays, nodes)
@@ -135,6 +136,8 @@ def _one_round(grid: Grid, cfg: RunConfig, arrays: OrderedDict[str, np.ndarray],
     train, updates, secure = _train_round(grid, cfg, nodes, arrays, conf, run_id=run_id, rnd=rnd, roster=roster,
                                           stop=stop)
     refused = sorted(r.site for r in train.replies if r.metrics.get(K.REFUSED))
+    names.update({r.node_id: r.site for r in train.replies} | (secure.names if secure is not None else {}))
+    train.failed = sorted(names.get(int(n), f"node-{n}") for n in train.failed)  # never-named nodes: node-ID
     _audit_replies(audit, rnd, train)
     if secure is not None:
         audit.secure_aggregation(rnd, secure.info)
@@ -161,7 +164,7 @@ def _one_round(grid: Grid, cfg: RunConfig, arrays: OrderedDict[str, np.ndarray],
     row["model_sha256"] = arrays_sha256(arrays)
     row["train_loss"] = _weighted(train.replies, K.TRAIN_LOSS)
     conf = round_config(cfg, run_id, rnd, audit.log.head())  # the sites counter-sign the round so far
-    _evaluate_round(grid, cfg, nodes, arrays, conf, audit, rnd, row, stop)
+    names.update(_evaluate_round(grid, cfg, nodes, arrays, conf, audit, rnd, row, stop))
     row["seconds"] = round(time.monotonic() - started, 3)
     row = _jsonable(row)
     all_refused = bool(not updates and refused and len(refused) == len(train.replies) and not train.failed)
@@ -213,8 +216,9 @@ def _train_round(grid: Grid, cfg: RunConfig, nodes: list[int], arrays: OrderedDi
 
 def _evaluate_round(grid: Grid, cfg: RunConfig, nodes: list[int], arrays: OrderedDict[str, np.ndarray],
                     conf: ConfigRecord, audit: ServerAudit, rnd: int, row: dict[str, Any],
-                    stop: StopRequest | None = None) -> None:
-    """Validation metrics of the new model, into ``row``; each reply into the audit log."""
+                    stop: StopRequest | None = None) -> dict[int, str]:
+    """Validation metrics of the new model, into ``row``; each reply into the audit log. Returns
+    node id -> site of the replies."""
     evaluation = exchange(grid, dict.fromkeys(nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf})),
                           MessageType.EVALUATE, cfg.round_timeout, with_arrays=False, stop=stop)
     row["val_loss"] = _weighted(evaluation.replies, K.VAL_LOSS)
@@ -229,6 +233,7 @@ def _evaluate_round(grid: Grid, cfg: RunConfig, nodes: list[int], arrays: Ordere
             row["epsilon"][r.site] = r.metrics[K.EPSILON]
         audit.reply(rnd, r.site, "evaluation-refused" if r.metrics.get(K.REFUSED) else "evaluated",
                     site_head=r.audit_head, epsilon=r.metrics.get(K.EPSILON))
+    return {r.node_id: r.site for r in evaluation.replies}
 
 
 def _audit_replies(audit: ServerAudit, rnd: int, outcome: RoundOutcome) -> None:

@@ -43,7 +43,8 @@ class SecureRound:
     update (``None`` when aborted or nobody trained) and the protocol outcome."""
 
     replies: list[Reply] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # nodes that left before their input (no train reply)
+    names: dict[int, str] = field(default_factory=dict)  # node id -> site, from the advertisements
     update: OrderedDict[str, np.ndarray] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -62,6 +63,7 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
     """Run one training round under SecAgg+; the server learns only the weighted mean update."""
     result = SecureRound(info={"sites": 0, "dropped": 0, "aborted": False})
     clock = _Clock()
+    dropped: dict[str, list[str]] = {}  # stage -> the nodes that did not answer it
     try:
         names = [f"node-{n}" for n in nodes]  # provisional: the real names come with the advertisements
         agg = Aggregator(SecAggParams.for_sites(run_id, round_, names, k=k, threshold=threshold))
@@ -69,8 +71,10 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         adv = exchange(grid, {n: RecordDict({K.CONFIG: advertise}) for n in nodes}, MessageType.TRAIN, timeout,
                        with_arrays=False, stop=stop)
         result.failed += adv.failed
+        dropped["advertise"] = adv.failed
         clock.mark("advertise")
         node_of = {r.site: r.node_id for r in adv.replies if K.ADVERT in r.secagg}
+        result.names = {n: s for s, n in node_of.items()}
         adverts: dict[str, Any] = {}
         for r in adv.replies:
             adverts |= adverts_from_bytes(r.secagg.get(K.ADVERT, b"{}"))
@@ -82,6 +86,7 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         shared = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: share_conf}) for s in params.sites},
                           MessageType.TRAIN, timeout, with_arrays=False, stop=stop)
         result.failed += shared.failed
+        dropped["share"] = shared.failed
         clock.mark("share")
         inboxes, sharers = agg.route_shares({r.site: boxes_from_bytes(r.secagg[K.OUTBOX]) for r in shared.replies
                                              if K.OUTBOX in r.secagg})
@@ -91,6 +96,7 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
             for s in sorted(inboxes)}
         trained = exchange(grid, contents, MessageType.TRAIN, timeout, with_arrays=True, stop=stop)
         result.failed += trained.failed
+        dropped["input"] = trained.failed
         clock.mark("input")
         result.replies = trained.replies
         masked = {r.site: r.masked for r in trained.replies if r.masked is not None}
@@ -101,14 +107,14 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         check_conf = _stage_conf(conf, "consistency", **{K.SECAGG_SURVIVORS: survivors})
         checked = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: check_conf}) for s in survivors},
                            MessageType.TRAIN, timeout, with_arrays=False, stop=stop)
-        result.failed += checked.failed
+        dropped["consistency"] = checked.failed  # these sent their input: their train reply stands
         clock.mark("consistency")
         signatures = agg.collect_signatures({r.site: r.secagg[K.CONSISTENCY] for r in checked.replies
                                              if K.CONSISTENCY in r.secagg})
         unmask_conf = _stage_conf(conf, "unmask", **{K.SECAGG_SIGNATURES: boxes_to_bytes(signatures)})
         revealed = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: unmask_conf}) for s in sorted(signatures)},
                             MessageType.TRAIN, timeout, with_arrays=False, stop=stop)
-        result.failed += revealed.failed
+        dropped["unmask"] = revealed.failed
         total, weight = agg.finish({r.site: reveals_from_bytes(r.secagg[K.REVEALS]) for r in revealed.replies
                                     if K.REVEALS in r.secagg})
         result.update = _unflatten(total / weight, arrays)
@@ -119,6 +125,8 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         log.warning("round %d: secure aggregation abandoned: %s", round_, exc)
         result.update = None
         result.info = {"sites": 0, "dropped": len(nodes), "aborted": True, "reason": str(exc)}
+    result.info["dropped_at"] = {stage: sorted(result.names.get(int(n), f"node-{n}") for n in failed)
+                                 for stage, failed in dropped.items() if failed}
     return result
 
 

@@ -22,7 +22,7 @@ from privacy.files import atomic_write_bytes, atomic_write_json, private_dir
 from privacy.keys import load_or_create_key, public_pem
 from privacy.secagg.wire import roster_bytes
 from server.audit_trail import SERVER_KEY
-from server.chaos import Poison, flip_labels, scale_mod
+from server.chaos import Failure, Poison, failure_mods, flip_labels, scale_mod
 from server.config import RunConfig
 from server.rounds import RoundCallback
 from server.rundir import private_keys_dir
@@ -43,6 +43,7 @@ class SimulationRecord:
     sites_dir: str = ""
     keys_dir: str = ""
     poisons: tuple[str, ...] = ()
+    failures: tuple[str, ...] = ()  # --fail SITE:ROUND:STAGE (kept so a resumed run keeps its plan)
     privacy_audit: str = ""  # the site whose attacks run at the end (simulate --privacy-audit)
     canary_site: str = ""  # the site whose canaries are audited ("" = privacy_audit's)
 
@@ -59,7 +60,8 @@ class SimulationRecord:
         try:
             return cls(workspaces=tuple(doc["workspaces"]), roster_fingerprint=str(doc["roster_fingerprint"]),
                        sites_dir=str(doc.get("sites_dir", "")), keys_dir=str(doc.get("keys_dir", "")),
-                       poisons=tuple(doc.get("poisons", ())), privacy_audit=str(doc.get("privacy_audit", "")),
+                       poisons=tuple(doc.get("poisons", ())),
+                       failures=tuple(doc.get("failures", ())), privacy_audit=str(doc.get("privacy_audit", "")),
                        canary_site=str(doc.get("canary_site", "")))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{path}: field {exc} is missing or malformed; the file was edited") from None
@@ -78,6 +80,7 @@ class SimulationPlan:
     kind: str = "ct"  # generated sites: "ct" (chest CT slices, one binary label) or "radiograph" (multi-label DX)
     difficulty: float = 1.0  # generated sites: higher = fainter findings
     poisons: tuple[Poison, ...] = ()  # chaos: poisoned virtual sites (server.chaos)
+    failures: tuple[Failure, ...] = ()  # chaos: virtual sites killed at a round's stage (server.chaos)
     val_share: float | None = None  # each site's validation share (the attacks' non-members); None: the default
     reuse_privacy: tuple[tuple[str, Any], ...] = ()  # privacy fields given on the CLI: applied to --sites-dir too
     canaries: int = 0  # canary patients planted at ``canary_site`` for the one-run DP audit (client.canaries)
@@ -94,6 +97,8 @@ class SimulationPlan:
         names = {f"site-{i + 1}" for i in range(self.sites)}
         if any(p.site not in names for p in self.poisons):
             raise ValueError(f"--poison names a site that is not in this simulation ({', '.join(sorted(names))})")
+        if any(f.site not in names for f in self.failures) and self.sites_dir is None:
+            raise ValueError(f"--fail names a site that is not in this simulation ({', '.join(sorted(names))})")
         if any(p.flip_labels for p in self.poisons) and (self.data or self.sites_dir is not None):
             raise ValueError("--poison SITE:flip-labels works on generated sites only (not with --data or --sites-dir)")
         if self.val_share is not None and not 0 < self.val_share < 1:
@@ -202,6 +207,7 @@ def _with_canaries(config: SiteConfig, m: int) -> SiteConfig:
 def run_simulation_runtime(
     cfg: RunConfig, configs: Sequence[SiteConfig], *, on_round: RoundCallback | None = None,
     verbose: bool = False, poisons: Sequence[Poison] = (), stop: StopRequest | None = None, resume: bool = False,
+    failures: Sequence[Failure] = (),
 ) -> dict[str, Any]:
     """Run the federation with Flower's simulation runtime, one Ray actor CPU per site.
 
@@ -216,7 +222,7 @@ def run_simulation_runtime(
         if not verbose:
             flwr_log.setLevel(logging.ERROR)
         try:
-            return _run(cfg, configs, on_round, verbose, poisons, stop=stop, resume=resume)
+            return _run(cfg, configs, on_round, verbose, poisons, stop=stop, resume=resume, failures=failures)
         finally:
             flwr_log.setLevel(level)
 
@@ -234,10 +240,10 @@ def scoped_environment(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def _run(cfg: RunConfig, configs: Sequence[SiteConfig], on_round: RoundCallback | None, verbose: bool,
-         poisons: Sequence[Poison] = (), *, stop: StopRequest | None = None, resume: bool = False) -> dict[str, Any]:
+         poisons: Sequence[Poison] = (), *, stop: StopRequest | None = None, resume: bool = False,
+         failures: Sequence[Failure] = ()) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
-    from client.app import build_client_app
     from server.app import build_server_app
 
     result: dict[str, Any] = {}
@@ -250,7 +256,7 @@ def _run(cfg: RunConfig, configs: Sequence[SiteConfig], on_round: RoundCallback 
 
     run_simulation(
         server_app=build_server_app(cfg, on_round=record, stop=stop, resume=resume),
-        client_app=build_client_app(sites, inner_mods=[scale_mod(poisons, sites)] if poisons else []),
+        client_app=_client_app(sites, poisons, failures),
         num_supernodes=len(configs),
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -260,3 +266,14 @@ def _run(cfg: RunConfig, configs: Sequence[SiteConfig], on_round: RoundCallback 
         verbose_logging=verbose,
     )
     return result
+
+
+def _client_app(sites: Sequence[str], poisons: Sequence[Poison], failures: Sequence[Failure]) -> Any:
+    """The ClientApp with the run's chaos mods (``server.chaos``), if any."""
+    from client.app import build_client_app
+
+    inner, outer = [scale_mod(poisons, sites)] if poisons else [], []
+    if failures:
+        kill_outer, kill_inner = failure_mods(failures, sites)
+        inner, outer = [kill_inner, *inner], [kill_outer]
+    return build_client_app(sites, inner_mods=inner, outer_mods=outer)

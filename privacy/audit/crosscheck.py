@@ -217,9 +217,10 @@ def cross_check(server: Logs, sites: dict[str, Logs], metrics: dict[str, Any] | 
                     problems.append(Problem(server.file, first, f"site {site} took part in run {view.run_id} but its "
                                                                 "log was not given (pass its workspace or export, or "
                                                                 f"--allow-missing {site})"))
+        anonymous: set[int] = set()  # node-ID failures already matched to a site's lost reply
         for site, log in sorted(sites.items()):
             problems += _site_against_server(view, site, log, server.file, seq_of, countersigned,
-                                             joined_required=site in named)
+                                             joined_required=site in named, used=anonymous)
         if sites and not server_only:
             for rnd, start in sorted(view.rounds.items()):
                 if rnd not in countersigned and rnd not in view.abandoned:
@@ -232,8 +233,20 @@ def cross_check(server: Logs, sites: dict[str, Logs], metrics: dict[str, Any] | 
     return problems
 
 
+def _anonymous_failure(view: RunView, rnd: int, used: set[int]) -> bool:
+    """Take one of round ``rnd``'s failed replies from a node the server could not name (``node-ID``),
+    each excusing one site's missing reply; False when none is left."""
+    for (site, r, phase), e in sorted(view.replies.items(), key=lambda kv: kv[1].seq):
+        if r == rnd and phase == "train" and site.startswith("node-") and e.data.get("status") == "failed" \
+                and e.seq not in used:
+            used.add(e.seq)
+            return True
+    return False
+
+
 def _site_against_server(view: RunView, site: str, log: Logs, server_file: str, seq_of: dict[str, int],
-                         countersigned: set[int], *, joined_required: bool) -> list[Problem]:
+                         countersigned: set[int], *, joined_required: bool,
+                         used: set[int] | None = None) -> list[Problem]:
     problems: list[Problem] = []
     run = view.run_id
     mine = [s for s in log.entries if s.data.get("run_id") == run]
@@ -242,6 +255,7 @@ def _site_against_server(view: RunView, site: str, log: Logs, server_file: str, 
                                                 "no run-joined for it (the site never took part)"))
     hashes = {s.hash for s in log.entries}
     latest: dict[tuple[int, str], Entry] = {}
+    used_anonymous = used if used is not None else set()
     for s in mine:
         if s.event not in SITE_ROUND_EVENTS:
             continue
@@ -251,9 +265,13 @@ def _site_against_server(view: RunView, site: str, log: Logs, server_file: str, 
         reply = view.replies.get((site, rnd, phase))
         what = "validation metrics of round" if phase == "eval" else "round"
         # a site may have answered a round the server cut short (stop or crash) before the server logged the
-        # reply: the site's ledger counts it, nothing of it was applied
+        # reply, or trained and died (or lost its reply) before it arrived: the site's ledger counts it, and
+        # the server records the reply as failed, by name or, for a node it never heard from, as node-ID
         cut_short = reply is None and rnd in view.abandoned
-        if not cut_short and (reply is None or reply.data.get("status") not in STATUS_OF_EVENT[s.event]):
+        lost = phase == "train" and s.event == E.ROUND_TRAINED and (
+            (reply is not None and reply.data.get("status") == "failed")
+            or (reply is None and _anonymous_failure(view, rnd, used_anonymous)))
+        if not (cut_short or lost) and (reply is None or reply.data.get("status") not in STATUS_OF_EVENT[s.event]):
             problems.append(Problem(log.file, s.seq, f"site log records {what} {rnd} of run {run} ({s.event}) but the "
                                                      "server's log has no such reply from this site"))
         head = s.data.get("server_head")

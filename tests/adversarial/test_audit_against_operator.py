@@ -358,3 +358,26 @@ def test_a_resume_that_reuses_a_round_number_is_caught(run: dict[str, Path | str
     v = _verdict(run_dir, run)
     whats = " | ".join(p.what for p in v.problems)
     assert not v.ok and "resumes at round 1, which is not after every round it started" in whats, whats
+
+
+@pytest.mark.parametrize("label", ["site-2", "node-4242"])
+def test_a_used_update_relabelled_as_lost_is_caught(run: dict[str, Path | str], tmp_path: Path, label: str) -> None:
+    """verify excuses a site's training entry without a server reply when the server logged the site
+    (or a node it could not name) as failed: a site killed after training. The operator relabels
+    site-2's round-2 reply as failed (to hide its ε release) but keeps the update in the aggregate: an
+    aggregate may only name sites with a trained reply."""
+    run_dir = _copy(run, tmp_path / f"relabelled-{label}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    out = _entries(run_dir)
+    for e in out:
+        if e.event == "site-reply" and e.data["round"] == 2 and e.data["site"] == "site-2" \
+                and e.data["status"] == "trained":
+            e.data.update(site=label, status="failed", site_head=None, epsilon=None)
+    row = metrics["rounds"][1]
+    row["failed"] = [label]
+    row["epsilon"] = {s: v for s, v in row["epsilon"].items() if s != "site-2"}
+    _resign_server(run_dir, out, _server_key(run), metrics)
+    v = _verdict(run_dir, run)
+    whats = " | ".join(p.what for p in v.problems)
+    assert not v.ok and "round 2: the aggregate names sites that did not train" in whats, whats
+    assert "site log records round 2" not in whats  # the lost-reply excuse applied; the aggregate check did not
