@@ -12,7 +12,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from privacy import egress as K
 from privacy.model_arrays import arrays_to_record
 from privacy.secagg.params import SecAggConfigError, SecAggParams
 from privacy.secagg.server import Aggregator, RoundAborted
+from privacy.secagg.site import adverts_digest
 from privacy.secagg.wire import (
     adverts_from_bytes,
     adverts_to_bytes,
@@ -79,8 +80,7 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         for r in adv.replies:
             adverts |= adverts_from_bytes(r.secagg.get(K.ADVERT, b"{}"))
         params, relay = agg.collect_adverts({s: a for s, a in adverts.items() if s in node_of})
-        agg.params = SecAggParams.for_sites(run_id, round_, list(params.sites), k=k, threshold=threshold)
-        params = agg.params
+        agg.params = params = round_params(run_id, round_, relay, k=k, threshold=threshold)
         share_conf = _stage_conf(conf, "share", **{K.SECAGG_PARAMS: json.dumps(params_to_json(params)),
                                                    K.SECAGG_ADVERTS: adverts_to_bytes(relay)})
         shared = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: share_conf}) for s in params.sites},
@@ -128,6 +128,15 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
     result.info["dropped_at"] = {stage: sorted(result.names.get(int(n), f"node-{n}") for n in failed)
                                  for stage, failed in dropped.items() if failed}
     return result
+
+
+def round_params(run_id: str, round_: int, advertised: Mapping[str, Any], *, k: int = 0,
+                 threshold: int = 0) -> SecAggParams:
+    """The round's parameters for the sites that advertised (k and threshold sized for them); above
+    the complete graph's size, the neighbour graph is seeded by their signed advertisements, which
+    every site checks (``privacy.secagg.site``)."""
+    fresh = SecAggParams.for_sites(run_id, round_, list(advertised), k=k, threshold=threshold)
+    return fresh if fresh.complete else replace(fresh, graph_seed=adverts_digest(dict(advertised)))
 
 
 class _Clock:

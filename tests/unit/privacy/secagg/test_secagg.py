@@ -170,3 +170,27 @@ def test_sparse_graph_recovers_dropped_sites_masks() -> None:
     exp_total, exp_weight = fed.expected(survivors)
     assert len(survivors) == 77 and weight == exp_weight
     assert np.abs(total / weight - exp_total / exp_weight).max() <= 80 / (2 ** (FRACTION_BITS + 1) * exp_weight)
+
+
+def test_the_drivers_round_parameters_above_the_complete_graph_pass_every_sites_checks() -> None:
+    """Regression (100-site simulation): the server's round parameters for more sites than the
+    complete graph's maximum must carry the advertisements' digest, or every site refuses the
+    share stage (graph-seed)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from privacy.secagg.params import COMPLETE_GRAPH_MAX
+    from privacy.secagg.site import SiteSession, adverts_digest
+    from server.secagg_driver import round_params
+
+    names = [f"site-{i}" for i in range(COMPLETE_GRAPH_MAX + 6)]
+    keys = {n: Ed25519PrivateKey.generate() for n in names}
+    started = {n: SiteSession.start("run-1", 2, n, keys[n]) for n in names}
+    adverts = {n: advert for n, (_, advert) in started.items()}
+    params = round_params("run-1", 2, adverts)
+    assert not params.complete and params.graph_seed == adverts_digest(adverts)
+    roster = {n: k.public_key() for n, k in keys.items()}
+    for n in names[:3]:
+        outbox = started[n][0].share_keys(params, adverts, roster)
+        assert sorted(outbox) == sorted(set(params.neighbours(n)))  # a sealed share for each neighbour
+    small = round_params("run-1", 2, dict(list(adverts.items())[:5]))
+    assert small.complete and small.graph_seed == ""
