@@ -8,35 +8,49 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.config import RunConfig
+from server.config import RESUME_KEY, RunConfig, RunConfigError
 from server.initial_model import initial_model
-from server.resume import resume_point
+from server.resume import resume_point, run_lock
 from server.rounds import RoundCallback, run_federation
 from server.stop import StopRequest
 
 
 def build_server_app(config: RunConfig | None = None, on_round: RoundCallback | None = None, *,
                      stop: StopRequest | None = None, resume: bool = False) -> ServerApp:
-    """The ServerApp; ``config`` given by a driver wins over ``context.run_config``. ``resume``:
-    continue the run in ``run_dir`` (``server.resume``) under its own run id; ``stop``: the
-    driver's stop request (signals)."""
+    """The ServerApp; ``config`` given by a driver wins over ``context.run_config``. ``resume`` (or
+    the run-config key ``resume = true``: ``medfed-server run --resume``): continue the run in
+    ``run_dir`` (``server.resume``) under its own run id and config; ``stop``: the driver's stop
+    request (signals). One server process runs a run directory at a time (``RUN_DIR/run.lock``)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = config or RunConfig.from_run_config(dict(context.run_config))
+        run_config = dict(context.run_config)
+        resuming = resume or _flag(run_config.pop(RESUME_KEY, False))
+        cfg = config or RunConfig.from_run_config(run_config)
         if not cfg.run_dir:
             cfg = replace(cfg, run_dir=f"runs/{context.run_id}")
-        initial, weights_sha256 = initial_model(cfg)
-        if resume:
-            point = resume_point(Path(cfg.run_dir), initial)
-            run_federation(grid, point.config, point.arrays, run_id=point.run_id, on_round=on_round, stop=stop,
-                           resume=point)
-            return
-        run_federation(grid, cfg, initial, run_id=str(context.run_id), on_round=on_round,
-                       init_weights_sha256=weights_sha256, stop=stop)
+        with run_lock(Path(cfg.run_dir)):
+            if resuming:
+                point = resume_point(Path(cfg.run_dir))
+                run_federation(grid, point.config, point.arrays, run_id=point.run_id, on_round=on_round, stop=stop,
+                               resume=point)
+                return
+            initial, weights_sha256 = initial_model(cfg)
+            run_federation(grid, cfg, initial, run_id=str(context.run_id), on_round=on_round,
+                           init_weights_sha256=weights_sha256, stop=stop)
 
     return server_app
+
+
+def _flag(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("1", "true", "yes"):
+        return True
+    if str(value).strip().lower() in ("", "0", "false", "no"):
+        return False
+    raise RunConfigError(f"run config: {RESUME_KEY} = {value!r}: give true or false")
 
 
 app = build_server_app()

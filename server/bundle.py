@@ -13,7 +13,7 @@ from pathlib import Path
 import tomli_w
 
 from privacy.bundle import CLIENTAPP, PYPROJECT, code_digest, installed_code
-from server.config import RunConfig
+from server.config import RESUME_KEY, RunConfig
 
 SERVERAPP = "server.app:app"
 
@@ -25,6 +25,7 @@ def app_project() -> dict[str, object]:
     except metadata.PackageNotFoundError:
         version = "0.0.0"
     config = {k.replace("_", "-"): v for k, v in asdict(RunConfig()).items()}
+    config[RESUME_KEY] = False  # medfed-server run --resume: an instruction to the ServerApp, not run config
     return {
         "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
         "project": {"name": "medfed", "version": version, "dependencies": [], "license": "Apache-2.0",

@@ -12,6 +12,8 @@ from privacy.errors import InputError
 from privacy.protocol import OPTIMIZERS, RoundRequestError, parse_findings, parse_windows
 from server.robust import AGGREGATORS
 
+RESUME_KEY = "resume"  # run-config key of a deployed run: continue the run in run-dir (medfed-server run --resume)
+
 
 class RunConfigError(InputError, ValueError):
     """A run configuration value is invalid; the message names the key and the fix."""

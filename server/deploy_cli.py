@@ -132,7 +132,10 @@ def run(workspace: Workspace, rounds: Annotated[int, typer.Option(min=1)] = 3,
         local_steps: Annotated[int, typer.Option(min=1)] = 50, batch_size: Annotated[int, typer.Option(min=1)] = 64,
         min_sites: Annotated[int, typer.Option(min=0, help="sites to wait for (0 = all enrolled)")] = 0,
         no_secagg: Annotated[bool, typer.Option("--no-secagg")] = False,
-        round_timeout: Annotated[float, typer.Option(min=1.0)] = 600.0) -> None:
+        round_timeout: Annotated[float, typer.Option(min=1.0)] = 600.0,
+        resume: Annotated[Path | None, typer.Option(help="continue a run that stopped or crashed (a server restart) "
+                                                         "in this run directory, with its own config; the other "
+                                                         "options are ignored")] = None) -> None:
     """Submit a training run to the SuperLink, stream it, and leave the run directory."""
     try:
         ws = load_workspace(workspace)
@@ -141,13 +144,16 @@ def run(workspace: Workspace, rounds: Annotated[int, typer.Option(min=1)] = 3,
     enrolled = ws.enrolled()
     if not enrolled:
         raise _fail(WorkspaceError("no site is enrolled: `medfed-server enroll` first"))
-    run_dir = (out or new_run_dir(ws)).resolve()
-    prepare_run_dir(ws, run_dir)
-    config: dict[str, Any] = {
-        "num-server-rounds": rounds, "local-steps": local_steps, "batch-size": batch_size,
-        "min-sites": min_sites or len(enrolled), "round-timeout": round_timeout, "run-dir": str(run_dir),
-        "audit-key": str(ws.audit_key), "roster-file": str(ws.roster), "secure-aggregation": not no_secagg,
-    }
+    if resume is not None:
+        run_dir, config = resume.resolve(), _resume_config(resume.resolve())
+    else:
+        run_dir = (out or new_run_dir(ws)).resolve()
+        prepare_run_dir(ws, run_dir)
+        config = {
+            "num-server-rounds": rounds, "local-steps": local_steps, "batch-size": batch_size,
+            "min-sites": min_sites or len(enrolled), "round-timeout": round_timeout, "run-dir": str(run_dir),
+            "audit-key": str(ws.audit_key), "roster-file": str(ws.roster), "secure-aggregation": not no_secagg,
+        }
     started = time.monotonic()
     with app_dir() as (app, digest):  # exactly the medfed installed here, which sites compare with theirs
         err.print(f"submitting medfed (code digest {digest[:16]}…) to the SuperLink")
@@ -178,13 +184,34 @@ def register(cli: typer.Typer) -> None:
         cli.command()(command)
 
 
+def _resume_config(run_dir: Path) -> dict[str, Any]:
+    """The run-config of ``run --resume``: the run directory and the instruction; the ServerApp reads
+    everything else from the run's own metrics.json and signed log. Checked here first, so a run
+    that cannot be resumed is refused before anything is submitted."""
+    from server.config import RESUME_KEY
+    from server.resume import ResumeError, ResumeIntegrityError, resume_point, run_lock
+
+    try:
+        with run_lock(run_dir, wait=0.0):
+            point = resume_point(run_dir)
+    except ResumeIntegrityError:
+        raise  # damaged evidence: exit 4 (privacy.errors.run_cli)
+    except (ResumeError, OSError, ValueError, KeyError) as exc:
+        raise _fail(exc) from None
+    err.print(f"resuming {run_dir}: run {point.run_id}, rounds {point.next_round}..{point.config.num_server_rounds} "
+              f"from the model after round {point.last_round}"
+              + (f"; round {point.abandoned} was cut short and is not repeated" if point.abandoned else ""))
+    return {"run-dir": str(run_dir), RESUME_KEY: True}
+
+
 def _finished(metrics: Path, wait: float = 60.0) -> bool:
-    """The ServerApp writes metrics.json last; wait briefly for it after ``flwr run`` returns."""
+    """The ServerApp writes metrics.json last; wait briefly for it after ``flwr run`` returns (a
+    run directory left by a stop has a final model too, and ``stopped``)."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         try:
             m = json.loads(metrics.read_text())
-            if "final_model_sha256" in m:
+            if "final_model_sha256" in m and "stopped" not in m:
                 return True
         except (OSError, ValueError):
             pass

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,15 @@ import numpy as np
 from privacy.audit.events import SERVER_ACTOR, E
 from privacy.audit.verify import check_chain, segment_files
 from privacy.errors import InputError, IntegrityError
+from privacy.files import LockTimeout, exclusive_lock
 from privacy.keys import load_private_key
 from privacy.model_arrays import arrays_sha256
 from server.audit_trail import AUDIT_FILE, SERVER_KEY
 from server.config import RunConfig
+from server.initial_model import initial_model
 from server.rundir import load_npz, private_keys_dir
+
+LOCK_FILE = "run.lock"
 
 
 class ResumeError(InputError, ValueError):
@@ -49,9 +55,22 @@ class ResumePoint:
     abandoned: int | None  # the round that started and never ended
 
 
+@contextmanager
+def run_lock(run_dir: Path, *, wait: float = 10.0) -> Iterator[None]:
+    """Hold ``RUN_DIR/run.lock`` while a server process runs (or resumes) the run: a second process
+    (a resume while the first still runs, two ``flwr run`` into one directory) is refused. The lock
+    goes with its process, so a crashed run can be resumed at once."""
+    try:
+        with exclusive_lock(Path(run_dir) / LOCK_FILE, timeout=wait):
+            yield
+    except LockTimeout:
+        raise ResumeError(f"{run_dir} is being run by another server process (it holds {LOCK_FILE}): stop that "
+                          "process first (a resumed run must be the only one writing its log)") from None
+
+
 def resume_point(run_dir: Path, initial: OrderedDict[str, np.ndarray] | None = None) -> ResumePoint:
-    """Read ``run_dir``; ``initial``: the run's initial model (needed only when no round was applied;
-    it must hash to the log's ``initial_sha256``)."""
+    """Read ``run_dir``; ``initial``: the run's initial model (used only when no round was applied;
+    default: built from the run's config; it must hash to the log's ``initial_sha256``)."""
     run_dir = Path(run_dir)
     metrics_file = run_dir / "metrics.json"
     if not metrics_file.is_file():
@@ -90,7 +109,7 @@ def resume_point(run_dir: Path, initial: OrderedDict[str, np.ndarray] | None = N
     else:
         want = str(start.data["initial_sha256"])
         if initial is None:
-            raise ResumeError("no round of this run was applied: give the run's initial model")
+            initial = initial_model(config)[0]
         arrays = initial
     if arrays_sha256(arrays) != want:
         raise ResumeIntegrityError(f"the model to continue from (after round {last_round}) does not hash to what the "

@@ -31,7 +31,7 @@ from privacy.bundle import code_digest
 from privacy.services import offline_env
 from server.bundle import app_dir
 from server.pki import make_ca
-from tests.helpers import shared_with_others
+from tests.helpers import shared_with_others, site_ledger
 
 ROOT = Path(__file__).parents[2]
 MARKER = "MEDFED_TEST_MARKER"  # the tampered bundle writes this file when any of its code runs at a site
@@ -333,18 +333,60 @@ def test_unenrolled_wrong_ca_and_plaintext_supernodes_are_refused(federation: di
     assert "stranger" not in {row["site"] for row in rows}
 
 
-def test_server_restart_keeps_enrolment(federation: dict[str, object]) -> None:
-    root, server = Path(str(federation["root"])), Path(str(federation["server"]))
+def _rounds_done(metrics: Path) -> int:
+    try:
+        return len(json.loads(metrics.read_text()).get("rounds", []))
+    except (OSError, ValueError):
+        return 0
+
+
+def test_a_server_killed_mid_run_restarts_keeps_enrolment_and_resumes_the_run(federation: dict[str, object]) -> None:
+    """The server host dies (SIGKILL of the SuperLink, SuperExec, nginx and the ServerApp) after round 1
+    of 3; it restarts, the sites reconnect without re-enrolment, and `medfed-server run --resume`
+    continues the run: round numbers continue, no round is applied twice, the site ledgers count every
+    update once, and the run verifies with every site's log."""
+    root, server, sites = Path(str(federation["root"])), Path(str(federation["server"])), federation["sites"]
     procs: Processes = federation["procs"]  # type: ignore[assignment]
     install: Install = federation["install"]  # type: ignore[assignment]
-    assert procs.stop("superlink") == 0  # clean shutdown on SIGTERM (SuperLink, SuperExec and nginx)
+    _raise_budgets(sites, 40.0)  # earlier runs spent what the sites had given them
+    run_dir = root / "killed-run"
+    procs.start("run-1", [sys.executable, "-m", "server.cli", "run", "--workspace", str(server), "--rounds", "3",
+                          "--local-steps", "5", "--batch-size", "16", "--out", str(run_dir), "--round-timeout", "300"])
+    deadline = time.monotonic() + 600
+    while _rounds_done(run_dir / "metrics.json") < 1 and time.monotonic() < deadline:
+        assert procs.procs["run-1"].poll() is None, (root / "run-1.log").read_text()[-3000:]
+        time.sleep(0.5)
+    assert _rounds_done(run_dir / "metrics.json") == 1
+    server_proc = procs.procs.pop("superlink")
+    os.killpg(server_proc.pid, signal.SIGKILL)  # the host dies: every server process at once
+    server_proc.wait(timeout=30)
+    procs.stop("run-1")  # the operator's `flwr run --stream` lost its SuperLink
     log = procs.start("superlink-2", [sys.executable, "-m", "server.cli", "start", "--workspace", str(server)])
     assert "Uvicorn running on https://" in wait_for(log, "Uvicorn running on https://")
     rows = online(install, server, 3, timeout=180)
     assert [row["status"] for row in rows] == ["online"] * 3, rows  # reconnected, no re-enrolment
-    _raise_budgets(federation["sites"], 24.0)  # earlier runs spent what the sites had given them
-    r = install.cli("server.cli", "run", "--workspace", str(server), "--rounds", "1", "--local-steps", "5",
-                    "--batch-size", "16", "--out", str(root / "after-restart"), "--round-timeout", "300")
+    r = install.cli("server.cli", "run", "--workspace", str(server), "--resume", str(run_dir))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    m = json.loads((root / "after-restart" / "metrics.json").read_text())
-    assert len(m["rounds"][0]["sites"]) == 3
+    assert "resuming" in r.stderr and "from the model after round 1" in r.stderr, r.stderr[-2000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    entries = read_entries(run_dir / "audit.jsonl")
+    started = [e.data["round"] for e in entries if e.event == "round-start"]
+    applied = [e.data["round"] for e in entries if e.event == "aggregate-applied"]
+    assert len(started) == len(set(started)) and len(applied) == len(set(applied))  # no round twice
+    assert applied[0] == 1 and applied[-1] == 3 and [r_["round"] for r_ in m["rounds"]] == applied
+    resumed = [e for e in entries if e.event == "run-resumed"]
+    assert len(resumed) == 1 and resumed[0].data["next_round"] in (2, 3)  # round 2, or 3 if 2 had started
+    assert sum(e.event == "run-end" for e in entries) == 1 and m["final_model_sha256"] == m["rounds"][-1]["model_sha256"]
+    names = sorted(ws.name for ws in sites)  # type: ignore[attr-defined]
+    for ws in sites:  # type: ignore[attr-defined]
+        ledger = site_ledger(ws)
+        trained = [e.round for e in ledger.events if e.kind == "train" and e.run_id == m["run_id"]]
+        assert len(trained) == len(set(trained)) and set(applied) <= set(trained) <= set(started)
+    pinned = sites[0] / "trust" / "roster.json"  # type: ignore[index]
+    v = install.cli("privacy.audit.cli", "verify", str(run_dir), *map(str, sites), "--json",  # type: ignore[call-overload]
+                    "--roster", str(pinned))
+    verdict = json.loads(v.stdout)
+    assert v.returncode == 0 and verdict["metrics_checked"], v.stdout + v.stderr
+    assert sorted(verdict["logs"]) == sorted(["server", *names])
+    again = install.cli("server.cli", "run", "--workspace", str(server), "--resume", str(run_dir))
+    assert again.returncode == 2 and "finished" in again.stderr  # a finished run is not resumed

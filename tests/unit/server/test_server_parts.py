@@ -58,3 +58,15 @@ def test_checkpoints_have_sidecars_and_detect_damage(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="damaged"):
         load_npz(path)
+
+
+def test_one_server_process_runs_a_run_directory_at_a_time(tmp_path: Path) -> None:
+    """A resume while the first server process still runs (or two ``flwr run`` into one directory)
+    is refused with the reason; the lock goes with its holder."""
+    from server.resume import ResumeError, run_lock
+
+    with run_lock(tmp_path, wait=0.0):
+        with pytest.raises(ResumeError, match="being run by another server process"), run_lock(tmp_path, wait=0.0):
+            pass
+    with run_lock(tmp_path, wait=0.0):  # released: free again
+        assert (tmp_path / "run.lock").is_file()
