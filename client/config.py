@@ -311,7 +311,10 @@ def load_site_config(workspace: Path) -> SiteConfig:
             f"{path} not found: create the workspace with `medfed-site init --workspace {workspace}`"
         )
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SiteConfigError(f"{path}: not UTF-8 text (the file is damaged); restore it or run "
+                              "`medfed-site init` again") from None
     except tomllib.TOMLDecodeError as exc:
         raise SiteConfigError(f"{path}: not valid TOML ({exc}); fix the file") from None
     site = doc.get("site", {})

@@ -10,16 +10,16 @@ training it again under the same number would be refused), and nothing of it is 
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from privacy.audit.crosscheck import load_metrics
 from privacy.audit.events import SERVER_ACTOR, E
 from privacy.audit.verify import check_chain, segment_files
 from privacy.errors import InputError, IntegrityError
@@ -60,12 +60,13 @@ def run_lock(run_dir: Path, *, wait: float = 10.0) -> Iterator[None]:
     """Hold ``RUN_DIR/run.lock`` while a server process runs (or resumes) the run: a second process
     (a resume while the first still runs, two ``flwr run`` into one directory) is refused. The lock
     goes with its process, so a crashed run can be resumed at once."""
-    try:
-        with exclusive_lock(Path(run_dir) / LOCK_FILE, timeout=wait):
-            yield
-    except LockTimeout:
-        raise ResumeError(f"{run_dir} is being run by another server process (it holds {LOCK_FILE}): stop that "
-                          "process first (a resumed run must be the only one writing its log)") from None
+    with ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(Path(run_dir) / LOCK_FILE, timeout=wait))
+        except LockTimeout:
+            raise ResumeError(f"{run_dir} is being run by another server process (it holds {LOCK_FILE}): stop "
+                              "that process first (a resumed run must be the only one writing its log)") from None
+        yield
 
 
 def resume_point(run_dir: Path, initial: OrderedDict[str, np.ndarray] | None = None) -> ResumePoint:
@@ -76,9 +77,13 @@ def resume_point(run_dir: Path, initial: OrderedDict[str, np.ndarray] | None = N
     if not metrics_file.is_file():
         raise ResumeError(f"{metrics_file} is missing: {run_dir} is not a medfed run directory (or the run never "
                           "started); start a new run instead")
-    metrics = json.loads(metrics_file.read_text())
-    config = RunConfig(**metrics["config"])
-    run_id = str(metrics["run_id"])
+    metrics = load_metrics(metrics_file)
+    try:
+        config = RunConfig(**metrics["config"])
+        run_id = str(metrics["run_id"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ResumeError(f"{metrics_file}: its run config or run id is missing or malformed ({type(exc).__name__}); "
+                          "the file was edited: restore it, or start a new run") from None
     key_file = Path(config.audit_key) if config.audit_key else private_keys_dir(run_dir) / SERVER_KEY
     if not key_file.is_file():
         raise ResumeError(f"{key_file}: the server's audit key of this run is missing; the run continues only under "

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from privacy.errors import IntegrityError
 from privacy.files import atomic_write_bytes, atomic_write_json
 from privacy.model_arrays import arrays_sha256
 
@@ -25,14 +27,27 @@ def _save_npz(path: Path, arrays: Mapping[str, np.ndarray], meta: dict[str, Any]
     atomic_write_json(path.with_suffix(".json"), sidecar)
 
 
+class CheckpointError(IntegrityError, ValueError):
+    """A checkpoint or its sidecar is missing, damaged or does not match."""
+
+
 def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """Load a checkpoint, verifying it against its sidecar's sha256."""
-    sidecar = json.loads(path.with_suffix(".json").read_text())
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != sidecar["sha256"]:
-        raise ValueError(f"{path}: sha256 does not match {path.with_suffix('.json')}; the file is damaged")
-    with np.load(io.BytesIO(data)) as z:
-        return {k: z[k] for k in sidecar["keys"]}
+    """Load a checkpoint, verifying it against its sidecar's sha256 (never unpickling)."""
+    side = path.with_suffix(".json")
+    try:
+        sidecar = json.loads(side.read_text(encoding="utf-8"))
+        want, keys = str(sidecar["sha256"]), [str(k) for k in sidecar["keys"]]
+        data = path.read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: the checkpoint or its sidecar {side.name} cannot be read "
+                              f"({type(exc).__name__}); restore both from a copy") from None
+    if hashlib.sha256(data).hexdigest() != want:
+        raise CheckpointError(f"{path}: sha256 does not match {side.name}; the file is damaged")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in keys}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # a sidecar that matches a non-checkpoint
+        raise CheckpointError(f"{path}: not a medfed checkpoint ({type(exc).__name__})") from None
 
 
 def private_keys_dir(run_dir: Path) -> Path:

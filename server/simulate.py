@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -18,6 +19,7 @@ from client.secagg_mod import roster_path
 from client.site import load_site_data
 from client.synth import generate_site, site_profile
 from client.synth_radiograph import generate_radiograph_site, radiograph_profile
+from privacy.errors import InputError
 from privacy.files import atomic_write_bytes, atomic_write_json, private_dir
 from privacy.keys import load_or_create_key, public_pem
 from privacy.secagg.wire import roster_bytes
@@ -54,17 +56,30 @@ class SimulationRecord:
     def read(cls, run_dir: Path) -> SimulationRecord:
         path = Path(run_dir) / SIMULATION_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: only a run made by `medfed-server simulate` can be resumed "
-                                    "with simulate --resume (a deployment: `medfed-server run --resume`)")
-        doc = json.loads(path.read_text())
+            raise SimulationRecordError(f"{path} is missing: only a run made by `medfed-server simulate` can be "
+                                        "resumed with simulate --resume (a deployment: `medfed-server run --resume`)")
         try:
-            return cls(workspaces=tuple(doc["workspaces"]), roster_fingerprint=str(doc["roster_fingerprint"]),
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            strs = lambda key: tuple(str(v) for v in _list(doc.get(key, ())))  # noqa: E731
+            return cls(workspaces=tuple(str(w) for w in _list(doc["workspaces"])),
+                       roster_fingerprint=str(doc["roster_fingerprint"]),
                        sites_dir=str(doc.get("sites_dir", "")), keys_dir=str(doc.get("keys_dir", "")),
-                       poisons=tuple(doc.get("poisons", ())),
-                       failures=tuple(doc.get("failures", ())), privacy_audit=str(doc.get("privacy_audit", "")),
-                       canary_site=str(doc.get("canary_site", "")))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: field {exc} is missing or malformed; the file was edited") from None
+                       poisons=strs("poisons"), failures=strs("failures"),
+                       privacy_audit=str(doc.get("privacy_audit", "")), canary_site=str(doc.get("canary_site", "")))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise SimulationRecordError(f"{path}: not JSON ({type(exc).__name__}); the file is damaged") from None
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise SimulationRecordError(f"{path}: field {exc} is missing or malformed; the file was edited") from None
+
+
+class SimulationRecordError(InputError, ValueError):
+    """``RUN_DIR/simulation.json`` is missing, damaged or edited: the run cannot be resumed."""
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -248,6 +263,7 @@ def _run(cfg: RunConfig, configs: Sequence[SiteConfig], on_round: RoundCallback 
 
     result: dict[str, Any] = {}
     sites = [str(c.workspace) for c in configs]
+    cpus = os.cpu_count() or 1
 
     def record(row: dict[str, Any]) -> None:
         result.setdefault("rounds", []).append(row)
@@ -259,13 +275,22 @@ def _run(cfg: RunConfig, configs: Sequence[SiteConfig], on_round: RoundCallback 
         client_app=_client_app(sites, poisons, failures),
         num_supernodes=len(configs),
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": max(1, min(len(configs), os.cpu_count() or 1)),
-                          "include_dashboard": False, "log_to_driver": verbose},
+            "client_resources": {"num_cpus": site_cpus(len(configs), cpus), "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose},
         },
         verbose_logging=verbose,
     )
     return result
+
+
+def site_cpus(sites: int, cpus: int) -> float:
+    """Ray CPUs per virtual site: a federation of up to twice the cores runs every site at once (each
+    a share of the cores: with 3 sites on 2 cores, the third would otherwise wait for a free core
+    while the other idles); a larger one runs one site per core, so memory stays bounded (one
+    worker process per core). Rounded down so Flower's actor pool counts ``sites`` actors."""
+    if sites <= 2 * cpus:
+        return math.floor(1000 * cpus / sites) / 1000
+    return 1.0
 
 
 def _client_app(sites: Sequence[str], poisons: Sequence[Poison], failures: Sequence[Failure]) -> Any:

@@ -69,9 +69,17 @@ def read_labels(path: Path, findings: tuple[str, ...] = ()) -> Labels:
         raise SiteDataError(
             f"labels file {path} does not exist: pass --labels CSV or put labels.csv in the data folder"
         )
+    try:
+        return _read_labels(path, findings)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise SiteDataError(f"labels file {path} is not a UTF-8 CSV ({type(exc).__name__}); export it again as "
+                            "CSV (UTF-8)") from None
+
+
+def _read_labels(path: Path, findings: tuple[str, ...]) -> Labels:
     columns = findings or ("label",)
     values: dict = {}
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(fh)
         names = reader.fieldnames or []
         column = next((k for k in LABEL_KEYS if k in names), None)

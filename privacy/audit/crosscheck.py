@@ -19,6 +19,7 @@ from typing import Any
 from privacy import egress as K
 from privacy.audit.events import E
 from privacy.audit.log import Entry, body_hash
+from privacy.errors import InputError
 from privacy.quantise import OffGrid, quantise
 
 SITE_ROUND_EVENTS = (E.ROUND_TRAINED, E.REFUSED, E.EVALUATED)
@@ -74,6 +75,10 @@ def _round(entry: Entry) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 
+class MetricsFileError(InputError, ValueError):
+    """``metrics.json`` is not a JSON object medfed wrote (damaged, edited, duplicate keys)."""
+
+
 def load_metrics(path: Path) -> dict[str, Any]:
     """``metrics.json``, refusing duplicate keys (a reader that keeps the first would see other values
     than the digest the server signed)."""
@@ -81,13 +86,19 @@ def load_metrics(path: Path) -> dict[str, Any]:
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         keys = [k for k, _ in items]
         if len(keys) != len(set(keys)):
-            raise ValueError(f"{path}: duplicate key {next(k for k in keys if keys.count(k) > 1)!r}: the file was "
-                             "edited (medfed never writes one)")
+            raise MetricsFileError(f"{path}: duplicate key {next(k for k in keys if keys.count(k) > 1)!r}: the file "
+                                   "was edited (medfed never writes one)")
         return dict(items)
 
-    doc = json.loads(Path(path).read_text(), object_pairs_hook=pairs)
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=pairs)
+    except MetricsFileError:
+        raise
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise MetricsFileError(f"{path}: not JSON ({type(exc).__name__}); the file is damaged: restore it from the "
+                               "run's copy (its rows are signed in the server's log)") from None
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: not a JSON object")
+        raise MetricsFileError(f"{path}: not a JSON object")
     return doc
 
 

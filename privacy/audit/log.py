@@ -207,9 +207,15 @@ class AuditLog:
 
 
 def read_entries(path: Path) -> list[Entry]:
-    """Entries of the complete lines of ``path`` (no verification: see ``privacy.audit.verify``)."""
+    """Entries of the complete lines of ``path`` (no verification: see ``privacy.audit.verify``);
+    a line that is not an entry raises :class:`AuditLogError` naming it."""
     out = []
-    for line in Path(path).read_bytes().splitlines(keepends=True):
+    for number, line in enumerate(Path(path).read_bytes().splitlines(keepends=True), 1):
         if line.endswith(b"\n"):
-            out.append(Entry.from_json(json.loads(line)))
+            try:
+                obj = json.loads(line)
+                out.append(Entry.from_json(obj))
+            except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise AuditLogError(f"{path}: line {number} is not an audit entry ({type(exc).__name__}); the log is "
+                                    "damaged: run medfed-audit verify, and restore the file from a copy") from None
     return out

@@ -155,5 +155,11 @@ def roster_fingerprint(data: bytes) -> str:
 
 def load_roster(path: Path) -> dict[str, Ed25519PublicKey]:
     """The pinned federation roster: ``{"sites": {name: PEM public key}}``."""
-    raw = json.loads(Path(path).read_text())
-    return {name: public_key_from_pem(pem.encode(), f"{path}: {name}") for name, pem in raw["sites"].items()}
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        sites = raw["sites"]
+        pems = {str(name): pem.encode() for name, pem in sites.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise WireFormatError(f"{path}: not a federation roster ({type(exc).__name__}): it holds "
+                              '{"sites": {name: PEM public key}}; restore it from the consortium\'s copy') from None
+    return {name: public_key_from_pem(pem, f"{path}: {name}") for name, pem in pems.items()}
