@@ -28,7 +28,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from client.app import resolve_site
 from privacy import egress as K
-from privacy.errors import InputError
+from privacy.errors import InputError, ServiceError
 from privacy.model_arrays import arrays_to_record, record_to_arrays
 
 _POISON = re.compile(r"^(?P<site>[A-Za-z0-9_.\-]+):(?:scale=(?P<scale>[0-9.eE+\-]+)|(?P<flip>flip-labels))$")
@@ -114,12 +114,13 @@ def parse_failure(text: str) -> Failure:
     return Failure(m["site"], int(m["round"]), m["stage"])
 
 
-class SiteKilled(BaseException):
-    """Unwinds a killed site's ClientApp past its own handlers (a killed process runs none of them);
-    :func:`failure_mods`' outer mod turns it into the runtime's error reply."""
+class _SiteKilled(BaseException):
+    """Unwinds a killed site's ClientApp past its own handlers (a killed process runs none of them;
+    the egress guard catches every ``Exception``); :func:`failure_mods`' outer mod turns it into
+    :class:`SiteDown`. Control flow, not an error: never leaves this module."""
 
 
-class SiteDown(RuntimeError):
+class SiteDown(ServiceError, RuntimeError):
     """What the simulation runtime reports for a killed virtual site (no patient data: site, round, stage)."""
 
 
@@ -155,7 +156,7 @@ def failure_mods(failures: Sequence[Failure], sim_sites: Sequence[str]) -> tuple
                 raise SiteDown(f"virtual site killed by --fail {f.site}:{f.round}:{f.stage}")
             try:
                 call_next(msg, context)  # "reply": the reply is built and lost; "train": killed inside (inner)
-            except SiteKilled:
+            except _SiteKilled:
                 pass
             raise SiteDown(f"virtual site killed by --fail {f.site}:{f.round}:{f.stage}")
         return call_next(msg, context)
@@ -165,7 +166,7 @@ def failure_mods(failures: Sequence[Failure], sim_sites: Sequence[str]) -> tuple
         where = _position(msg)
         if where is not None and any(f.stage == "train" and (f.round, _POSITION["train"]) == where
                                      for f in by_site.get(resolve(context), [])):
-            raise SiteKilled  # after the handler charged the ledger and trained; before masking and the guard
+            raise _SiteKilled  # after the handler charged the ledger and trained; before masking and the guard
         return reply
 
     return outer, inner

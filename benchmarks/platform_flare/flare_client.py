@@ -1,4 +1,4 @@
-"""NVIDIA FLARE client script (Client API) for ``benchmarks/platform.py``: each round it validates
+"""NVIDIA FLARE client script (Client API) for ``benchmarks/platforms.py``: each round it validates
 the received global model on the site's validation patients (as medfed's evaluation exchange does)
 and trains it with medfed's own ``train_plain`` on the site's cached cohort, the same local work as
 ``medfed-server simulate --no-dp --no-secagg``. Runs inside the benchmark's FLARE venv."""

@@ -1,4 +1,4 @@
-"""Build and run the NVIDIA FLARE 2.9 FedAvg job of ``benchmarks/platform.py`` in FLARE's simulator
+"""Build and run the NVIDIA FLARE 2.9 FedAvg job of ``benchmarks/platforms.py`` in FLARE's simulator
 (one client per site, all at once). Runs inside the benchmark's FLARE venv; prints one JSON line."""
 
 from __future__ import annotations

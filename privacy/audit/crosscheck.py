@@ -282,6 +282,11 @@ def _site_against_server(view: RunView, site: str, log: Logs, server_file: str, 
         lost = phase == "train" and s.event == E.ROUND_TRAINED and (
             (reply is not None and reply.data.get("status") == "failed")
             or (reply is None and _anonymous_failure(view, rnd, used_anonymous)))
+        start = view.rounds.get(rnd)
+        if phase == "train" and start is not None and s.data.get("global_sha256") != start.data.get("global_sha256"):
+            # whatever the server says became of the reply (trained, lost, abandoned): the site trained on the
+            # round's one global model, or the server sent it another (model inconsistency)
+            problems.append(Problem(log.file, s.seq, f"global model hash of round {rnd} differs from the server's"))
         if not (cut_short or lost) and (reply is None or reply.data.get("status") not in STATUS_OF_EVENT[s.event]):
             problems.append(Problem(log.file, s.seq, f"site log records {what} {rnd} of run {run} ({s.event}) but the "
                                                      "server's log has no such reply from this site"))
@@ -310,9 +315,6 @@ def _site_against_server(view: RunView, site: str, log: Logs, server_file: str, 
                                                     f"of run {run} (server seq {e.seq}) but the site's log has no "
                                                     "such entry"))
             continue
-        start = view.rounds.get(rnd)
-        if phase == "train" and start is not None and entry.data.get("global_sha256") != start.data.get("global_sha256"):
-            problems.append(Problem(log.file, entry.seq, f"global model hash of round {rnd} differs from the server's"))
         if not _same_epsilon(e.data.get("epsilon"), _site_epsilon(entry)):
             problems.append(Problem(server_file, e.seq, f"ε the server recorded for site {site} in round {rnd} "
                                                         f"({e.data.get('epsilon')}) is not the site's "

@@ -381,3 +381,35 @@ def test_a_used_update_relabelled_as_lost_is_caught(run: dict[str, Path | str], 
     whats = " | ".join(p.what for p in v.problems)
     assert not v.ok and "round 2: the aggregate names sites that did not train" in whats, whats
     assert "site log records round 2" not in whats  # the lost-reply excuse applied; the aggregate check did not
+
+
+@pytest.mark.parametrize("label", ["site-2", "node-4242"])
+def test_a_crafted_model_sent_to_a_site_relabelled_as_lost_is_caught(run: dict[str, Path | str], tmp_path: Path,
+                                                                       label: str) -> None:
+    """Red-team finding: the operator sends site-2 alone a crafted model in round 2, keeps site-2's
+    update for itself and logs its reply as lost (by name, or as a node it could not name), leaving
+    it out of the aggregate. Site-2's honest log records the hash of the model it received (emulated
+    by re-signing its log with its own key: that is the log the honest site would have written). The
+    lost-reply excuse must not skip the check that every site trained on the round's one model."""
+    run_dir = _copy(run, tmp_path / f"crafted-{label}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    out = _entries(run_dir)
+    for e in out:
+        if e.event == "site-reply" and e.data["round"] == 2 and e.data["site"] == "site-2" \
+                and e.data["status"] == "trained":
+            e.data.update(site=label, status="failed", site_head=None, epsilon=None)
+        if e.event == "aggregate-applied" and e.data["round"] == 2:
+            e.data["sites"] = [s for s in e.data["sites"] if s != "site-2"]
+    row = metrics["rounds"][1]
+    row.update(failed=[label], sites=[s for s in row["sites"] if s != "site-2"],
+               epsilon={s: v for s, v in row["epsilon"].items() if s != "site-2"})
+    _resign_server(run_dir, out, _server_key(run), metrics)
+    site_log = run_dir / "sites" / "site-2" / "audit.jsonl"
+    entries = [Entry(e.seq, e.time, e.actor, e.event, dict(e.data), e.prev, e.hash, e.sig) for e in read_entries(site_log)]
+    for e in entries:
+        if e.event == "round-trained" and e.data["round"] == 2:
+            e.data["global_sha256"] = "c0ffee" * 10 + "c0ff"  # what the crafted model hashes to
+    resign_log(site_log, entries, load_private_key(Path(run["keys"]) / "sites" / "site-2" / "audit.key"))
+    v = _verdict(run_dir, run)
+    whats = " | ".join(p.what for p in v.problems)
+    assert not v.ok and "global model hash of round 2 differs from the server's" in whats, whats

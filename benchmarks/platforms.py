@@ -15,7 +15,7 @@ rounds 2+ are medfed's per-round seconds and, for FLARE, the time from the first
 round r's model to the first receiving round r+1's (the last round: to the last send). Sides take
 turns, ``--repeats`` times; ratios are medians of paired per-repeat ratios. Ends with one JSON line.
 
-    python benchmarks/platform.py [--repeats 2] [--rounds 3] [--local-steps 50] [--batch-size 64]
+    python benchmarks/platforms.py [--repeats 2] [--rounds 3] [--local-steps 50] [--batch-size 64]
 """
 
 from __future__ import annotations
