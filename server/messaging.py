@@ -44,7 +44,8 @@ class RoundOutcome:
     failed: list[str] = field(default_factory=list)
 
 
-PULL_INTERVAL = 0.2  # seconds between polls of the replies (and of a stop request)
+PULL_INTERVAL = 0.2  # at most this many seconds between polls of the replies (and of a stop request)
+FIRST_PULL = 0.01  # the first pause; it doubles up to PULL_INTERVAL
 
 
 def wait_for_sites(grid: Grid, min_sites: int, timeout: float, stop: StopRequest | None = None) -> list[int]:
@@ -70,6 +71,7 @@ def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, stop:
     pending = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
+    pause = FIRST_PULL
     while pending:
         got = list(grid.pull_messages(pending))
         replies += got
@@ -78,7 +80,8 @@ def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, stop:
             break
         if stop is not None:
             stop.check()
-        time.sleep(PULL_INTERVAL)
+        time.sleep(pause)
+        pause = min(PULL_INTERVAL, 2 * pause)  # quick replies are collected quickly, slow ones polled at 5 Hz
     return replies
 
 
