@@ -7,12 +7,12 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
+
+if TYPE_CHECKING:
+    from opacus.accountants.accountant import IAccountant
 
 from privacy.errors import InputError, RefusedError
 
@@ -38,14 +38,26 @@ def _require_accountant(name: str) -> None:
 
 
 def _accountant(name: str, events: Sequence[GaussianSteps]) -> IAccountant:
+    from opacus.accountants import PRVAccountant, RDPAccountant  # imported on first use: opacus takes ~2 s
+
     _require_accountant(name)
     acc: IAccountant = RDPAccountant() if name == "rdp" else PRVAccountant()
     acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0]
     return acc
 
 
-_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
-_INTEGER_ORDERS = tuple(a for a in _ORDERS if float(a).is_integer())
+@functools.cache
+def _orders() -> tuple[float, ...]:
+    """Opacus' RDP orders (opacus is imported on first use: a process that never accounts, such as a
+    run without DP, does not pay its import)."""
+    from opacus.accountants import RDPAccountant
+
+    return tuple(RDPAccountant.DEFAULT_ALPHAS)
+
+
+@functools.cache
+def _integer_orders() -> tuple[float, ...]:
+    return tuple(a for a in _orders() if float(a).is_integer())
 
 
 @functools.lru_cache(maxsize=512)
@@ -56,6 +68,8 @@ def _rdp_per_step(sample_rate: float, noise_multiplier: float, orders: tuple[flo
     gives bit-identical results while every ledger event and candidate σ costs one
     computation instead of one per call.
     """
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     rdp = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders))
     rdp.setflags(write=False)
     return rdp
@@ -69,6 +83,8 @@ def _rdp_total(events: Sequence[GaussianSteps], orders: tuple[float, ...]) -> np
 def _rdp_spent(rdp: np.ndarray, delta: float, orders: tuple[float, ...], *, quiet: bool = True) -> tuple[float, float]:
     """(ε, best order). ``quiet``: over a subset of Opacus' orders the optimum may sit at the
     subset's edge, and Opacus' warning about that is noise there."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     with warnings.catch_warnings():
         if quiet:
             warnings.simplefilter("ignore", UserWarning)
@@ -98,7 +114,7 @@ def epsilon(events: Sequence[GaussianSteps], *, delta: float, accountant: str = 
     if not any(e.steps > 0 for e in events):
         return 0.0
     if accountant == "rdp":
-        return _rdp_spent(_rdp_total(events, _ORDERS), delta, _ORDERS, quiet=False)[0]
+        return _rdp_spent(_rdp_total(events, _orders()), delta, _orders(), quiet=False)[0]
     return float(_accountant(accountant, events).get_epsilon(delta=delta))
 
 
@@ -123,7 +139,7 @@ def calibrate_noise(
     """
     _require_accountant(accountant)
     if accountant == "rdp":
-        exact = _rdp_curve(prior, sample_rate, steps, delta, _ORDERS)
+        exact = _rdp_curve(prior, sample_rate, steps, delta, _orders())
 
         def eps_at(sigma: float) -> float:
             return exact(sigma)[0]
@@ -140,11 +156,11 @@ def calibrate_noise(
     if accountant != "rdp":
         return _bisect(eps_at, target_epsilon, 0.0, max_noise_multiplier, tolerance)
     # 1. integer orders only (a 30x cheaper vector): a feasible σ and the optimal order near it
-    integer = _rdp_curve(prior, sample_rate, steps, delta, _INTEGER_ORDERS)
+    integer = _rdp_curve(prior, sample_rate, steps, delta, _integer_orders())
     hi = _bisect(lambda s: integer(s)[0], target_epsilon, 0.0, max_noise_multiplier, tolerance / 4)
     alpha = integer(hi)[1]
     # 2. the orders within 1 of it: still an upper bound on ε, and in practice the exact one
-    near_curve = _rdp_curve(prior, sample_rate, steps, delta, tuple(a for a in _ORDERS if abs(a - alpha) <= 1))
+    near_curve = _rdp_curve(prior, sample_rate, steps, delta, tuple(a for a in _orders() if abs(a - alpha) <= 1))
 
     def near(sigma: float) -> float:
         return near_curve(sigma)[0]
