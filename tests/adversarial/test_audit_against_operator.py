@@ -360,23 +360,33 @@ def test_a_resume_that_reuses_a_round_number_is_caught(run: dict[str, Path | str
     assert not v.ok and "resumes at round 1, which is not after every round it started" in whats, whats
 
 
-@pytest.mark.parametrize("label", ["site-2", "node-4242"])
-def test_a_used_update_relabelled_as_lost_is_caught(run: dict[str, Path | str], tmp_path: Path, label: str) -> None:
-    """verify excuses a site's training entry without a server reply when the server logged the site
-    (or a node it could not name) as failed: a site killed after training. The operator relabels
-    site-2's round-2 reply as failed (to hide its ε release) but keeps the update in the aggregate: an
-    aggregate may only name sites with a trained reply."""
-    run_dir = _copy(run, tmp_path / f"relabelled-{label}")
+def _relabelled_as_lost(run: dict[str, Path | str], dest: Path, label: str, *, leave_out: bool) -> Path:
+    """A copy whose server log, re-signed, says site-2's round-2 reply was lost (logged as ``label``),
+    its ε gone from the row; ``leave_out``: and site-2 left out of the round's aggregate."""
+    run_dir = _copy(run, dest)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     out = _entries(run_dir)
     for e in out:
         if e.event == "site-reply" and e.data["round"] == 2 and e.data["site"] == "site-2" \
                 and e.data["status"] == "trained":
             e.data.update(site=label, status="failed", site_head=None, epsilon=None)
+        if leave_out and e.event == "aggregate-applied" and e.data["round"] == 2:
+            e.data["sites"] = [s for s in e.data["sites"] if s != "site-2"]
     row = metrics["rounds"][1]
-    row["failed"] = [label]
-    row["epsilon"] = {s: v for s, v in row["epsilon"].items() if s != "site-2"}
+    row.update(failed=[label], epsilon={s: v for s, v in row["epsilon"].items() if s != "site-2"})
+    if leave_out:
+        row["sites"] = [s for s in row["sites"] if s != "site-2"]
     _resign_server(run_dir, out, _server_key(run), metrics)
+    return run_dir
+
+
+@pytest.mark.parametrize("label", ["site-2", "node-4242"])
+def test_a_used_update_relabelled_as_lost_is_caught(run: dict[str, Path | str], tmp_path: Path, label: str) -> None:
+    """verify excuses a site's training entry without a server reply when the server logged the site
+    (or a node it could not name) as failed: a site killed after training. The operator relabels
+    site-2's round-2 reply as failed (to hide its ε release) but keeps the update in the aggregate: an
+    aggregate may only name sites with a trained reply."""
+    run_dir = _relabelled_as_lost(run, tmp_path / f"relabelled-{label}", label, leave_out=False)
     v = _verdict(run_dir, run)
     whats = " | ".join(p.what for p in v.problems)
     assert not v.ok and "round 2: the aggregate names sites that did not train" in whats, whats
@@ -391,19 +401,7 @@ def test_a_crafted_model_sent_to_a_site_relabelled_as_lost_is_caught(run: dict[s
     it out of the aggregate. Site-2's honest log records the hash of the model it received (emulated
     by re-signing its log with its own key: that is the log the honest site would have written). The
     lost-reply excuse must not skip the check that every site trained on the round's one model."""
-    run_dir = _copy(run, tmp_path / f"crafted-{label}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    out = _entries(run_dir)
-    for e in out:
-        if e.event == "site-reply" and e.data["round"] == 2 and e.data["site"] == "site-2" \
-                and e.data["status"] == "trained":
-            e.data.update(site=label, status="failed", site_head=None, epsilon=None)
-        if e.event == "aggregate-applied" and e.data["round"] == 2:
-            e.data["sites"] = [s for s in e.data["sites"] if s != "site-2"]
-    row = metrics["rounds"][1]
-    row.update(failed=[label], sites=[s for s in row["sites"] if s != "site-2"],
-               epsilon={s: v for s, v in row["epsilon"].items() if s != "site-2"})
-    _resign_server(run_dir, out, _server_key(run), metrics)
+    run_dir = _relabelled_as_lost(run, tmp_path / f"crafted-{label}", label, leave_out=True)
     site_log = run_dir / "sites" / "site-2" / "audit.jsonl"
     entries = [Entry(e.seq, e.time, e.actor, e.event, dict(e.data), e.prev, e.hash, e.sig) for e in read_entries(site_log)]
     for e in entries:

@@ -56,7 +56,7 @@ def test_protocol_outcome_in_metrics_and_audit(runs: tuple[Path, Path]) -> None:
     m = json.loads((masked / "metrics.json").read_text())
     assert m["config"]["secure_aggregation"] is True
     outcome = [{k: v for k, v in r["secagg"].items() if k != "stage_seconds"} for r in m["rounds"]]
-    assert outcome == [{"sites": 3, "dropped": 0, "aborted": False, "k": 3, "threshold": 2}] * 2
+    assert outcome == [{"sites": 3, "dropped": 0, "aborted": False, "k": 3, "threshold": 2, "dropped_at": {}}] * 2
     assert all(set(r["secagg"]["stage_seconds"]) == {"advertise", "share", "input", "consistency", "unmask"}
                for r in m["rounds"])
     assert json.loads((plain / "metrics.json").read_text())["config"]["secure_aggregation"] is False
