@@ -8,7 +8,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.config import RESUME_KEY, RunConfig, RunConfigError
+from server.config import RunConfig, pop_resume
 from server.initial_model import initial_model
 from server.resume import resume_point, run_lock
 from server.rounds import RoundCallback, run_federation
@@ -26,7 +26,7 @@ def build_server_app(config: RunConfig | None = None, on_round: RoundCallback | 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = dict(context.run_config)
-        resuming = resume or _flag(run_config.pop(RESUME_KEY, False))
+        resuming = pop_resume(run_config) or resume
         cfg = config or RunConfig.from_run_config(run_config)
         if not cfg.run_dir:
             cfg = replace(cfg, run_dir=f"runs/{context.run_id}")
@@ -41,16 +41,6 @@ def build_server_app(config: RunConfig | None = None, on_round: RoundCallback | 
                            init_weights_sha256=weights_sha256, stop=stop)
 
     return server_app
-
-
-def _flag(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).strip().lower() in ("1", "true", "yes"):
-        return True
-    if str(value).strip().lower() in ("", "0", "false", "no"):
-        return False
-    raise RunConfigError(f"run config: {RESUME_KEY} = {value!r}: give true or false")
 
 
 app = build_server_app()

@@ -177,7 +177,6 @@ def _resume(out: Path, *, verbose: bool, as_json: bool) -> None:
     """``simulate --resume OUT``: the same sites, config and keys, from the run's next round."""
     from client.config import load_site_config
     from server.chaos import parse_failure, parse_poison
-    from server.initial_model import initial_model
     from server.resume import ResumeError, ResumeIntegrityError, resume_point
     from server.simulate import SimulationRecord
 
@@ -185,7 +184,7 @@ def _resume(out: Path, *, verbose: bool, as_json: bool) -> None:
     try:
         record = SimulationRecord.read(out)
         cfg = RunConfig(**json.loads((out / "metrics.json").read_text())["config"])
-        point = resume_point(out, initial_model(cfg)[0])  # refuses a finished run or a damaged log, before Ray starts
+        point = resume_point(out)  # refuses a finished run or a damaged log, before Ray starts
         configs = [load_site_config(Path(w)) for w in record.workspaces]
         poisons = tuple(parse_poison(p) for p in record.poisons)
         failures = tuple(parse_failure(f) for f in record.failures)

@@ -96,6 +96,11 @@ class RunConfig:
 _TRUE, _FALSE = frozenset({"1", "true", "yes"}), frozenset({"0", "false", "no"})
 
 
+def pop_resume(run_config: dict[str, Any]) -> bool:
+    """Take the ``resume`` instruction out of a deployed run's run-config (it is not run config)."""
+    return bool(_coerce(bool, RESUME_KEY, run_config.pop(RESUME_KEY, False)))
+
+
 def _coerce(kind: type, key: str, value: Any) -> Any:
     """``value`` (TOML or ``--run-config`` text) as the field's type; anything else is an error naming the key."""
     try:
