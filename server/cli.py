@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,8 @@ from privacy.audit.report import write_report
 from server.config import RunConfig, RunConfigError
 from server.console import fmt, round_table
 from server.deploy_cli import register as register_deployment
+from server.runtime import warm_runtime
+from server.stop import Supervisor
 
 cli = typer.Typer(help="medfed central server: simulate federations, run training.",
                   no_args_is_help=True, add_completion=False)
@@ -115,59 +118,60 @@ def simulate(
     if resume is not None:
         _resume(resume, verbose=verbose, as_json=as_json)
         return
-    from client.synth_radiograph import FINDINGS as RADIOGRAPH_FINDINGS
-    from privacy.protocol import parse_findings, parse_windows
-    from privacy.secagg.wire import roster_fingerprint
-    from server.audit_trail import SERVER_KEY
-    from server.chaos import parse_failure, parse_poison
-    from server.initial_model import initial_model
-    from server.rundir import private_keys_dir
-    from server.simulate import KEYS_DIR, ROSTER_FILE, SimulationPlan, SimulationRecord, prepare_sites
+    with Supervisor(functools.partial(warm_runtime, verbose)) as runtime:  # Ray starts while the sites are prepared
+        from client.synth_radiograph import FINDINGS as RADIOGRAPH_FINDINGS
+        from privacy.protocol import parse_findings, parse_windows
+        from privacy.secagg.wire import roster_fingerprint
+        from server.audit_trail import SERVER_KEY
+        from server.chaos import parse_failure, parse_poison
+        from server.initial_model import initial_model
+        from server.rundir import private_keys_dir
+        from server.simulate import KEYS_DIR, ROSTER_FILE, SimulationPlan, SimulationRecord, prepare_sites
 
-    _warn(no_dp=no_dp, exact_metrics=metrics_release == "exact", site_seed=site_seed, no_secagg=no_secagg)
-    try:
-        # given on the command line, these also apply to reused --sites-dir sites (their own policy otherwise)
-        given = tuple((k, v) for k, v in (("dp", False if no_dp else None), ("max_epsilon", epsilon),
-                                          ("max_grad_norm", max_grad_norm)) if v is not None)
-        policy = replace(PrivacyPolicy(delta=delta, accountant=accountant, require_secure_aggregation=not no_secagg,
-                                       metrics=metrics_release, seed=site_seed), **dict(given))
-        poisons = tuple(parse_poison(p) for p in poison or ())
-        failures = tuple(parse_failure(f) for f in fail or ())
-        if findings is None:
-            findings = ",".join(RADIOGRAPH_FINDINGS) if kind == "radiograph" and not (data or sites_dir) else ""
-        cfg = RunConfig(num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size, model=model,
-                        image_size=size, findings=findings, window=window, aggregator=aggregator,
-                        update_norm_bound=update_norm_bound,
-                        init_weights=str(init_weights.resolve()) if init_weights else "",
-                        learning_rate=learning_rate, optimizer=optimizer, run_dir=str(out.resolve()), seed=seed,
-                        dp=not no_dp,
-                        noise_multiplier=noise_multiplier, secure_aggregation=not no_secagg, secagg_k=secagg_k,
-                        secagg_threshold=secagg_threshold,
-                        roster_file=str((out / KEYS_DIR / ROSTER_FILE).resolve()),
-                        audit_key=str((keys_dir or private_keys_dir(out)).resolve() / SERVER_KEY))
-        plan = SimulationPlan(sites=sites, patients=patients, data=tuple(data or ()),
-                              sites_dir=sites_dir, data_seed=seed, policy=policy, kind=kind, difficulty=difficulty,
-                              poisons=poisons, failures=failures, val_share=val_share, reuse_privacy=given,
-                              canaries=canaries if privacy_audit else 0,
-                              audit_site=audit_site if privacy_audit else "",
-                              canary_site=canary_site if privacy_audit else "")
-        if cfg.init_weights:
-            initial_model(cfg)  # a file that does not fit the network fails here, before any site is prepared
-        with err.status("preparing site workspaces (generating DICOM, warming caches)…"):
-            configs = prepare_sites(out, plan, cfg.image_size, keys_dir, findings=parse_findings(cfg.findings),
-                                    windows=parse_windows(cfg.window))
-        fingerprint = roster_fingerprint((out / KEYS_DIR / ROSTER_FILE).read_bytes())  # kept from before the run
-        if len(configs) < 2 and cfg.secure_aggregation:
-            raise ValueError("secure aggregation needs at least 2 sites: use --sites 2 or more, or --no-secagg")
-        SimulationRecord(workspaces=tuple(str(c.workspace) for c in configs), roster_fingerprint=fingerprint,
-                         sites_dir=str(sites_dir.resolve()) if sites_dir else "",
-                         keys_dir=str(keys_dir.resolve()) if keys_dir else "", poisons=tuple(poison or ()),
-                         failures=tuple(fail or ()), privacy_audit=plan.audit_site, canary_site=plan.canary_site).write(out)
-    except INPUT_ERRORS as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        _warn(no_dp=no_dp, exact_metrics=metrics_release == "exact", site_seed=site_seed, no_secagg=no_secagg)
+        try:
+            # given on the command line, these also apply to reused --sites-dir sites (their own policy otherwise)
+            given = tuple((k, v) for k, v in (("dp", False if no_dp else None), ("max_epsilon", epsilon),
+                                              ("max_grad_norm", max_grad_norm)) if v is not None)
+            policy = replace(PrivacyPolicy(delta=delta, accountant=accountant, require_secure_aggregation=not no_secagg,
+                                           metrics=metrics_release, seed=site_seed), **dict(given))
+            poisons = tuple(parse_poison(p) for p in poison or ())
+            failures = tuple(parse_failure(f) for f in fail or ())
+            if findings is None:
+                findings = ",".join(RADIOGRAPH_FINDINGS) if kind == "radiograph" and not (data or sites_dir) else ""
+            cfg = RunConfig(num_server_rounds=rounds, local_steps=local_steps, batch_size=batch_size, model=model,
+                            image_size=size, findings=findings, window=window, aggregator=aggregator,
+                            update_norm_bound=update_norm_bound,
+                            init_weights=str(init_weights.resolve()) if init_weights else "",
+                            learning_rate=learning_rate, optimizer=optimizer, run_dir=str(out.resolve()), seed=seed,
+                            dp=not no_dp,
+                            noise_multiplier=noise_multiplier, secure_aggregation=not no_secagg, secagg_k=secagg_k,
+                            secagg_threshold=secagg_threshold,
+                            roster_file=str((out / KEYS_DIR / ROSTER_FILE).resolve()),
+                            audit_key=str((keys_dir or private_keys_dir(out)).resolve() / SERVER_KEY))
+            plan = SimulationPlan(sites=sites, patients=patients, data=tuple(data or ()),
+                                  sites_dir=sites_dir, data_seed=seed, policy=policy, kind=kind, difficulty=difficulty,
+                                  poisons=poisons, failures=failures, val_share=val_share, reuse_privacy=given,
+                                  canaries=canaries if privacy_audit else 0,
+                                  audit_site=audit_site if privacy_audit else "",
+                                  canary_site=canary_site if privacy_audit else "")
+            if cfg.init_weights:
+                initial_model(cfg)  # a file that does not fit the network fails here, before any site is prepared
+            with err.status("preparing site workspaces (generating DICOM, warming caches)…"):
+                configs = prepare_sites(out, plan, cfg.image_size, keys_dir, findings=parse_findings(cfg.findings),
+                                        windows=parse_windows(cfg.window))
+            fingerprint = roster_fingerprint((out / KEYS_DIR / ROSTER_FILE).read_bytes())  # kept from before the run
+            if len(configs) < 2 and cfg.secure_aggregation:
+                raise ValueError("secure aggregation needs at least 2 sites: use --sites 2 or more, or --no-secagg")
+            SimulationRecord(workspaces=tuple(str(c.workspace) for c in configs), roster_fingerprint=fingerprint,
+                             sites_dir=str(sites_dir.resolve()) if sites_dir else "",
+                             keys_dir=str(keys_dir.resolve()) if keys_dir else "", poisons=tuple(poison or ()),
+                             failures=tuple(fail or ()), privacy_audit=plan.audit_site, canary_site=plan.canary_site).write(out)
+        except INPUT_ERRORS as exc:
+            err.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
 
-    metrics = _train(cfg, configs, verbose=verbose, poisons=plan.poisons, failures=plan.failures)
+        metrics = _train(cfg, configs, verbose=verbose, poisons=plan.poisons, failures=plan.failures, runtime=runtime)
     _privacy_audit(out, configs, plan.audit_site, plan.canaries_at, metrics)
     _finish(out, configs, fingerprint, sites_dir=sites_dir, keys_dir=keys_dir, as_json=as_json)
     _exit_if_stopped(out, metrics)
@@ -197,8 +201,9 @@ def _resume(out: Path, *, verbose: bool, as_json: bool) -> None:
     err.print(f"resuming {out}: run {point.run_id}, rounds {point.next_round}..{cfg.num_server_rounds} ({max(left, 0)} "
               f"left) from the model after round {point.last_round}"
               + (f"; round {point.abandoned} was cut short and is not repeated" if point.abandoned else ""))
-    metrics = _train(cfg, configs, verbose=verbose, poisons=poisons, resume=True, done=point.next_round - 1,
-                     failures=failures)
+    with Supervisor(functools.partial(warm_runtime, verbose)) as runtime:
+        metrics = _train(cfg, configs, verbose=verbose, poisons=poisons, resume=True, done=point.next_round - 1,
+                         failures=failures, runtime=runtime)
     _privacy_audit(out, configs, record.privacy_audit, record.canary_site or record.privacy_audit, metrics)
     _finish(out, configs, record.roster_fingerprint, sites_dir=Path(record.sites_dir) if record.sites_dir else None,
             keys_dir=Path(record.keys_dir) if record.keys_dir else None, as_json=as_json)
@@ -262,16 +267,15 @@ def _warn(*, no_dp: bool, exact_metrics: bool, site_seed: int | None, no_secagg:
                   "Gradient inversion can turn an update back into patient images. Comparison only.[/]")
 
 
-def _train(cfg: RunConfig, configs: list[SiteConfig], *, verbose: bool, poisons: tuple = (), resume: bool = False,
-           done: int = 0, failures: tuple = ()) -> dict[str, Any]:
-    """Run the simulation in a child process (``server.stop.supervise``: SIGINT/SIGTERM stop it
-    cleanly). Returns metrics.json as the run left it."""
-    from server.stop import supervise
+def _train(cfg: RunConfig, configs: list[SiteConfig], *, verbose: bool, runtime: Supervisor, poisons: tuple = (),
+           resume: bool = False, done: int = 0, failures: tuple = ()) -> dict[str, Any]:
+    """Run the simulation in ``runtime``'s child process (``server.stop.Supervisor``: SIGINT/SIGTERM
+    stop it cleanly). Returns metrics.json as the run left it."""
 
     def on_signal(name: str) -> None:
         err.print(f"[yellow]{name}: stopping after the current exchange (again to exit at once)…[/]")
 
-    code = supervise(_train_child, cfg, configs, verbose, poisons, resume, done, failures, on_signal=on_signal)
+    code = runtime.run(_train_child, cfg, configs, verbose, poisons, resume, done, failures, on_signal=on_signal)
     metrics_file = Path(cfg.run_dir) / "metrics.json"
     if code != 0:
         err.print(f"[red]error:[/] the simulation runtime ended with exit code {code}"

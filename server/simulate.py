@@ -28,6 +28,7 @@ from server.chaos import Failure, Poison, failure_mods, flip_labels, scale_mod
 from server.config import RunConfig
 from server.rounds import RoundCallback
 from server.rundir import private_keys_dir
+from server.runtime import ray_init_args, runtime_environment
 from server.stop import StopRequest
 
 SITES_DIR = "sites"
@@ -228,9 +229,7 @@ def run_simulation_runtime(
 
     The environment the runtime and its Ray workers need (telemetry off; quiet unless
     ``verbose``) is set for the run only and restored after it."""
-    env = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-    if not verbose:
-        env["PYTHONWARNINGS"] = "ignore"  # inherited by the Ray workers
+    env = runtime_environment(verbose)
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     with scoped_environment(env):
@@ -276,7 +275,7 @@ def _run(cfg: RunConfig, configs: Sequence[SiteConfig], on_round: RoundCallback 
         num_supernodes=len(configs),
         backend_config={
             "client_resources": {"num_cpus": site_cpus(len(configs), cpus), "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose},
+            "init_args": ray_init_args(verbose),  # unused where the child's warm start began Ray (server.runtime)
         },
         verbose_logging=verbose,
     )

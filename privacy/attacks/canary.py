@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binom
 
 CONFIDENCE = 0.95
 _BISECTIONS = 40
@@ -56,6 +55,8 @@ def p_value(*, m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     """
     if not (0 <= v <= r <= m) or epsilon < 0 or not 0 <= delta <= 1:
         raise ValueError(f"canary audit: need 0 <= correct ({v}) <= guesses ({r}) <= canaries ({m}), ε >= 0, δ in [0, 1]")
+    from scipy.stats import binom  # on first use: every site process imports this module, scipy.stats takes ~0.5 s
+
     q = 1.0 / (1.0 + math.exp(-epsilon))
     tail = float(binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]
     if delta == 0 or v == 0:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
 
 ROC_POINTS = 41  # the curve as it leaves the site: TPR at these evenly spaced FPRs (numbers only)
 
@@ -38,6 +37,8 @@ def separation(member_scores: np.ndarray, non_member_scores: np.ndarray) -> Sepa
                          "raise the site's validation share (simulate --val-share) or its patient count")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("membership scores are not finite: the model's outputs overflow (check the model file)")
+    from sklearn.metrics import roc_auc_score, roc_curve  # on first use: scikit-learn takes ~0.7 s to import
+
     y = np.r_[np.ones(len(a)), np.zeros(len(b))]
     s = np.r_[a, b]
     fpr, tpr, _ = roc_curve(y, s)
