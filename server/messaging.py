@@ -44,7 +44,7 @@ class RoundOutcome:
     failed: list[str] = field(default_factory=list)
 
 
-PULL_INTERVAL = 0.05  # at most this many seconds between polls of the replies (and of a stop request)
+PULL_INTERVAL = 0.2  # at most this many seconds between polls of the replies (and of a stop request)
 FIRST_PULL = 0.01  # the first pause; it doubles up to PULL_INTERVAL
 
 
@@ -81,7 +81,7 @@ def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, stop:
         if stop is not None:
             stop.check()
         time.sleep(pause)
-        pause = min(PULL_INTERVAL, 2 * pause)  # quick replies are collected quickly, slow ones polled at 20 Hz
+        pause = min(PULL_INTERVAL, 2 * pause)  # quick replies are collected quickly, slow ones polled at 5 Hz
     return replies
 
 

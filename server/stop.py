@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -29,6 +30,7 @@ from privacy.errors import ServiceError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL_SECONDS = 0.2
+PARENT_CHECK_SECONDS = 0.5  # how often a waiting runtime child checks that its parent lives
 
 
 class RunStopped(ServiceError, RuntimeError):
@@ -94,8 +96,11 @@ def stop_on_signals(stop: StopRequest, on_first: Callable[[str], None] | None = 
 
 def _child(conn: Connection, stop_file: str, warm: Callable[[], None] | None) -> None:
     """The child's body: ``warm()`` (work that needs no job: imports, starting Ray) while the parent
-    still prepares, then the job from ``conn``: ``(target, args)``; without one (the parent is gone)
-    the normal exit, whose handlers stop what ``warm`` started.
+    still prepares, then the job from ``conn``: ``(target, args)``. Without one (the parent died:
+    SIGKILL, or SIGTERM before it holds the signals) the normal exit, whose handlers stop what
+    ``warm`` started; the parent's death is noticed by its pid, since processes it forked (the DICOM
+    ingest's workers) may keep the pipe open. A failed warm-up is reported and the job still runs
+    (the runtime then starts Ray itself).
 
     When ``target`` returns, everything it wrote is durable (atomic, fsynced writes) and the
     simulation runtime has shut Ray down, so the child ends at once: the interpreter's teardown of
@@ -104,16 +109,25 @@ def _child(conn: Connection, stop_file: str, warm: Callable[[], None] | None) ->
     os.setsid()  # a terminal's Ctrl-C reaches the parent only; the parent decides
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_DFL)
+    parent = os.getppid()
     if warm is not None:
-        warm()
+        try:
+            warm()
+        except Exception:
+            traceback.print_exc()
+            print("warning: the runtime's warm start failed; the run starts it cold", file=sys.stderr)
     try:
+        while not conn.poll(PARENT_CHECK_SECONDS):
+            if os.getppid() != parent:
+                sys.exit(0)
         target, args = conn.recv()
-    except EOFError:  # the parent is gone
+    except (EOFError, OSError):  # the parent is gone (or died halfway through sending)
         sys.exit(0)
     conn.close()
     target(*args, stop=StopRequest(Path(stop_file)))
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe must not fail a finished run
+            stream.flush()
     os._exit(0)
 
 
@@ -134,10 +148,17 @@ class Supervisor:
         self._tmp = tempfile.TemporaryDirectory(prefix="medfed-stop-")
         self.stop = StopRequest(Path(self._tmp.name) / "stop")
         ours, theirs = ctx.Pipe()
+        try:
+            self._child = ctx.Process(target=_child, args=(theirs, str(self.stop.file), self._warm),
+                                      name="medfed-runtime")
+            self._child.start()
+        except BaseException:
+            ours.close()
+            self._tmp.cleanup()
+            raise
+        finally:
+            theirs.close()
         self._conn = ours
-        self._child = ctx.Process(target=_child, args=(theirs, str(self.stop.file), self._warm), name="medfed-runtime")
-        self._child.start()
-        theirs.close()
         return self
 
     @property
@@ -151,15 +172,15 @@ class Supervisor:
         conn, self._conn = self._conn, None
         with stop_on_signals(self.stop, on_first=on_signal):
             try:
-                conn.send((target, args))
-            except (BrokenPipeError, EOFError, OSError):
-                pass  # the child died while warming: its exit code says so
-            finally:
-                conn.close()
-            try:
+                try:
+                    conn.send((target, args))
+                except (BrokenPipeError, EOFError, OSError):
+                    pass  # the child died while warming: its exit code says so
+                finally:
+                    conn.close()
                 while self._child.is_alive():
                     self._child.join(POLL_SECONDS)
-            except BaseException:
+            except BaseException:  # a second signal (SystemExit 130), also while sending
                 self._kill()
                 raise
         return int(self._child.exitcode or 0)

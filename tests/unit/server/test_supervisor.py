@@ -7,6 +7,7 @@ import functools
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,10 +67,49 @@ def test_the_child_warms_up_then_runs_its_job_in_its_own_session(tmp_path: Path)
     assert stop_type == "StopRequest" and own_session == "True"
 
 
-def test_a_failing_job_or_warm_up_is_a_nonzero_exit_code(tmp_path: Path) -> None:
+def test_a_failing_job_is_exit_code_1_and_a_failed_warm_up_still_runs_the_job(tmp_path: Path, capfd) -> None:
     assert supervise(_failing_job) == 1
-    assert supervise(_job, str(tmp_path), warm=_failing_warm) == 1
-    assert not (tmp_path / "job").exists()  # a child whose warm-up failed runs no job
+    assert "the job failed" in capfd.readouterr().err  # the child's traceback
+    assert supervise(_job, str(tmp_path), warm=_failing_warm) == 0
+    err = capfd.readouterr().err
+    assert "warm-up failed" in err and "warm start failed; the run starts it cold" in err
+    assert (tmp_path / "job").read_text().split()[2] == "StopRequest"
+
+
+PARENT_DIES = """
+import functools, os, signal, sys, time
+from pathlib import Path
+from server.stop import Supervisor
+from tests.unit.server.test_supervisor import _warm
+folder = sys.argv[1]
+with Supervisor(functools.partial(_warm, folder)) as runtime:
+    Path(folder, "child").write_text(str(runtime.pid))
+    while not Path(folder, "warm").is_file():
+        time.sleep(0.05)
+    holder = os.fork()  # as the DICOM ingest's forked workers do: it keeps the pipe open
+    if holder == 0:
+        time.sleep(120)
+        os._exit(0)
+    Path(folder, "holder").write_text(str(holder))
+    os.kill(os.getpid(), signal.SIGKILL)  # the CLI dies before it hands over a job
+"""
+
+
+def test_a_child_whose_parent_died_before_its_job_exits(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[3]
+    proc = subprocess.run([sys.executable, "-c", PARENT_DIES, str(tmp_path)], cwd=root, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    child, holder = int((tmp_path / "child").read_text()), int((tmp_path / "holder").read_text())
+    try:
+        deadline = time.monotonic() + 20
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the runtime child outlived its parent"
+        assert _alive(holder)  # the pipe was still open: the child noticed the parent's pid
+    finally:
+        for pid in (child, holder):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_leaving_without_a_job_ends_the_child_and_its_session(tmp_path: Path) -> None:
