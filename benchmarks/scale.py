@@ -6,7 +6,7 @@ Per run: seconds per round (round 1 includes the runtime's start-up; the figure 
 rounds 2..R), seconds per site per round, each SecAgg+ stage's wall seconds, the neighbourhood k and
 threshold, and the peak memory of the whole process tree (the CLI, the runtime, Ray and its workers;
 summed RSS sampled every 0.5 s from /proc). Then the protocol's own per-site cost at the same n (CPU
-seconds and bytes per site for the five stages in one process, ``benchmarks/secagg.py``'s part 2):
+seconds and bytes per site for every stage in one process, ``benchmarks/secagg.py``'s part 2):
 flat in n above the complete graph's 64 sites, where k stops growing.
 
     python benchmarks/scale.py [--sites 10 50 100] [--rounds 3] [--patients 8]

@@ -10,7 +10,8 @@ sites as share holders, threshold n//2+1) as the peer, at 5 and 10 (and 20 witho
 ``--quick``) virtual sites in Flower's simulation runtime; mean seconds of rounds 2..R
 (round 1 includes the runtime's start-up on every side).
 
-Part 2 (``protocol``): the five SecAgg+ stages (with the consistency check) in one process
+Part 2 (``protocol``): the five SecAgg+ stages (with the consistency check; above 64 sites also
+the graph nonce's reveal) in one process
 for n = 10, 20, 40, 80 sites with the default model's update size: per-site CPU time and bytes
 sent per site against float32 FedAvg. The complete graph up to 64 sites (per-site cost grows
 with n there), a sparse graph above (per-site cost follows k).
@@ -183,10 +184,18 @@ def protocol_cost(n: int, dim: int) -> dict[str, float]:
         site_s += time.process_time() - t
         sent += len(adverts_to_bytes({s: adverts[s]}))
     params, relay = agg.collect_adverts(adverts)
+    nonces: dict[str, bytes] = {}
+    if not params.complete:  # above 64 sites: each site reveals its graph nonce for the fixed set
+        for s in names:
+            t = time.process_time()
+            nonces[s] = sessions[s].reveal(relay)
+            site_s += time.process_time() - t
+            sent += len(nonces[s])
+        params = agg.collect_nonces(nonces)
     outboxes = {}
     for s in names:
         t = time.process_time()
-        outboxes[s] = sessions[s].share_keys(params, relay, roster)
+        outboxes[s] = sessions[s].share_keys(params, relay, roster, nonces=nonces)
         site_s += time.process_time() - t
         sent += len(boxes_to_bytes(outboxes[s]))
     inboxes, sharers = agg.route_shares(outboxes)

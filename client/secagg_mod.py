@@ -1,5 +1,5 @@
-"""The site's secure-aggregation client: a ClientApp mod that runs the five SecAgg+ stages
-(``privacy.secagg``) on ``train`` messages carrying a ``secagg-stage``.
+"""The site's secure-aggregation client: a ClientApp mod that runs the SecAgg+ stages
+(``privacy.secagg``: five, and a nonce reveal for sparse graphs) on ``train`` messages carrying a ``secagg-stage``.
 
 Protocol state stays in ``context.state`` between stages. Only the ``input`` stage calls
 the wrapped ``train`` handler; its update (the delta) is flattened, weighted and masked
@@ -111,10 +111,15 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
     if (run_id, round_) != (session.run_id, session.round):
         raise VerificationError("the request names another run or round than this site's secure-aggregation round",
                                 "wrong-round")
+    if stage == "reveal":
+        nonce = session.reveal(adverts_from_bytes(_bytes(conf, K.SECAGG_ADVERTS)))
+        _save(context, session)
+        return _reply(msg, site, {K.NONCE: nonce})
     if stage == "share":
         params = params_from_text(_str(conf, K.SECAGG_PARAMS))
+        nonces = boxes_from_bytes(_bytes(conf, K.SECAGG_NONCES)) if K.SECAGG_NONCES in conf else {}
         outbox = session.share_keys(params, adverts_from_bytes(_bytes(conf, K.SECAGG_ADVERTS)),
-                                    load_roster(roster_path(site)), site.secagg.floors())
+                                    load_roster(roster_path(site)), site.secagg.floors(), nonces)
         _save(context, session)
         return _reply(msg, site, {K.OUTBOX: boxes_to_bytes(outbox)})
     if stage == "input":

@@ -111,9 +111,10 @@ REFUSAL_METRICS = frozenset({REFUSED, REFUSAL_CODE, EPSILON, DELTA, PATIENTS})
 EVAL_METRICS = frozenset({NUM_EXAMPLES, VAL_LOSS, VAL_AUROC, EPSILON, *FINDING_AUROC})  # ε: after a metered evaluation
 
 # Secure aggregation (in CONFIG server -> site, in SECAGG site -> server)
-SECAGG_STAGE = "secagg-stage"  # advertise | share | input | consistency | unmask
+SECAGG_STAGE = "secagg-stage"  # advertise | reveal (sparse graphs) | share | input | consistency | unmask
 SECAGG_PARAMS = "secagg-params"  # JSON: run, round, sites, k, threshold, bounds
 SECAGG_ADVERTS = "secagg-adverts"
+SECAGG_NONCES = "secagg-nonces"  # sparse graphs: every advertised site's revealed nonce (share stage)
 SECAGG_INBOX = "secagg-inbox"
 SECAGG_ROSTER = "secagg-roster"  # the enrolled sites' identity keys; each site pins it at first use
 SECAGG_SHARERS = "secagg-sharers"  # U2: the sites whose shares were routed (input stage)
@@ -123,11 +124,12 @@ ADVERT = "advert"
 OUTBOX = "outbox"
 CONSISTENCY = "consistency"  # a site's signature on the survivor set
 REVEALS = "reveals"
-STAGES = ("advertise", "share", "input", "consistency", "unmask")
+NONCE = "nonce"  # a site's graph nonce, revealed once the round's advertisements are fixed (sparse graphs)
+STAGES = ("advertise", "reveal", "share", "input", "consistency", "unmask")
 
 ALL_METRICS = TRAIN_METRICS | REFUSAL_METRICS | EVAL_METRICS
 SITE_KEYS = frozenset({SITE_NAME, AUDIT_HEAD})
-SECAGG_REPLY_KEYS = frozenset({ADVERT, OUTBOX, CONSISTENCY, REVEALS})
+SECAGG_REPLY_KEYS = frozenset({ADVERT, NONCE, OUTBOX, CONSISTENCY, REVEALS})
 _SECAGG_TEXT = re.compile(r"^secure aggregation refused at the ([a-z]+) stage \(([a-z-]+)\)$")
 FINGERPRINT_HEX = 32
 

@@ -29,6 +29,7 @@ from privacy import egress as K
 from privacy.egress import fingerprint
 from privacy.identifier_forms import number_forms
 from privacy.quantise import OffGrid, quantise
+from privacy.secagg.site import NONCE_BYTES
 from privacy.secagg.wire import (
     adverts_from_bytes,
     adverts_to_bytes,
@@ -40,7 +41,7 @@ from privacy.secagg.wire import (
 
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-KEY_BYTES, SIGNATURE_BYTES = 32, 64  # X25519 public keys; Ed25519 signatures
+KEY_BYTES, SIGNATURE_BYTES = 32, 64  # X25519 public keys (and SHA-256 nonce commitments); Ed25519 signatures
 SEALED_SHARE_BYTES = 12 + 66 + 16  # AES-GCM nonce || two 33-byte Shamir shares || tag
 SHARE_BYTES = 33
 ENTRY_OVERHEAD = 64 + 16  # a site name (at most 64 characters) and its JSON punctuation
@@ -63,7 +64,7 @@ class ReplySchema:
     def secagg_cap(self, key: str) -> int:
         """Bytes one secure-aggregation reply value may take with this many peers."""
         n = max(1, len(self.peers))
-        per = {K.ADVERT: 2 * (2 * KEY_BYTES + SIGNATURE_BYTES) + ENTRY_OVERHEAD,
+        per = {K.ADVERT: 2 * (3 * KEY_BYTES + SIGNATURE_BYTES) + ENTRY_OVERHEAD, K.NONCE: NONCE_BYTES,
                K.OUTBOX: n * (2 * SEALED_SHARE_BYTES + ENTRY_OVERHEAD),
                K.REVEALS: n * (2 * SHARE_BYTES + ENTRY_OVERHEAD),
                K.CONSISTENCY: SIGNATURE_BYTES}
@@ -179,9 +180,15 @@ def _advert(data: bytes, schema: ReplySchema) -> bytes:
     if set(adverts) != {schema.site_name}:
         raise _WireError("an advertisement names exactly this site")
     a = adverts[schema.site_name]
-    if (len(a.c_pub), len(a.s_pub), len(a.sig)) != (KEY_BYTES, KEY_BYTES, SIGNATURE_BYTES):
-        raise _WireError("wrong key or signature length")
+    if (len(a.c_pub), len(a.s_pub), len(a.commit), len(a.sig)) != (KEY_BYTES, KEY_BYTES, KEY_BYTES, SIGNATURE_BYTES):
+        raise _WireError("wrong key, commitment or signature length")
     return adverts_to_bytes(adverts)
+
+
+def _nonce(data: bytes, schema: ReplySchema) -> bytes:
+    if len(data) != NONCE_BYTES:
+        raise _WireError("a graph nonce is 32 bytes")
+    return data
 
 
 def _outbox(data: bytes, schema: ReplySchema) -> bytes:
@@ -209,7 +216,7 @@ def _signature(data: bytes, schema: ReplySchema) -> bytes:
 
 
 _PARSERS: dict[str, Callable[[bytes, ReplySchema], bytes]] = {
-    K.ADVERT: _advert, K.OUTBOX: _outbox, K.REVEALS: _reveals, K.CONSISTENCY: _signature,
+    K.ADVERT: _advert, K.NONCE: _nonce, K.OUTBOX: _outbox, K.REVEALS: _reveals, K.CONSISTENCY: _signature,
 }
 
 

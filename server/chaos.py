@@ -89,12 +89,13 @@ def scale_mod(poisons: Sequence[Poison], sim_sites: Sequence[str]) -> Mod:
 
 # Where ``--fail`` kills a site, in the order of a round's messages. ``train``: during local training
 # (after the ledger was charged; the update never reaches the mask or the egress guard); ``advertise``,
-# ``share``, ``input``, ``consistency``, ``unmask``: on receipt of that SecAgg+ stage's request, before
-# the site does its work (``input``: before training, so nothing is charged); ``reply``: the train
-# reply was built, masked and passed the guard, and is lost on its way out.
-STAGES = ("advertise", "share", "input", "train", "reply", "consistency", "unmask")
-_POSITION = {"advertise": 0, "share": 1, "input": 2, "train": 2, "reply": 2, "consistency": 3, "unmask": 4,
-             "evaluate": 5}
+# ``reveal``, ``share``, ``input``, ``consistency``, ``unmask``: on receipt of that SecAgg+ stage's
+# request, before the site does its work (``input``: before training, so nothing is charged; ``reveal``
+# exists only for sparse graphs, above 64 sites: with the complete graph the site dies on receipt of
+# ``share``); ``reply``: the train reply was built, masked and passed the guard, and is lost on its way out.
+STAGES = ("advertise", "reveal", "share", "input", "train", "reply", "consistency", "unmask")
+_POSITION = {"advertise": 0, "reveal": 1, "share": 2, "input": 3, "train": 3, "reply": 3, "consistency": 4,
+             "unmask": 5, "evaluate": 6}
 _FAIL = re.compile(r"^(?P<site>[A-Za-z0-9_.\-]+):(?P<round>[0-9]{1,7}):(?P<stage>[a-z]+)$")
 _RESTARTED = "chaos-restarted"  # in context.state: the round after which this site's state was cleared
 
@@ -131,7 +132,7 @@ def _position(msg: Message) -> tuple[int, int] | None:
         return None
     kind = msg.metadata.message_type.split(".", 1)[0]
     stage = str(conf.get(K.SECAGG_STAGE, "train")) if kind == MessageType.TRAIN else "evaluate"
-    return int(conf[K.SERVER_ROUND]), _POSITION.get(stage, 5)
+    return int(conf[K.SERVER_ROUND]), _POSITION.get(stage, _POSITION["evaluate"])
 
 
 def failure_mods(failures: Sequence[Failure], sim_sites: Sequence[str]) -> tuple[Mod, Mod]:

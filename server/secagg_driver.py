@@ -1,7 +1,7 @@
-"""The server's SecAgg+ driver: the four stages as Message exchanges on the ``Grid``.
+"""The server's SecAgg+ driver: the protocol's stages as Message exchanges on the ``Grid``.
 
-advertise -> share -> input (sites train here) -> consistency -> unmask; each with the round
-timeout. Sites that do not answer a stage are dropped; the round completes while every
+advertise -> reveal (sparse graphs only) -> share -> input (sites train here) -> consistency ->
+unmask; each with the round timeout. Sites that do not answer a stage are dropped; the round completes while every
 needed secret stays reconstructable, and is abandoned cleanly otherwise (no update applied).
 """
 
@@ -12,7 +12,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,6 @@ from privacy import egress as K
 from privacy.model_arrays import arrays_to_record
 from privacy.secagg.params import SecAggConfigError, SecAggParams
 from privacy.secagg.server import Aggregator, RoundAborted
-from privacy.secagg.site import adverts_digest
 from privacy.secagg.wire import (
     adverts_from_bytes,
     adverts_to_bytes,
@@ -81,8 +80,19 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
             adverts |= adverts_from_bytes(r.secagg.get(K.ADVERT, b"{}"))
         params, relay = agg.collect_adverts({s: a for s, a in adverts.items() if s in node_of})
         agg.params = params = round_params(run_id, round_, relay, k=k, threshold=threshold)
+        nonces: dict[str, bytes] = {}
+        if not params.complete:  # the graph's seed: every advertised site's nonce, revealed for this set
+            reveal_conf = _stage_conf(conf, "reveal", **{K.SECAGG_ADVERTS: adverts_to_bytes(relay)})
+            revealed_nonces = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: reveal_conf}) for s in params.sites},
+                                       MessageType.TRAIN, timeout, with_arrays=False, stop=stop)
+            result.failed += revealed_nonces.failed
+            dropped["reveal"] = revealed_nonces.failed
+            clock.mark("reveal")
+            nonces = {r.site: r.secagg[K.NONCE] for r in revealed_nonces.replies if K.NONCE in r.secagg}
+            params = agg.collect_nonces(nonces)
         share_conf = _stage_conf(conf, "share", **{K.SECAGG_PARAMS: json.dumps(params_to_json(params)),
-                                                   K.SECAGG_ADVERTS: adverts_to_bytes(relay)})
+                                                   K.SECAGG_ADVERTS: adverts_to_bytes(relay),
+                                                   **({K.SECAGG_NONCES: boxes_to_bytes(nonces)} if nonces else {})})
         shared = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: share_conf}) for s in params.sites},
                           MessageType.TRAIN, timeout, with_arrays=False, stop=stop)
         result.failed += shared.failed
@@ -133,10 +143,9 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
 def round_params(run_id: str, round_: int, advertised: Mapping[str, Any], *, k: int = 0,
                  threshold: int = 0) -> SecAggParams:
     """The round's parameters for the sites that advertised (k and threshold sized for them); above
-    the complete graph's size, the neighbour graph is seeded by their signed advertisements, which
-    every site checks (``privacy.secagg.site``)."""
-    fresh = SecAggParams.for_sites(run_id, round_, list(advertised), k=k, threshold=threshold)
-    return fresh if fresh.complete else replace(fresh, graph_seed=adverts_digest(dict(advertised)))
+    the complete graph's size the graph's seed comes later, from the sites' revealed nonces
+    (``Aggregator.collect_nonces``)."""
+    return SecAggParams.for_sites(run_id, round_, list(advertised), k=k, threshold=threshold)
 
 
 class _Clock:

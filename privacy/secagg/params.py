@@ -62,7 +62,7 @@ class SecAggParams:
     threshold: int  # shares needed to reconstruct a neighbour's secret
     update_clip: float = 1.0  # each update element is clipped to ±update_clip before weighting
     max_weight: int = 1 << 20  # weights (examples) above this are refused
-    graph_seed: str = ""  # sparse graphs only: the digest of the round's signed advertisements
+    graph_seed: str = ""  # sparse graphs only: site.graph_seed of the round's revealed nonces
 
     def __post_init__(self) -> None:
         n = len(self.sites)
@@ -117,14 +117,15 @@ class SecAggParams:
 
     def neighbours(self, site: str) -> list[str]:
         """The (k-1) neighbours of ``site``: every other site when k >= n; otherwise (k-1)/2 on
-        each side on a ring ordered by a permutation derived from ``graph_seed``, the digest of
-        every site's signed advertisement of this round (fresh keys each site drew), which the
-        server cannot choose; it can only leave advertisements out, and sites check the digest."""
+        each side on a ring ordered by a permutation derived from ``graph_seed``: the hash of every
+        advertised site's nonce, committed in its signed advertisement and revealed only once the
+        server had fixed the set of advertisements (``privacy.secagg.site``), so the server cannot
+        choose it; every site recomputes it."""
         n = len(self.sites)
         if self.complete:
             return [s for s in self.sites if s != site]
         if not self.graph_seed:
-            raise SecAggConfigError("a sparse neighbour graph needs the advertisements' digest (graph_seed)")
+            raise SecAggConfigError("a sparse neighbour graph needs the revealed nonces' seed (graph_seed)")
         order = sorted(self.sites, key=lambda s: hashlib.sha256(f"{self.graph_seed}|{s}".encode()).digest())
         i = order.index(site)
         half = (self.k - 1) // 2

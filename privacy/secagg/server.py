@@ -18,7 +18,7 @@ import numpy as np
 from privacy.errors import ServiceError
 from privacy.secagg.crypto import agree, combine_secret, expand_mask
 from privacy.secagg.params import SecAggParams, decode_sum
-from privacy.secagg.site import KeyAdvert, adverts_digest, holders, pair_context, self_context
+from privacy.secagg.site import KeyAdvert, VerificationError, graph_seed, holders, pair_context, self_context
 
 
 class RoundAborted(ServiceError, RuntimeError):
@@ -41,17 +41,30 @@ class Aggregator:
             raise RoundAborted(f"{stage}: {len(who)} site(s) left, the threshold is {self.params.threshold}")
 
     def collect_adverts(self, adverts: dict[str, KeyAdvert]) -> tuple[SecAggParams, dict[str, KeyAdvert]]:
-        """Stage 1 replies -> what every site receives in stage 2: the round's parameters (its
-        sites are those that advertised; a sparse graph is seeded by their advertisements) and
-        all advertisements."""
+        """Stage 1 replies -> the round's parameters (its sites are those that advertised) and
+        all advertisements: what every site receives next (a sparse graph: in the reveal stage,
+        then with the graph's seed from :meth:`collect_nonces`; otherwise in the share stage)."""
         self.adverts = {k: v for k, v in adverts.items() if k == v.site}
         self._need(self.adverts, "advertise keys")
         if len(self.adverts) < 2:
             raise RoundAborted("advertise keys: secure aggregation needs at least 2 sites")
-        self.params = replace(self.params, sites=tuple(sorted(self.adverts)))
-        if not self.params.complete:
-            self.params = replace(self.params, graph_seed=adverts_digest(self.adverts))
+        self.params = replace(self.params, sites=tuple(sorted(self.adverts)), graph_seed="")
         return self.params, dict(self.adverts)
+
+    def collect_nonces(self, nonces: dict[str, bytes]) -> SecAggParams:
+        """Stage 1b replies (sparse graphs) -> the parameters with the graph's seed. Every advertised
+        site's nonce is needed: a site that left after advertising abandons the round (sites revealed
+        for that set of advertisements only, and a seed over a subset would let the server choose)."""
+        missing = set(self.adverts) - set(nonces)
+        if missing:
+            raise RoundAborted(f"reveal: {len(missing)} advertised site(s) did not reveal their graph nonce; a sparse "
+                               "graph's seed needs every one (the round is abandoned, the next one starts afresh)")
+        try:
+            seed = graph_seed(self.params.context(), self.adverts, {s: nonces[s] for s in self.adverts})
+        except VerificationError as exc:
+            raise RoundAborted(f"reveal: {exc}") from None
+        self.params = replace(self.params, graph_seed=seed)
+        return self.params
 
     def route_shares(self, outboxes: dict[str, dict[str, bytes]]) -> tuple[dict[str, dict[str, bytes]], list[str]]:
         """Stage 2 replies (``sender -> receiver -> sealed``) -> stage 3 inboxes (``receiver ->

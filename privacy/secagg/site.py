@@ -1,13 +1,19 @@
 """A site's side of one SecAgg+ round against a malicious server: five stages, each a pure
 step on a small state (Bonawitz et al. 2017 §6 with SecAgg+'s neighbour graph, Bell et al. 2020).
 
-1. ``advertise``: fresh X25519 pairs (mask agreement ``c``, share encryption ``s``), signed
-   with the site's Ed25519 identity key.
+1. ``advertise``: fresh X25519 pairs (mask agreement ``c``, share encryption ``s``) and a
+   commitment to a fresh 32-byte graph nonce, signed with the site's Ed25519 identity key.
+1b. ``reveal`` (sparse graphs only, above ``COMPLETE_GRAPH_MAX`` sites): once the server has
+   fixed the round's advertisements, the site reveals its nonce, once per round and only for
+   that one set. The neighbour graph is seeded by every advertised site's nonce, so when the
+   server chooses the set it cannot know the graph (this site's nonce is still secret), and
+   once it knows the nonces the set can no longer change.
 2. ``share_keys``: check the round against the site's own floors (distinct roster sites,
    neighbours, a threshold above (holders + colluders) / 2, the complete graph at consortium
-   scale or a graph derived from every signed advertisement, a clipping range that covers the
-   site's update bound) and every neighbour's advertisement against the pinned roster; then
-   Shamir-share the self-mask seed ``b`` and ``c``'s private key among the holders.
+   scale or a graph seeded by the revealed nonces of the very set this site revealed for, a
+   clipping range that covers the site's update bound) and every neighbour's advertisement
+   against the pinned roster; then Shamir-share the self-mask seed ``b`` and ``c``'s private
+   key among the holders.
 3. ``masked_input``: only with a share from **every** neighbour the server says shared
    (``U2``), and enough holders left: ``encode([w·x, w]) + PRG(b) + Σ ±PRG(agree(c_i, c_j))``.
 4. ``consistency``: sign the survivor set ``U3`` the server announces (a subset of ``U2``
@@ -55,31 +61,57 @@ class VerificationError(RefusedError, RuntimeError):
 
 @dataclass(frozen=True)
 class KeyAdvert:
-    """A site's public keys for one round, signed with its identity key."""
+    """A site's public keys and graph-nonce commitment for one round, signed with its identity key."""
 
     site: str
     c_pub: bytes
     s_pub: bytes
+    commit: bytes  # nonce_commitment(context, site, nonce): binds the nonce revealed later
     sig: bytes
 
     @staticmethod
-    def message(context: str, site: str, c_pub: bytes, s_pub: bytes) -> bytes:
-        return f"medfed-secagg-advert|{context}|{site}|".encode() + c_pub + s_pub
+    def message(context: str, site: str, c_pub: bytes, s_pub: bytes, commit: bytes) -> bytes:
+        return f"medfed-secagg-advert-v2|{context}|{site}|".encode() + c_pub + s_pub + commit
 
     def verify(self, params: SecAggParams, key: Ed25519PublicKey) -> None:
         try:
-            key.verify(self.sig, self.message(params.context(), self.site, self.c_pub, self.s_pub))
+            key.verify(self.sig, self.message(params.context(), self.site, self.c_pub, self.s_pub, self.commit))
         except InvalidSignature:
             raise VerificationError(f"the key advertisement of {self.site} is not signed by its enrolled identity "
                                     "key: keys were substituted; round aborted", "substituted-key") from None
 
 
+NONCE_BYTES = 32
+
+
+def nonce_commitment(context: str, site: str, nonce: bytes) -> bytes:
+    """What a site's advertisement commits to: SHA-256 of its round, name and graph nonce."""
+    return hashlib.sha256(f"medfed-secagg-nonce|{context}|{site}|".encode() + nonce).digest()
+
+
 def adverts_digest(adverts: dict[str, KeyAdvert]) -> str:
-    """The digest every site computes over the round's signed advertisements (sparse graph seed)."""
-    h = hashlib.sha256(b"medfed-secagg-graph")
+    """The digest of the round's signed advertisements (the set a site reveals its nonce for)."""
+    h = hashlib.sha256(b"medfed-secagg-adverts")
     for name in sorted(adverts):
         a = adverts[name]
-        h.update(name.encode() + b"\0" + a.c_pub + a.s_pub + a.sig)
+        h.update(name.encode() + b"\0" + a.c_pub + a.s_pub + a.commit + a.sig)
+    return h.hexdigest()
+
+
+def graph_seed(context: str, adverts: dict[str, KeyAdvert], nonces: dict[str, bytes]) -> str:
+    """A sparse graph's seed: every advertised site's revealed nonce, each checked against the
+    commitment in its signed advertisement (:class:`VerificationError` ``graph-seed`` otherwise)."""
+    if set(nonces) != set(adverts):
+        raise VerificationError(f"{len(set(adverts) - set(nonces))} advertised site(s) without a revealed nonce (or "
+                                "nonces of sites that did not advertise): the graph's seed needs every one",
+                                "graph-seed")
+    h = hashlib.sha256(b"medfed-secagg-graph-v2|" + adverts_digest(adverts).encode())
+    for name in sorted(adverts):
+        nonce = nonces[name]
+        if len(nonce) != NONCE_BYTES or nonce_commitment(context, name, nonce) != adverts[name].commit:
+            raise VerificationError(f"the nonce revealed for {name} does not open its advertised commitment",
+                                    "graph-seed")
+        h.update(name.encode() + b"\0" + nonce)
     return h.hexdigest()
 
 
@@ -139,8 +171,6 @@ def check_floors(params: SecAggParams, site: str, floors: SecAggFloors, roster: 
         raise VerificationError(f"a sparse neighbour graph (k={params.k}) for {n} sites: at this scale only the "
                                 "complete graph is accepted (a server-chosen graph could surround a site)",
                                 "graph-not-complete")
-    if not params.complete and params.graph_seed != adverts_digest(adverts):
-        raise VerificationError("the neighbour graph is not derived from the round's advertisements", "graph-seed")
     mine = holders(params, site, set(adverts))
     if len(mine) - 1 < floors.min_neighbours:
         raise VerificationError(f"{len(mine) - 1} neighbour(s) would hold this site's shares; the site requires "
@@ -166,6 +196,8 @@ class SiteSession:
     c_pub: bytes
     s_priv: bytes
     s_pub: bytes
+    nonce: bytes = b""  # the graph nonce this site committed to in its advertisement
+    revealed_for: str = ""  # adverts_digest of the one set this site revealed its nonce for
     b: bytes = b""
     adverts: dict[str, KeyAdvert] = field(default_factory=dict)
     own_shares: tuple[bytes, bytes] = (b"", b"")  # this site's own share of (b, c_priv)
@@ -184,30 +216,55 @@ class SiteSession:
 
     @classmethod
     def start(cls, run_id: str, round_: int, site: str, identity: Ed25519PrivateKey) -> tuple[SiteSession, KeyAdvert]:
-        """Stage 1: fresh keys and the signed advertisement."""
+        """Stage 1: fresh keys, a fresh graph nonce and the signed advertisement."""
         c_priv, c_pub = new_x25519()
         s_priv, s_pub = new_x25519()
-        sig = identity.sign(KeyAdvert.message(round_context(run_id, round_), site, c_pub, s_pub))
-        return cls(run_id, round_, site, c_priv, c_pub, s_priv, s_pub), KeyAdvert(site, c_pub, s_pub, sig)
+        nonce = os.urandom(NONCE_BYTES)
+        context = round_context(run_id, round_)
+        commit = nonce_commitment(context, site, nonce)
+        sig = identity.sign(KeyAdvert.message(context, site, c_pub, s_pub, commit))
+        return (cls(run_id, round_, site, c_priv, c_pub, s_priv, s_pub, nonce=nonce),
+                KeyAdvert(site, c_pub, s_pub, commit, sig))
+
+    def _check_own_advert(self, adverts: dict[str, KeyAdvert]) -> None:
+        mine = adverts.get(self.site)
+        if mine is None or (mine.c_pub, mine.s_pub, mine.commit) != \
+                (self.c_pub, self.s_pub, nonce_commitment(round_context(self.run_id, self.round), self.site, self.nonce)):
+            raise VerificationError("the server relayed a different key advertisement for this site; round aborted",
+                                    "substituted-key")
+        for name, advert in adverts.items():
+            if name != advert.site:
+                raise VerificationError(f"advertisement for {name!r} is not from a site of this round", "params")
+
+    def reveal(self, adverts: dict[str, KeyAdvert]) -> bytes:
+        """Stage 1b (sparse graphs): this site's nonce, for the one advertisement set the server
+        fixed (this site's own advertisement unchanged in it); never for a second set."""
+        if self.params_ is not None or self.revealed_for:
+            raise VerificationError("a second nonce request in one round: the graph's set of sites is fixed once",
+                                    "equivocation")
+        self._check_own_advert(adverts)
+        if len(adverts) <= COMPLETE_GRAPH_MAX:
+            raise VerificationError(f"a nonce is revealed only for a sparse graph (more than {COMPLETE_GRAPH_MAX} "
+                                    "sites)", "graph-not-complete")
+        self.revealed_for = adverts_digest(adverts)
+        return self.nonce
 
     def share_keys(self, params: SecAggParams, adverts: dict[str, KeyAdvert],
-                   roster: dict[str, Ed25519PublicKey], floors: SecAggFloors | None = None) -> dict[str, bytes]:
+                   roster: dict[str, Ed25519PublicKey], floors: SecAggFloors | None = None,
+                   nonces: dict[str, bytes] | None = None) -> dict[str, bytes]:
         """Stage 2: check the round's parameters (against ``floors``) and every neighbour's
-        advertisement, then sealed shares for each holder (``receiver -> bytes``)."""
+        advertisement, then sealed shares for each holder (``receiver -> bytes``). A sparse
+        graph needs ``nonces``: every advertised site's, for the set this site revealed for."""
         if self.params_ is not None:
             raise VerificationError("a second share-keys request in one round", "out-of-order")
         if (params.run_id, params.round) != (self.run_id, self.round) or self.site not in params.sites:
             raise VerificationError("the round parameters do not match this site's round; round aborted", "params")
         if set(adverts) != set(params.sites):
             raise VerificationError("the advertised sites differ from the round's sites; round aborted", "params")
-        mine = adverts.get(self.site)
-        if mine is None or (mine.c_pub, mine.s_pub) != (self.c_pub, self.s_pub):
-            raise VerificationError("the server relayed a different key advertisement for this site; round aborted",
-                                    "substituted-key")
-        for name, advert in adverts.items():
-            if name != advert.site:
-                raise VerificationError(f"advertisement for {name!r} is not from a site of this round", "params")
+        self._check_own_advert(adverts)
         check_floors(params, self.site, floors or SecAggFloors(), roster, adverts)
+        if not params.complete:
+            self._check_seed(params, adverts, nonces or {})
         # only the neighbours' keys are used: their advertisements are the ones to verify
         # (per-site cost grows with k, not with the number of sites)
         who = holders(params, self.site, set(adverts))
@@ -226,6 +283,18 @@ class SiteSession:
             sealing = share_key(params, self.s_priv, adverts[holder].s_pub, self.site, holder)
             out[holder] = seal(sealing, sb + sc, share_aad(params, self.site, holder))
         return out
+
+    def _check_seed(self, params: SecAggParams, adverts: dict[str, KeyAdvert], nonces: dict[str, bytes]) -> None:
+        if not self.revealed_for:
+            raise VerificationError("a sparse graph before this site revealed its nonce: the server could have "
+                                    "chosen it", "graph-seed")
+        if adverts_digest(adverts) != self.revealed_for:
+            raise VerificationError("the advertisements differ from the set this site revealed its nonce for",
+                                    "graph-seed")
+        if nonces.get(self.site) != self.nonce:
+            raise VerificationError("the server relayed a different nonce for this site", "graph-seed")
+        if params.graph_seed != graph_seed(params.context(), adverts, nonces):
+            raise VerificationError("the neighbour graph is not seeded by the round's revealed nonces", "graph-seed")
 
     def check_inbox(self, inbox: dict[str, bytes], sharers: list[str]) -> dict[str, tuple[bytes, bytes]]:
         """The stage-3 checks (the ClientApp runs them before it trains): the inbox holds a share

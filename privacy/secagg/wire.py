@@ -50,13 +50,15 @@ def _dump(obj: Any) -> bytes:
 
 
 def adverts_to_bytes(adverts: dict[str, KeyAdvert]) -> bytes:
-    return _dump({k: {"c": a.c_pub.hex(), "s": a.s_pub.hex(), "sig": a.sig.hex()} for k, a in adverts.items()})
+    return _dump({k: {"c": a.c_pub.hex(), "s": a.s_pub.hex(), "commit": a.commit.hex(), "sig": a.sig.hex()}
+                  for k, a in adverts.items()})
 
 
 @_parsed("key advertisements")
 def adverts_from_bytes(data: bytes) -> dict[str, KeyAdvert]:
     raw = json.loads(data)
-    return {k: KeyAdvert(k, bytes.fromhex(v["c"]), bytes.fromhex(v["s"]), bytes.fromhex(v["sig"])) for k, v in raw.items()}
+    return {k: KeyAdvert(k, bytes.fromhex(v["c"]), bytes.fromhex(v["s"]), bytes.fromhex(v["commit"]),
+                         bytes.fromhex(v["sig"])) for k, v in raw.items()}
 
 
 def boxes_to_bytes(boxes: dict[str, bytes]) -> bytes:
@@ -97,7 +99,7 @@ def params_from_text(text: str) -> SecAggParams:
     return params_from_json(json.loads(text))
 
 
-_BYTES = ("c_priv", "c_pub", "s_priv", "s_pub", "b")
+_BYTES = ("c_priv", "c_pub", "s_priv", "s_pub", "nonce", "b")
 
 
 def session_to_bytes(session: SiteSession) -> bytes:
@@ -105,7 +107,7 @@ def session_to_bytes(session: SiteSession) -> bytes:
     return _dump({
         **{k: getattr(session, k).hex() for k in _BYTES},
         "params": params_to_json(session.params_) if session.params_ else None, "site": session.site,
-        "run_id": session.run_id, "round": session.round,
+        "run_id": session.run_id, "round": session.round, "revealed_for": session.revealed_for,
         "adverts": adverts_to_bytes(session.adverts).decode(),
         "own_shares": [s.hex() for s in session.own_shares],
         "shares": {k: [a.hex(), b.hex()] for k, (a, b) in session.shares.items()},
@@ -119,7 +121,7 @@ def session_from_bytes(data: bytes) -> SiteSession:
     values: dict[str, Any] = {k: bytes.fromhex(raw[k]) for k in _BYTES}
     values |= {
         "params_": params_from_json(raw["params"]) if raw["params"] else None, "site": raw["site"],
-        "run_id": raw["run_id"], "round": raw["round"],
+        "run_id": raw["run_id"], "round": raw["round"], "revealed_for": str(raw["revealed_for"]),
         "adverts": adverts_from_bytes(raw["adverts"].encode()),
         "own_shares": tuple(bytes.fromhex(s) for s in raw["own_shares"]),
         "shares": {k: (bytes.fromhex(a), bytes.fromhex(b)) for k, (a, b) in raw["shares"].items()},

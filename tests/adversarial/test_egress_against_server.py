@@ -278,8 +278,11 @@ def test_raw_oversize_or_malformed_secagg_records_are_blocked(doe: SiteConfig) -
         "an outbox padded with spaces": boxes_to_bytes({names[1]: honest_box}) + b" " * 8,
         "an oversize outbox": boxes_to_bytes({f"site-{i}": honest_box for i in range(1, 60)}),
         "a consistency signature carrying text": NAME.encode() * 9,
+        "a graph nonce carrying text": NAME.encode() * 5,
+        "a graph nonce with a name appended": os.urandom(32) + NAME.encode(),
     }
-    keys = {"raw bytes in the advert": K.ADVERT, "a consistency signature carrying text": K.CONSISTENCY}
+    keys = {"raw bytes in the advert": K.ADVERT, "a consistency signature carrying text": K.CONSISTENCY,
+            "a graph nonce carrying text": K.NONCE, "a graph nonce with a name appended": K.NONCE}
     for what, data in cases.items():
         key = keys.get(what, K.OUTBOX)
         reply = send(defective_app(lambda k=key, d=data: RecordDict({  # type: ignore[misc]

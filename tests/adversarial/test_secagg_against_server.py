@@ -6,6 +6,7 @@ refusal is in the victim's audit log with its reason."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import replace
@@ -26,7 +27,17 @@ from privacy.keys import load_or_create_key, public_pem
 from privacy.secagg.crypto import agree, combine_secret, expand_mask
 from privacy.secagg.params import FRACTION_BITS, SecAggParams
 from privacy.secagg.server import Aggregator
-from privacy.secagg.site import KeyAdvert, holders, pair_context, self_context, transcript
+from privacy.secagg.site import (
+    KeyAdvert,
+    SiteSession,
+    VerificationError,
+    adverts_digest,
+    graph_seed,
+    holders,
+    pair_context,
+    self_context,
+    transcript,
+)
 from privacy.secagg.wire import (
     adverts_from_bytes,
     adverts_to_bytes,
@@ -36,6 +47,7 @@ from privacy.secagg.wire import (
     params_to_json,
     reveals_from_bytes,
     roster_bytes,
+    session_from_bytes,
 )
 from tests.conftest import make_workspace
 
@@ -357,3 +369,137 @@ def test_a_round_is_never_restarted_and_stages_are_bound_to_it(fed: Federation) 
     mixed = {**{n: sigs[n] for n in survivors[:2]}, **{n: keys[n].sign(view) for n in survivors[2:]}}
     assert refused(server.unmask(VICTIM, mixed)) and fed.refusal(VICTIM) == "secagg-equivocation"
     assert not server.unmask(VICTIM, sigs).has_error()
+
+
+class LargeFederation:
+    """A round above the complete graph's size (100 sites): the victim is a real site workspace
+    behind the real mod; the 99 others run the real protocol core, and the server holds the
+    secrets of ``colluders`` of them."""
+
+    def __init__(self, root: Path, data: Path, n: int = 100, colluders: int = 30) -> None:
+        ws = make_workspace(root, VICTIM, data)
+        self.victim = load_site_config(ws)
+        victim_key = load_or_create_key(site_key_path(self.victim))
+        self.names = [VICTIM, *(f"site-{i:03d}" for i in range(2, n + 1))]
+        self.ids = {name: Ed25519PrivateKey.generate() for name in self.names[1:]}
+        pems = {VICTIM: public_pem(victim_key.public_key()).decode(),
+                **{name: public_pem(key.public_key()).decode() for name, key in self.ids.items()}}
+        atomic_write_bytes(roster_path(self.victim), roster_bytes(pems))
+        self.colluders = set(self.names[-colluders:])
+        self.mod = secagg_mod(lambda _: self.victim)
+        self.context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def send(self, round_: int, stage: str, **extra: object) -> Message:
+        conf = ConfigRecord({K.RUN_ID: RUN, K.SERVER_ROUND: round_, K.SECAGG_STAGE: stage})
+        for k, v in extra.items():
+            conf[k] = v  # type: ignore[assignment]
+        md = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=1,
+                      reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
+                      message_type=MessageType.TRAIN)
+        return self.mod(Message(RecordDict({K.CONFIG: conf}), metadata=md), self.context,
+                        lambda m, c: Message(RecordDict(), reply_to=m))
+
+    def advertise(self, round_: int) -> tuple[dict[str, KeyAdvert], dict[str, SiteSession]]:
+        adverts = adverts_from_bytes(_secagg(self.send(round_, "advertise"), K.ADVERT))
+        sessions = {}
+        for name, key in self.ids.items():
+            sessions[name], adverts[name] = SiteSession.start(RUN, round_, name, key)
+        return adverts, sessions
+
+    def colluding_holders(self, params: SecAggParams) -> int:
+        return len(set(params.neighbours(VICTIM)) & self.colluders)
+
+    def refusal(self) -> str:
+        entries = [e for e in read_entries(self.victim.workspace / "audit.jsonl") if e.event == "secagg-refused"]
+        return str(entries[-1].data["reason"]) if entries else ""
+
+
+def _sparse(round_: int, adverts: dict[str, KeyAdvert], nonces: dict[str, bytes]) -> SecAggParams:
+    params = SecAggParams.for_sites(RUN, round_, list(adverts))
+    return replace(params, graph_seed=graph_seed(params.context(), adverts, nonces))
+
+
+def _share(big: LargeFederation, round_: int, params: SecAggParams, adverts: dict[str, KeyAdvert],
+           nonces: dict[str, bytes] | None = None) -> Message:
+    return big.send(round_, "share", **{K.SECAGG_PARAMS: json.dumps(params_to_json(params)),
+                                        K.SECAGG_ADVERTS: adverts_to_bytes(adverts),
+                                        **({K.SECAGG_NONCES: boxes_to_bytes(nonces)} if nonces else {})})
+
+
+def _grind(big: LargeFederation, round_: int, adverts: dict[str, KeyAdvert], nonces: dict[str, bytes],
+           tries: int = 20000) -> dict[str, KeyAdvert] | None:
+    """The red team's offline search: drop up to 3 honest sites until the victim's share holders
+    hold at least the threshold of colluders (the victim's update would then be theirs)."""
+    rng = np.random.default_rng(7)
+    honest = [n for n in adverts if n != VICTIM and n not in big.colluders]
+    for _ in range(tries):
+        drop = set(rng.choice(honest, size=int(rng.integers(1, 4)), replace=False))
+        subset = {n: a for n, a in adverts.items() if n not in drop}
+        params = _sparse(round_, subset, {n: nonces[n] for n in subset})
+        if big.colluding_holders(params) >= params.threshold:
+            return subset
+    return None
+
+
+def test_the_server_cannot_grind_a_sparse_neighbour_graph(tmp_path: Path, small_site: Path) -> None:
+    """Above 64 sites the graph is seeded by nonces each site committed to in its signed
+    advertisement and revealed once the server fixed the round's set of advertisements, for that
+    set only. The red team's attack (choose, offline, the subset of advertisements whose graph
+    surrounds the victim with colluders) needs the nonces before the set is fixed: it gets them
+    only after, and a set chosen after them is refused."""
+    big = LargeFederation(tmp_path, small_site)
+    # round A: the server knows every other site's nonce and grinds the victim's set before the victim
+    # reveals, guessing its nonce; the victim's real nonce makes the graph another one
+    adverts, sessions = big.advertise(ROUND)
+    nonces = {n: s.reveal(adverts) for n, s in sessions.items()}
+    guess = {**nonces, VICTIM: bytes(32)}
+    with pytest.raises(VerificationError, match="does not open"):  # a guessed nonce does not open the commitment,
+        _sparse(ROUND, adverts, guess)  # so the server must grind on the graph as it would be with the guess:
+    rng, predicted = np.random.default_rng(3), None
+    for _ in range(20000):
+        drop = set(rng.choice([n for n in adverts if n != VICTIM and n not in big.colluders], size=2, replace=False))
+        subset = {n: a for n, a in adverts.items() if n not in drop}
+        order = SecAggParams.for_sites(RUN, ROUND, list(subset))
+        fake = replace(order, graph_seed=_unchecked_seed(order, subset, guess))
+        if big.colluding_holders(fake) >= fake.threshold:
+            predicted = (subset, set(fake.neighbours(VICTIM)))
+            break
+    assert predicted is not None, "control: with every nonce known the grind finds a surrounding set"
+    subset, expected_neighbours = predicted
+    nonce = _secagg(big.send(ROUND, "reveal", **{K.SECAGG_ADVERTS: adverts_to_bytes(subset)}), K.NONCE)
+    real = {**{n: nonces[n] for n in subset if n != VICTIM}, VICTIM: nonce}
+    params = _sparse(ROUND, subset, real)
+    assert set(params.neighbours(VICTIM)) != expected_neighbours  # the victim's nonce moved it
+    outbox = boxes_from_bytes(_secagg(_share(big, ROUND, params, subset, real), K.OUTBOX))
+    assert sorted(outbox) == sorted(params.neighbours(VICTIM))  # the honest continuation works through the mod
+
+    # round B: a sparse graph before the victim revealed is refused (whatever seed the server picked) ...
+    round_b = ROUND + 1
+    adverts, sessions = big.advertise(round_b)
+    others = {n: s.reveal(adverts) for n, s in sessions.items()}
+    chosen = replace(SecAggParams.for_sites(RUN, round_b, list(adverts)), graph_seed="ab" * 32)
+    assert refused(_share(big, round_b, chosen, adverts, others)) and big.refusal() == "secagg-graph-seed"
+    # ... and once it revealed for the full set, the server, now holding every nonce, grinds a subset
+    nonce = _secagg(big.send(round_b, "reveal", **{K.SECAGG_ADVERTS: adverts_to_bytes(adverts)}), K.NONCE)
+    nonces = {**others, VICTIM: nonce}
+    ground = _grind(big, round_b, adverts, nonces)
+    assert ground is not None, "control: knowing the nonces, a surrounding subset exists and is found"
+    ground_params = _sparse(round_b, ground, {n: nonces[n] for n in ground})
+    assert big.colluding_holders(ground_params) >= ground_params.threshold  # accepted, it would break the victim
+    assert refused(_share(big, round_b, ground_params, ground, {n: nonces[n] for n in ground}))
+    assert big.refusal() == "secagg-graph-seed"
+    # a second reveal for the ground subset is refused too (the set is fixed once per round)
+    assert refused(big.send(round_b, "reveal", **{K.SECAGG_ADVERTS: adverts_to_bytes(ground)}))
+    assert big.refusal() == "secagg-equivocation"
+    # nothing of the victim's left in round B (no share, so no masked input could follow), and its nonce stays
+    # bound to the full set it revealed for
+    session = session_from_bytes(bytes(big.context.state.config_records["secagg"]["session"]))  # type: ignore[arg-type]
+    assert session.params_ is None and session.revealed_for == adverts_digest(adverts)
+
+
+def _unchecked_seed(params: SecAggParams, adverts: dict[str, KeyAdvert], nonces: dict[str, bytes]) -> str:
+    """The seed formula without the commitment check: what a server computes for a guessed nonce."""
+    h = hashlib.sha256(b"medfed-secagg-graph-v2|" + adverts_digest(adverts).encode())
+    for name in sorted(adverts):
+        h.update(name.encode() + b"\0" + nonces[name])
+    return h.hexdigest()

@@ -39,7 +39,11 @@ class Federation:
             sessions[s], adverts[s] = SiteSession.start("run-7", 3, s, self.ids[s])
         alive = [s for s in self.names if s not in drop.get("advertise", set())]
         round_params, relay = agg.collect_adverts({s: adverts[s] for s in alive})
-        outboxes = {s: sessions[s].share_keys(round_params, relay, self.roster, FLOORS) for s in alive}
+        nonces = {}
+        if not round_params.complete:  # sparse graphs: every advertised site reveals its nonce for this set
+            nonces = {s: sessions[s].reveal(relay) for s in alive if s not in drop.get("reveal", set())}
+            round_params = agg.collect_nonces(nonces)
+        outboxes = {s: sessions[s].share_keys(round_params, relay, self.roster, FLOORS, nonces) for s in alive}
         alive = [s for s in alive if s not in drop.get("share", set())]
         inboxes, sharers = agg.route_shares({s: outboxes[s] for s in alive})
         masked = {s: sessions[s].masked_input(self.updates[s], self.weights[s], inboxes[s], sharers) for s in alive}
@@ -174,23 +178,60 @@ def test_sparse_graph_recovers_dropped_sites_masks() -> None:
 
 def test_the_drivers_round_parameters_above_the_complete_graph_pass_every_sites_checks() -> None:
     """Regression (100-site simulation): the server's round parameters for more sites than the
-    complete graph's maximum must carry the advertisements' digest, or every site refuses the
-    share stage (graph-seed)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+    complete graph's maximum, seeded by the revealed nonces, pass every site's share-stage checks."""
     from privacy.secagg.params import COMPLETE_GRAPH_MAX
-    from privacy.secagg.site import SiteSession, adverts_digest
     from server.secagg_driver import round_params
 
     names = [f"site-{i}" for i in range(COMPLETE_GRAPH_MAX + 6)]
     keys = {n: Ed25519PrivateKey.generate() for n in names}
     started = {n: SiteSession.start("run-1", 2, n, keys[n]) for n in names}
     adverts = {n: advert for n, (_, advert) in started.items()}
-    params = round_params("run-1", 2, adverts)
-    assert not params.complete and params.graph_seed == adverts_digest(adverts)
+    agg = Aggregator(round_params("run-1", 2, adverts))
+    _, relay = agg.collect_adverts(adverts)
+    agg.params = params = round_params("run-1", 2, relay)
+    assert not params.complete and params.graph_seed == ""  # no seed before the nonces
+    nonces = {n: started[n][0].reveal(relay) for n in names}
+    params = agg.collect_nonces(nonces)
+    assert len(params.graph_seed) == 64
     roster = {n: k.public_key() for n, k in keys.items()}
     for n in names[:3]:
-        outbox = started[n][0].share_keys(params, adverts, roster)
+        outbox = started[n][0].share_keys(params, adverts, roster, nonces=nonces)
         assert sorted(outbox) == sorted(set(params.neighbours(n)))  # a sealed share for each neighbour
     small = round_params("run-1", 2, dict(list(adverts.items())[:5]))
     assert small.complete and small.graph_seed == ""
+
+
+def test_a_sparse_round_needs_every_advertised_sites_nonce_and_each_must_open_its_commitment() -> None:
+    """A site that leaves between advertise and reveal abandons a sparse round (a seed over the
+    others' nonces would let the server pick the subset after seeing them); a nonce that does not
+    open its site's signed commitment is refused by the server and by every site."""
+    fed = Federation(70, dim=20, seed=11)
+    with pytest.raises(RoundAborted, match="did not reveal"):
+        fed.run({"reveal": {"site-05"}})
+    sessions, adverts = {}, {}
+    for s in fed.names:
+        sessions[s], adverts[s] = SiteSession.start("run-7", 3, s, fed.ids[s])
+    agg = Aggregator(fed.params)
+    _, relay = agg.collect_adverts(adverts)
+    nonces = {s: sessions[s].reveal(relay) for s in fed.names}
+    forged = {**nonces, "site-07": bytes(32)}
+    with pytest.raises(RoundAborted, match="does not open"):
+        agg.collect_nonces(forged)
+    params = agg.collect_nonces(nonces)
+    from privacy.secagg.site import graph_seed
+
+    with pytest.raises(VerificationError, match="different nonce|does not open") as err:
+        sessions["site-00"].share_keys(replace(params, graph_seed=graph_seed(params.context(), relay, nonces)),
+                                       relay, fed.roster, FLOORS, {**nonces, "site-00": bytes(32)})
+    assert err.value.code == "graph-seed"
+    with pytest.raises(VerificationError, match="does not open") as err:
+        sessions["site-01"].share_keys(params, relay, fed.roster, FLOORS, forged)
+    assert err.value.code == "graph-seed"
+    with pytest.raises(VerificationError, match="not seeded") as err:
+        sessions["site-02"].share_keys(replace(params, graph_seed="0" * 64), relay, fed.roster, FLOORS, nonces)
+    assert err.value.code == "graph-seed"
+    assert sorted(sessions["site-03"].share_keys(params, relay, fed.roster, FLOORS, nonces)) == \
+        sorted(params.neighbours("site-03"))
+    fresh, advert = SiteSession.start("run-7", 4, "site-00", fed.ids["site-00"])
+    with pytest.raises(VerificationError, match="only for a sparse graph"):  # nothing to reveal at consortium scale
+        fresh.reveal({**dict(list(relay.items())[1:10]), "site-00": advert})
