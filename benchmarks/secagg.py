@@ -188,7 +188,7 @@ def protocol_cost(n: int, dim: int) -> dict[str, float]:
     if not params.complete:  # above 64 sites: each site reveals its graph nonce for the fixed set
         for s in names:
             t = time.process_time()
-            nonces[s] = sessions[s].reveal(relay)
+            nonces[s] = sessions[s].reveal(params, relay, roster)
             site_s += time.process_time() - t
             sent += len(nonces[s])
         params = agg.collect_nonces(nonces)

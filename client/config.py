@@ -94,16 +94,19 @@ class SecAggPolicy:
     min_neighbours: int = 2  # neighbours that hold this site's shares
     assumed_colluders: int = 0  # sites that may side with the server: threshold > (holders + colluders) / 2
     update_bound: float = 1.0  # the round must not clip update values up to this magnitude
+    max_abandoned_reveals: int = 8  # sparse graphs (> 64 sites): revealed nonces of rounds that never shared, per run
 
     def __post_init__(self) -> None:
         _in_range("secagg.min_sites", self.min_sites, 2, 100_000)
         _in_range("secagg.min_neighbours", self.min_neighbours, 1, 100_000)
         _in_range("secagg.assumed_colluders", self.assumed_colluders, 0, 100_000)
         _in_range("secagg.update_bound", self.update_bound, 0, 1e6, open_low=True)
+        _in_range("secagg.max_abandoned_reveals", self.max_abandoned_reveals, 0, 100_000)
 
     def floors(self) -> SecAggFloors:
         return SecAggFloors(min_sites=self.min_sites, min_neighbours=self.min_neighbours,
-                            assumed_colluders=self.assumed_colluders, update_bound=self.update_bound)
+                            assumed_colluders=self.assumed_colluders, update_bound=self.update_bound,
+                            max_abandoned_reveals=self.max_abandoned_reveals)
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,17 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
         raise VerificationError("the request names another run or round than this site's secure-aggregation round",
                                 "wrong-round")
     if stage == "reveal":
-        nonce = session.reveal(adverts_from_bytes(_bytes(conf, K.SECAGG_ADVERTS)))
+        params = params_from_text(_str(conf, K.SECAGG_PARAMS))
+        floors = site.secagg.floors()
+        audit = SiteAudit(site)
+        abandoned = _abandoned_reveals(audit, run_id)
+        if abandoned >= floors.max_abandoned_reveals:
+            raise VerificationError(f"{abandoned} earlier round(s) of this run had this site's graph nonce and never "
+                                    f"shared (the site allows {floors.max_abandoned_reveals}): no more reveals in this "
+                                    "run", "too-many-abandoned")
+        nonce = session.reveal(params, adverts_from_bytes(_bytes(conf, K.SECAGG_ADVERTS)),
+                               load_roster(roster_path(site)), floors)
+        audit.log.append(E.SECAGG_REVEALED, {"run_id": _safe_id(run_id), "round": round_})
         _save(context, session)
         return _reply(msg, site, {K.NONCE: nonce})
     if stage == "share":
@@ -120,6 +130,8 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
         nonces = boxes_from_bytes(_bytes(conf, K.SECAGG_NONCES)) if K.SECAGG_NONCES in conf else {}
         outbox = session.share_keys(params, adverts_from_bytes(_bytes(conf, K.SECAGG_ADVERTS)),
                                     load_roster(roster_path(site)), site.secagg.floors(), nonces)
+        if session.revealed_for:
+            SiteAudit(site).log.append(E.SECAGG_SHARED, {"run_id": _safe_id(run_id), "round": round_})
         _save(context, session)
         return _reply(msg, site, {K.OUTBOX: boxes_to_bytes(outbox)})
     if stage == "input":
@@ -155,6 +167,17 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
         _save(context, session)
         return _reply(msg, site, {K.REVEALS: reveals_to_bytes(reveals)})
     raise VerificationError("unknown secure-aggregation stage", "malformed")
+
+
+def _abandoned_reveals(audit: SiteAudit, run_id: str) -> int:
+    """Rounds of this run in which this site revealed its graph nonce and never sent its shares."""
+    if not audit.log.path.exists():
+        return 0
+    revealed, shared = set(), set()
+    for e in read_entries(audit.log.path):
+        if e.data.get("run_id") == run_id and e.event in (E.SECAGG_REVEALED, E.SECAGG_SHARED):
+            (revealed if e.event == E.SECAGG_REVEALED else shared).add(e.data.get("round"))
+    return len(revealed - shared)
 
 
 def _save(context: Context, session: SiteSession) -> None:

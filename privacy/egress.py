@@ -77,9 +77,10 @@ SECAGG_REFUSED = 452  # error code of a secure-aggregation round the site refuse
 # the codes a secure-aggregation refusal names (``privacy.secagg`` and ``client.roster`` checks)
 SECAGG_REFUSAL_CODES = frozenset({
     "clip-below-bound", "equivocation", "ghost-site", "graph-not-complete", "graph-seed", "incomplete-inbox",
-    "malformed", "not-in-roster", "out-of-order", "params", "re-advertise", "roster-changed", "roster-mismatch",
-    "roster-not-pinned", "substituted-key", "tampered-share", "threshold-below-floor", "too-few-holders",
-    "too-few-neighbours", "too-few-sites", "too-few-survivors", "verification", "wrong-round",
+    "k-below-floor", "malformed", "not-in-roster", "out-of-order", "params", "re-advertise", "roster-changed",
+    "roster-mismatch", "roster-not-pinned", "substituted-key", "tampered-share", "threshold-below-floor",
+    "too-few-holders", "too-few-neighbours", "too-few-sites", "too-few-survivors", "too-many-abandoned",
+    "verification", "wrong-round",
 })
 SECAGG_REFUSED_REASON = "secure aggregation refused"
 INTERNAL_ERROR = 469

@@ -82,7 +82,8 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         agg.params = params = round_params(run_id, round_, relay, k=k, threshold=threshold)
         nonces: dict[str, bytes] = {}
         if not params.complete:  # the graph's seed: every advertised site's nonce, revealed for this set
-            reveal_conf = _stage_conf(conf, "reveal", **{K.SECAGG_ADVERTS: adverts_to_bytes(relay)})
+            reveal_conf = _stage_conf(conf, "reveal", **{K.SECAGG_PARAMS: json.dumps(params_to_json(params)),
+                                                         K.SECAGG_ADVERTS: adverts_to_bytes(relay)})
             revealed_nonces = exchange(grid, {node_of[s]: RecordDict({K.CONFIG: reveal_conf}) for s in params.sites},
                                        MessageType.TRAIN, timeout, with_arrays=False, stop=stop)
             result.failed += revealed_nonces.failed

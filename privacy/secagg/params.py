@@ -49,6 +49,9 @@ class SecAggFloors:
     min_neighbours: int = 2  # neighbours that hold this site's shares
     assumed_colluders: int = 0  # sites that may side with the server (raises the threshold floor)
     update_bound: float = 1.0  # the round's clipping range must cover updates up to this (no silent clipping)
+    max_abandoned_reveals: int = 8  # sparse graphs: rounds of a run whose graph nonce this site revealed and whose
+    # share stage never came; beyond it the site reveals no more in that run (each abandoned round is one more
+    # random graph for a server that dislikes the draw)
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,8 @@ class SecAggParams:
         """The (k-1) neighbours of ``site``: every other site when k >= n; otherwise (k-1)/2 on
         each side on a ring ordered by a permutation derived from ``graph_seed``: the hash of every
         advertised site's nonce, committed in its signed advertisement and revealed only once the
-        server had fixed the set of advertisements (``privacy.secagg.site``), so the server cannot
-        choose it; every site recomputes it."""
+        server had fixed the round's parameters and advertisements (``privacy.secagg.site``), so
+        the server cannot choose it, only abandon the round; every site recomputes it."""
         n = len(self.sites)
         if self.complete:
             return [s for s in self.sites if s != site]

@@ -4,10 +4,12 @@ step on a small state (Bonawitz et al. 2017 §6 with SecAgg+'s neighbour graph, 
 1. ``advertise``: fresh X25519 pairs (mask agreement ``c``, share encryption ``s``) and a
    commitment to a fresh 32-byte graph nonce, signed with the site's Ed25519 identity key.
 1b. ``reveal`` (sparse graphs only, above ``COMPLETE_GRAPH_MAX`` sites): once the server has
-   fixed the round's advertisements, the site reveals its nonce, once per round and only for
-   that one set. The neighbour graph is seeded by every advertised site's nonce, so when the
-   server chooses the set it cannot know the graph (this site's nonce is still secret), and
-   once it knows the nonces the set can no longer change.
+   fixed the round's parameters (k, threshold, sites: checked against the site's floors here)
+   and its advertisements, the site reveals its nonce, once per round and only for that round.
+   The neighbour graph is seeded by every advertised site's nonce, so when the server fixes the
+   round it cannot know the graph (this site's nonce is still secret), and the share stage must
+   name that same round: once the nonces are known nothing the graph depends on can change.
+   The server can still abandon the round and try another (each site caps that per run).
 2. ``share_keys``: check the round against the site's own floors (distinct roster sites,
    neighbours, a threshold above (holders + colluders) / 2, the complete graph at consortium
    scale or a graph seeded by the revealed nonces of the very set this site revealed for, a
@@ -43,6 +45,7 @@ from privacy.secagg.params import (
     SecAggFloors,
     SecAggParams,
     clipped,
+    default_k,
     encode_input,
     required_threshold,
     round_context,
@@ -90,12 +93,24 @@ def nonce_commitment(context: str, site: str, nonce: bytes) -> bytes:
 
 
 def adverts_digest(adverts: dict[str, KeyAdvert]) -> str:
-    """The digest of the round's signed advertisements (the set a site reveals its nonce for)."""
-    h = hashlib.sha256(b"medfed-secagg-adverts")
+    """The digest of the round's signed advertisements: every field length-prefixed, so no two
+    different sets share it (an unframed digest let a server move one site's entry into the
+    previous one's signature field and keep the digest)."""
+    h = hashlib.sha256(b"medfed-secagg-adverts-v2")
     for name in sorted(adverts):
         a = adverts[name]
-        h.update(name.encode() + b"\0" + a.c_pub + a.s_pub + a.commit + a.sig)
+        for part in (name.encode(), a.c_pub, a.s_pub, a.commit, a.sig):
+            h.update(len(part).to_bytes(4, "big") + part)
     return h.hexdigest()
+
+
+def reveal_binding(params: SecAggParams, adverts: dict[str, KeyAdvert]) -> str:
+    """What a site's nonce is revealed for: the round's whole parameters but the graph's seed (k,
+    threshold, sites, bounds) and its set of advertisements. The share stage must match it, so
+    nothing the graph depends on can change once the nonces are known."""
+    fixed = {**params_json(params), "graph_seed": ""}
+    return hashlib.sha256(json.dumps({"params": fixed, "adverts": adverts_digest(adverts)}, sort_keys=True,
+                                     separators=(",", ":")).encode()).hexdigest()
 
 
 def graph_seed(context: str, adverts: dict[str, KeyAdvert], nonces: dict[str, bytes]) -> str:
@@ -105,7 +120,7 @@ def graph_seed(context: str, adverts: dict[str, KeyAdvert], nonces: dict[str, by
         raise VerificationError(f"{len(set(adverts) - set(nonces))} advertised site(s) without a revealed nonce (or "
                                 "nonces of sites that did not advertise): the graph's seed needs every one",
                                 "graph-seed")
-    h = hashlib.sha256(b"medfed-secagg-graph-v2|" + adverts_digest(adverts).encode())
+    h = hashlib.sha256(b"medfed-secagg-graph-v3|" + adverts_digest(adverts).encode())
     for name in sorted(adverts):
         nonce = nonces[name]
         if len(nonce) != NONCE_BYTES or nonce_commitment(context, name, nonce) != adverts[name].commit:
@@ -171,13 +186,16 @@ def check_floors(params: SecAggParams, site: str, floors: SecAggFloors, roster: 
         raise VerificationError(f"a sparse neighbour graph (k={params.k}) for {n} sites: at this scale only the "
                                 "complete graph is accepted (a server-chosen graph could surround a site)",
                                 "graph-not-complete")
-    mine = holders(params, site, set(adverts))
-    if len(mine) - 1 < floors.min_neighbours:
-        raise VerificationError(f"{len(mine) - 1} neighbour(s) would hold this site's shares; the site requires "
+    if not params.complete and params.k < default_k(n):
+        raise VerificationError(f"a sparse neighbour graph with k={params.k} for {n} sites: the site requires at "
+                                f"least {default_k(n)} (2*ceil(log2 n)+3)", "k-below-floor")
+    held = params.degree + 1  # its neighbours and itself (every site of the round advertised: checked before)
+    if held - 1 < floors.min_neighbours:
+        raise VerificationError(f"{held - 1} neighbour(s) would hold this site's shares; the site requires "
                                 f"{floors.min_neighbours}", "too-few-neighbours")
-    need = required_threshold(len(mine), floors.assumed_colluders)
+    need = required_threshold(held, floors.assumed_colluders)
     if params.threshold < need:
-        raise VerificationError(f"threshold {params.threshold} for {len(mine)} share holders is below the site's "
+        raise VerificationError(f"threshold {params.threshold} for {held} share holders is below the site's "
                                 f"floor {need} (a strict majority of holders plus {floors.assumed_colluders} "
                                 "colluding sites)", "threshold-below-floor")
     if params.update_clip < floors.update_bound:
@@ -236,17 +254,27 @@ class SiteSession:
             if name != advert.site:
                 raise VerificationError(f"advertisement for {name!r} is not from a site of this round", "params")
 
-    def reveal(self, adverts: dict[str, KeyAdvert]) -> bytes:
-        """Stage 1b (sparse graphs): this site's nonce, for the one advertisement set the server
-        fixed (this site's own advertisement unchanged in it); never for a second set."""
-        if self.params_ is not None or self.revealed_for:
-            raise VerificationError("a second nonce request in one round: the graph's set of sites is fixed once",
-                                    "equivocation")
+    def _check_round(self, params: SecAggParams, adverts: dict[str, KeyAdvert]) -> None:
+        if (params.run_id, params.round) != (self.run_id, self.round) or self.site not in params.sites:
+            raise VerificationError("the round parameters do not match this site's round; round aborted", "params")
+        if set(adverts) != set(params.sites):
+            raise VerificationError("the advertised sites differ from the round's sites; round aborted", "params")
         self._check_own_advert(adverts)
-        if len(adverts) <= COMPLETE_GRAPH_MAX:
+
+    def reveal(self, params: SecAggParams, adverts: dict[str, KeyAdvert], roster: dict[str, Ed25519PublicKey],
+               floors: SecAggFloors | None = None) -> bytes:
+        """Stage 1b (sparse graphs): this site's nonce, for the one round the server fixed: its
+        parameters (all but the graph's seed, checked against ``floors`` now) and its set of
+        advertisements (this site's own unchanged in it); never for a second one."""
+        if self.params_ is not None or self.revealed_for:
+            raise VerificationError("a second nonce request in one round: the round's graph is fixed once",
+                                    "equivocation")
+        self._check_round(params, adverts)
+        if params.complete or params.graph_seed:
             raise VerificationError(f"a nonce is revealed only for a sparse graph (more than {COMPLETE_GRAPH_MAX} "
-                                    "sites)", "graph-not-complete")
-        self.revealed_for = adverts_digest(adverts)
+                                    "sites), before its seed exists", "graph-not-complete")
+        check_floors(params, self.site, floors or SecAggFloors(), roster, adverts)
+        self.revealed_for = reveal_binding(params, adverts)
         return self.nonce
 
     def share_keys(self, params: SecAggParams, adverts: dict[str, KeyAdvert],
@@ -257,11 +285,7 @@ class SiteSession:
         graph needs ``nonces``: every advertised site's, for the set this site revealed for."""
         if self.params_ is not None:
             raise VerificationError("a second share-keys request in one round", "out-of-order")
-        if (params.run_id, params.round) != (self.run_id, self.round) or self.site not in params.sites:
-            raise VerificationError("the round parameters do not match this site's round; round aborted", "params")
-        if set(adverts) != set(params.sites):
-            raise VerificationError("the advertised sites differ from the round's sites; round aborted", "params")
-        self._check_own_advert(adverts)
+        self._check_round(params, adverts)
         check_floors(params, self.site, floors or SecAggFloors(), roster, adverts)
         if not params.complete:
             self._check_seed(params, adverts, nonces or {})
@@ -288,9 +312,9 @@ class SiteSession:
         if not self.revealed_for:
             raise VerificationError("a sparse graph before this site revealed its nonce: the server could have "
                                     "chosen it", "graph-seed")
-        if adverts_digest(adverts) != self.revealed_for:
-            raise VerificationError("the advertisements differ from the set this site revealed its nonce for",
-                                    "graph-seed")
+        if reveal_binding(params, adverts) != self.revealed_for:
+            raise VerificationError("the parameters or advertisements differ from the round this site revealed its "
+                                    "nonce for", "graph-seed")
         if nonces.get(self.site) != self.nonce:
             raise VerificationError("the server relayed a different nonce for this site", "graph-seed")
         if params.graph_seed != graph_seed(params.context(), adverts, nonces):

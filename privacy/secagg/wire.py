@@ -54,11 +54,21 @@ def adverts_to_bytes(adverts: dict[str, KeyAdvert]) -> bytes:
                   for k, a in adverts.items()})
 
 
+ADVERT_FIELD_BYTES = {"c": 32, "s": 32, "commit": 32, "sig": 64}  # X25519, X25519, SHA-256, Ed25519
+
+
 @_parsed("key advertisements")
 def adverts_from_bytes(data: bytes) -> dict[str, KeyAdvert]:
+    """Advertisements from JSON; every field must have its exact length (a longer field could
+    carry another site's entry)."""
     raw = json.loads(data)
-    return {k: KeyAdvert(k, bytes.fromhex(v["c"]), bytes.fromhex(v["s"]), bytes.fromhex(v["commit"]),
-                         bytes.fromhex(v["sig"])) for k, v in raw.items()}
+    out = {}
+    for k, v in raw.items():
+        fields_ = {f: bytes.fromhex(v[f]) for f in ADVERT_FIELD_BYTES}
+        if set(v) != set(ADVERT_FIELD_BYTES) or any(len(fields_[f]) != n for f, n in ADVERT_FIELD_BYTES.items()):
+            raise ValueError("an advertisement field of the wrong length")
+        out[k] = KeyAdvert(k, fields_["c"], fields_["s"], fields_["commit"], fields_["sig"])
+    return out
 
 
 def boxes_to_bytes(boxes: dict[str, bytes]) -> bytes:

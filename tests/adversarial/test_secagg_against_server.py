@@ -25,7 +25,7 @@ from privacy.audit.log import read_entries
 from privacy.files import atomic_write_bytes
 from privacy.keys import load_or_create_key, public_pem
 from privacy.secagg.crypto import agree, combine_secret, expand_mask
-from privacy.secagg.params import FRACTION_BITS, SecAggParams
+from privacy.secagg.params import FRACTION_BITS, SecAggParams, required_threshold
 from privacy.secagg.server import Aggregator
 from privacy.secagg.site import (
     KeyAdvert,
@@ -43,6 +43,7 @@ from privacy.secagg.wire import (
     adverts_to_bytes,
     boxes_from_bytes,
     boxes_to_bytes,
+    load_roster,
     params_from_json,
     params_to_json,
     reveals_from_bytes,
@@ -373,21 +374,30 @@ def test_a_round_is_never_restarted_and_stages_are_bound_to_it(fed: Federation) 
 
 class LargeFederation:
     """A round above the complete graph's size (100 sites): the victim is a real site workspace
-    behind the real mod; the 99 others run the real protocol core, and the server holds the
-    secrets of ``colluders`` of them."""
+    behind the real mod (with a known update); the 99 others run the real protocol core, and the
+    server holds the secrets of ``colluders`` of them."""
 
-    def __init__(self, root: Path, data: Path, n: int = 100, colluders: int = 30) -> None:
+    def __init__(self, root: Path, data: Path, n: int = 100, colluders: int = 30, **secagg: object) -> None:
         ws = make_workspace(root, VICTIM, data)
         self.victim = load_site_config(ws)
+        if secagg:
+            self.victim = replace(self.victim, secagg=replace(self.victim.secagg, **secagg))  # type: ignore[arg-type]
+            write_site_config(self.victim)
         victim_key = load_or_create_key(site_key_path(self.victim))
         self.names = [VICTIM, *(f"site-{i:03d}" for i in range(2, n + 1))]
         self.ids = {name: Ed25519PrivateKey.generate() for name in self.names[1:]}
         pems = {VICTIM: public_pem(victim_key.public_key()).decode(),
                 **{name: public_pem(key.public_key()).decode() for name, key in self.ids.items()}}
         atomic_write_bytes(roster_path(self.victim), roster_bytes(pems))
-        self.colluders = set(self.names[-colluders:])
+        self.roster = load_roster(roster_path(self.victim))
+        self.colluders = set(self.names[-colluders:]) if colluders else set()
         self.mod = secagg_mod(lambda _: self.victim)
         self.context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+        self.update = np.random.default_rng(5).normal(0, 0.05, DIM)
+
+    def _train(self, msg: Message, ctx: Context) -> Message:
+        return Message(RecordDict({K.METRICS: MetricRecord({K.NUM_EXAMPLES: 50}), K.SITE: ConfigRecord({K.SITE_NAME: VICTIM}),
+                                   K.ARRAYS: ArrayRecord({"w": Array(self.update.astype(np.float32))})}), reply_to=msg)
 
     def send(self, round_: int, stage: str, **extra: object) -> Message:
         conf = ConfigRecord({K.RUN_ID: RUN, K.SERVER_ROUND: round_, K.SECAGG_STAGE: stage})
@@ -396,8 +406,7 @@ class LargeFederation:
         md = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=1,
                       reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
                       message_type=MessageType.TRAIN)
-        return self.mod(Message(RecordDict({K.CONFIG: conf}), metadata=md), self.context,
-                        lambda m, c: Message(RecordDict(), reply_to=m))
+        return self.mod(Message(RecordDict({K.CONFIG: conf}), metadata=md), self.context, self._train)
 
     def advertise(self, round_: int) -> tuple[dict[str, KeyAdvert], dict[str, SiteSession]]:
         adverts = adverts_from_bytes(_secagg(self.send(round_, "advertise"), K.ADVERT))
@@ -406,6 +415,17 @@ class LargeFederation:
             sessions[name], adverts[name] = SiteSession.start(RUN, round_, name, key)
         return adverts, sessions
 
+    def reveal(self, round_: int, params: SecAggParams, adverts: dict[str, KeyAdvert] | bytes) -> Message:
+        raw = adverts if isinstance(adverts, bytes) else adverts_to_bytes(adverts)
+        return self.send(round_, "reveal", **{K.SECAGG_PARAMS: json.dumps(params_to_json(params)), K.SECAGG_ADVERTS: raw})
+
+    def share(self, round_: int, params: SecAggParams, adverts: dict[str, KeyAdvert] | bytes,
+              nonces: dict[str, bytes]) -> Message:
+        """The share request; ``nonces`` are those of the sites in ``params``."""
+        raw = adverts if isinstance(adverts, bytes) else adverts_to_bytes(adverts)
+        return self.send(round_, "share", **{K.SECAGG_PARAMS: json.dumps(params_to_json(params)), K.SECAGG_ADVERTS: raw,
+                                             K.SECAGG_NONCES: boxes_to_bytes({n: nonces[n] for n in params.sites})})
+
     def colluding_holders(self, params: SecAggParams) -> int:
         return len(set(params.neighbours(VICTIM)) & self.colluders)
 
@@ -413,93 +433,207 @@ class LargeFederation:
         entries = [e for e in read_entries(self.victim.workspace / "audit.jsonl") if e.event == "secagg-refused"]
         return str(entries[-1].data["reason"]) if entries else ""
 
-
-def _sparse(round_: int, adverts: dict[str, KeyAdvert], nonces: dict[str, bytes]) -> SecAggParams:
-    params = SecAggParams.for_sites(RUN, round_, list(adverts))
-    return replace(params, graph_seed=graph_seed(params.context(), adverts, nonces))
+    def events(self, kind: str) -> list[int]:
+        return [int(e.data["round"]) for e in read_entries(self.victim.workspace / "audit.jsonl") if e.event == kind]
 
 
-def _share(big: LargeFederation, round_: int, params: SecAggParams, adverts: dict[str, KeyAdvert],
-           nonces: dict[str, bytes] | None = None) -> Message:
-    return big.send(round_, "share", **{K.SECAGG_PARAMS: json.dumps(params_to_json(params)),
-                                        K.SECAGG_ADVERTS: adverts_to_bytes(adverts),
-                                        **({K.SECAGG_NONCES: boxes_to_bytes(nonces)} if nonces else {})})
+def _seeded(params: SecAggParams, adverts: dict[str, KeyAdvert], nonces: dict[str, bytes]) -> SecAggParams:
+    return replace(params, graph_seed=graph_seed(params.context(), adverts, {n: nonces[n] for n in adverts}))
 
 
-def _grind(big: LargeFederation, round_: int, adverts: dict[str, KeyAdvert], nonces: dict[str, bytes],
-           tries: int = 20000) -> dict[str, KeyAdvert] | None:
-    """The red team's offline search: drop up to 3 honest sites until the victim's share holders
-    hold at least the threshold of colluders (the victim's update would then be theirs)."""
-    rng = np.random.default_rng(7)
-    honest = [n for n in adverts if n != VICTIM and n not in big.colluders]
-    for _ in range(tries):
-        drop = set(rng.choice(honest, size=int(rng.integers(1, 4)), replace=False))
-        subset = {n: a for n, a in adverts.items() if n not in drop}
-        params = _sparse(round_, subset, {n: nonces[n] for n in subset})
-        if big.colluding_holders(params) >= params.threshold:
-            return subset
-    return None
+def _unchecked_seed(adverts: dict[str, KeyAdvert], nonces: dict[str, bytes]) -> str:
+    """The seed formula without the commitment check: what a server computes for a guessed nonce."""
+    h = hashlib.sha256(b"medfed-secagg-graph-v3|" + adverts_digest(adverts).encode())
+    for name in sorted(adverts):
+        h.update(name.encode() + b"\0" + nonces[name])
+    return h.hexdigest()
 
 
 def test_the_server_cannot_grind_a_sparse_neighbour_graph(tmp_path: Path, small_site: Path) -> None:
     """Above 64 sites the graph is seeded by nonces each site committed to in its signed
-    advertisement and revealed once the server fixed the round's set of advertisements, for that
-    set only. The red team's attack (choose, offline, the subset of advertisements whose graph
-    surrounds the victim with colluders) needs the nonces before the set is fixed: it gets them
-    only after, and a set chosen after them is refused."""
+    advertisement and revealed once the server fixed the round (parameters and advertisements),
+    for that round only. The red team's attack (choose, offline, the subset of advertisements
+    whose graph surrounds the victim with colluders) needs the nonces before the round is fixed:
+    it gets them only after, and a round changed after them is refused."""
     big = LargeFederation(tmp_path, small_site)
     # round A: the server knows every other site's nonce and grinds the victim's set before the victim
     # reveals, guessing its nonce; the victim's real nonce makes the graph another one
     adverts, sessions = big.advertise(ROUND)
-    nonces = {n: s.reveal(adverts) for n, s in sessions.items()}
+    honest = [n for n in adverts if n != VICTIM and n not in big.colluders]
+    full = SecAggParams.for_sites(RUN, ROUND, list(adverts))
+    nonces = {n: s.reveal(full, adverts, big.roster) for n, s in sessions.items()}
     guess = {**nonces, VICTIM: bytes(32)}
-    with pytest.raises(VerificationError, match="does not open"):  # a guessed nonce does not open the commitment,
-        _sparse(ROUND, adverts, guess)  # so the server must grind on the graph as it would be with the guess:
+    with pytest.raises(VerificationError, match="does not open"):  # a guessed nonce opens no commitment, so the
+        _seeded(full, adverts, guess)  # server can only grind on the graph as it would be with its guess:
     rng, predicted = np.random.default_rng(3), None
     for _ in range(20000):
-        drop = set(rng.choice([n for n in adverts if n != VICTIM and n not in big.colluders], size=2, replace=False))
+        drop = set(rng.choice(honest, size=2, replace=False))
         subset = {n: a for n, a in adverts.items() if n not in drop}
-        order = SecAggParams.for_sites(RUN, ROUND, list(subset))
-        fake = replace(order, graph_seed=_unchecked_seed(order, subset, guess))
+        params = SecAggParams.for_sites(RUN, ROUND, list(subset))
+        fake = replace(params, graph_seed=_unchecked_seed(subset, guess))
         if big.colluding_holders(fake) >= fake.threshold:
-            predicted = (subset, set(fake.neighbours(VICTIM)))
+            predicted = (subset, params, set(fake.neighbours(VICTIM)))
             break
     assert predicted is not None, "control: with every nonce known the grind finds a surrounding set"
-    subset, expected_neighbours = predicted
-    nonce = _secagg(big.send(ROUND, "reveal", **{K.SECAGG_ADVERTS: adverts_to_bytes(subset)}), K.NONCE)
-    real = {**{n: nonces[n] for n in subset if n != VICTIM}, VICTIM: nonce}
-    params = _sparse(ROUND, subset, real)
-    assert set(params.neighbours(VICTIM)) != expected_neighbours  # the victim's nonce moved it
-    outbox = boxes_from_bytes(_secagg(_share(big, ROUND, params, subset, real), K.OUTBOX))
-    assert sorted(outbox) == sorted(params.neighbours(VICTIM))  # the honest continuation works through the mod
+    subset, params, expected_neighbours = predicted
+    nonce = _secagg(big.reveal(ROUND, params, subset), K.NONCE)
+    real = _seeded(params, subset, {**nonces, VICTIM: nonce})
+    assert set(real.neighbours(VICTIM)) != expected_neighbours  # the victim's nonce moved it
+    outbox = boxes_from_bytes(_secagg(big.share(ROUND, real, subset, {**nonces, VICTIM: nonce}), K.OUTBOX))
+    assert sorted(outbox) == sorted(real.neighbours(VICTIM))  # the honest continuation works through the mod
+    assert big.events("secagg-revealed") == [ROUND] and big.events("secagg-shared") == [ROUND]
 
     # round B: a sparse graph before the victim revealed is refused (whatever seed the server picked) ...
     round_b = ROUND + 1
     adverts, sessions = big.advertise(round_b)
-    others = {n: s.reveal(adverts) for n, s in sessions.items()}
-    chosen = replace(SecAggParams.for_sites(RUN, round_b, list(adverts)), graph_seed="ab" * 32)
-    assert refused(_share(big, round_b, chosen, adverts, others)) and big.refusal() == "secagg-graph-seed"
-    # ... and once it revealed for the full set, the server, now holding every nonce, grinds a subset
-    nonce = _secagg(big.send(round_b, "reveal", **{K.SECAGG_ADVERTS: adverts_to_bytes(adverts)}), K.NONCE)
-    nonces = {**others, VICTIM: nonce}
-    ground = _grind(big, round_b, adverts, nonces)
-    assert ground is not None, "control: knowing the nonces, a surrounding subset exists and is found"
-    ground_params = _sparse(round_b, ground, {n: nonces[n] for n in ground})
-    assert big.colluding_holders(ground_params) >= ground_params.threshold  # accepted, it would break the victim
-    assert refused(_share(big, round_b, ground_params, ground, {n: nonces[n] for n in ground}))
+    full = SecAggParams.for_sites(RUN, round_b, list(adverts))
+    others = {n: s.reveal(full, adverts, big.roster) for n, s in sessions.items()}
+    assert refused(big.share(round_b, replace(full, graph_seed="ab" * 32), adverts, {**others, VICTIM: bytes(32)}))
     assert big.refusal() == "secagg-graph-seed"
-    # a second reveal for the ground subset is refused too (the set is fixed once per round)
-    assert refused(big.send(round_b, "reveal", **{K.SECAGG_ADVERTS: adverts_to_bytes(ground)}))
+    # ... and once it revealed for the full round, the server, now holding every nonce, grinds a subset
+    nonce = _secagg(big.reveal(round_b, full, adverts), K.NONCE)
+    nonces = {**others, VICTIM: nonce}
+    ground = None
+    for _ in range(20000):
+        drop = set(rng.choice(honest, size=int(rng.integers(1, 4)), replace=False))
+        subset = {n: a for n, a in adverts.items() if n not in drop}
+        candidate = _seeded(SecAggParams.for_sites(RUN, round_b, list(subset)), subset, nonces)
+        if big.colluding_holders(candidate) >= candidate.threshold:
+            ground = (subset, candidate)
+            break
+    assert ground is not None, "control: knowing the nonces, a surrounding subset exists and is found"
+    subset, candidate = ground
+    assert refused(big.share(round_b, candidate, subset, nonces)) and big.refusal() == "secagg-graph-seed"
+    # a second reveal for the ground subset is refused too (the round is fixed once)
+    assert refused(big.reveal(round_b, SecAggParams.for_sites(RUN, round_b, list(subset)), subset))
     assert big.refusal() == "secagg-equivocation"
-    # nothing of the victim's left in round B (no share, so no masked input could follow), and its nonce stays
-    # bound to the full set it revealed for
     session = session_from_bytes(bytes(big.context.state.config_records["secagg"]["session"]))  # type: ignore[arg-type]
-    assert session.params_ is None and session.revealed_for == adverts_digest(adverts)
+    assert session.params_ is None  # nothing of the victim's left in round B: no share, so no masked input
 
 
-def _unchecked_seed(params: SecAggParams, adverts: dict[str, KeyAdvert], nonces: dict[str, bytes]) -> str:
-    """The seed formula without the commitment check: what a server computes for a guessed nonce."""
-    h = hashlib.sha256(b"medfed-secagg-graph-v2|" + adverts_digest(adverts).encode())
-    for name in sorted(adverts):
-        h.update(name.encode() + b"\0" + nonces[name])
-    return h.hexdigest()
+def test_a_sparse_round_cannot_change_after_the_reveal(tmp_path: Path, small_site: Path) -> None:
+    """Red-team review of the commit-and-reveal design: (1) an unframed advertisement digest let
+    the server move a site's entry into the previous entry's signature field, dropping it from the
+    set with the digest unchanged; (2) k was chosen in the share stage, after the nonces were
+    known, so the server picked the k whose ring window around the victim held a colluder
+    majority (k = 5: 3 of 4 neighbours). Both recovered the victim's update (r = 1.000). Now field
+    lengths are exact, the digest is length-prefixed, the reveal names the whole round's
+    parameters (checked against the site's floors, k at least 2*ceil(log2 n)+3), and the share
+    stage must name the same ones."""
+    big = LargeFederation(tmp_path, small_site)
+    adverts, sessions = big.advertise(ROUND)
+    full = SecAggParams.for_sites(RUN, ROUND, list(adverts))
+    # (2) k below the sparse floor at the reveal
+    assert refused(big.reveal(ROUND, replace(full, k=5, threshold=3), adverts))
+    assert big.refusal() == "secagg-k-below-floor"
+    nonce = _secagg(big.reveal(ROUND, full, adverts), K.NONCE)
+    nonces = {**{n: s.reveal(full, adverts, big.roster) for n, s in sessions.items()}, VICTIM: nonce}
+    # (2) the server, knowing the ring, asks for another k (the red team's k = 5, or a larger one): refused
+    order = _seeded(full, adverts, nonces)
+    assert refused(big.share(ROUND, replace(order, k=5, threshold=3), adverts, nonces))
+    assert big.refusal() == "secagg-k-below-floor"
+    assert refused(big.share(ROUND, replace(order, k=21, threshold=11), adverts, nonces))
+    assert big.refusal() == "secagg-graph-seed"
+    assert refused(big.share(ROUND, replace(order, threshold=order.threshold + 1), adverts, nonces))
+    assert big.refusal() == "secagg-graph-seed"
+    # (1) an advertisement that absorbs the next site's entry: wrong field length, refused as malformed
+    names = sorted(adverts)
+    absorber, absorbed = next((a, b) for a, b in zip(names, names[1:], strict=False) if VICTIM not in (a, b))
+    merged = json.loads(adverts_to_bytes(adverts))
+    entry = adverts[absorbed]
+    merged[absorber]["sig"] += (absorbed.encode() + b"\0" + entry.c_pub + entry.s_pub + entry.commit + entry.sig).hex()
+    del merged[absorbed]
+    raw = json.dumps(merged, sort_keys=True, separators=(",", ":")).encode()
+    smaller = _seeded(SecAggParams.for_sites(RUN, ROUND, list(merged)), {n: adverts[n] for n in merged}, nonces)
+    assert refused(big.share(ROUND, smaller, raw, nonces)) and big.refusal() == "secagg-malformed"
+    # framing: the digest of the honest set differs from that of any set without one of its sites
+    assert adverts_digest(adverts) != adverts_digest({n: adverts[n] for n in merged})
+    # the honest round still goes on through the mod
+    outbox = boxes_from_bytes(_secagg(big.share(ROUND, order, adverts, nonces), K.OUTBOX))
+    assert sorted(outbox) == sorted(order.neighbours(VICTIM)) and len(outbox) == order.k - 1
+
+
+def test_abandoned_sparse_rounds_are_capped_per_run(tmp_path: Path, small_site: Path) -> None:
+    """Red-team review: abandoning a sparse round after the reveal costs the server nothing (no
+    training, no budget) and gives it a fresh random graph each time (10 rounds in 0.2 s found one
+    with 9 colluders among the victim's 16 neighbours). Every reveal and every share that follows
+    one is now audited, and a site reveals in at most ``max_abandoned_reveals`` rounds of a run
+    that never reached its share stage."""
+    big = LargeFederation(tmp_path, small_site, max_abandoned_reveals=3)
+    for rnd in range(1, 5):
+        adverts, _ = big.advertise(rnd)
+        reply = big.reveal(rnd, SecAggParams.for_sites(RUN, rnd, list(adverts)), adverts)
+        if rnd <= 3:
+            assert not reply.has_error()  # then the server abandons the round
+        else:
+            assert refused(reply) and big.refusal() == "secagg-too-many-abandoned"
+    assert big.events("secagg-revealed") == [1, 2, 3]
+    assert [e for e in read_entries(big.victim.workspace / "audit.jsonl") if e.event == "secagg-refused"][-1].data[
+        "stage"] == "reveal"
+
+
+def test_a_split_survivor_set_in_a_sparse_round_needs_more_colluding_neighbours_than_assumed(
+        tmp_path: Path, small_site: Path) -> None:
+    """Red-team review: in a sparse round the server can split the victim's share holders into a
+    group told the victim survived (they reveal its self-mask seed) and one told it dropped (they
+    reveal its mask key). That needs t of each, so holders + colluding holders >= 2t: with the
+    site's floor t > (holders + assumed_colluders) / 2, more colluders among the victim's
+    holders than it assumes. A victim assuming 1 colluder, with exactly 1 colluding neighbour,
+    and the best split: one of the two secrets stays short of t shares, nothing is recovered."""
+    big = LargeFederation(tmp_path, small_site, colluders=0, assumed_colluders=1)
+    adverts, sessions = big.advertise(ROUND)
+    base = SecAggParams.for_sites(RUN, ROUND, list(adverts))
+    full = replace(base, threshold=required_threshold(base.degree + 1, 1))  # the victim's floor (10 of 17)
+    nonce = _secagg(big.reveal(ROUND, full, adverts), K.NONCE)
+    nonces = {**{n: s.reveal(full, adverts, big.roster) for n, s in sessions.items()}, VICTIM: nonce}
+    params = _seeded(full, adverts, nonces)
+    holders_ = sorted(params.neighbours(VICTIM))
+    big.colluders = {holders_[0]}  # one colluding neighbour (what the victim assumes)
+    outboxes = {n: s.share_keys(params, adverts, big.roster, nonces=nonces) for n, s in sessions.items()}
+    outboxes[VICTIM] = boxes_from_bytes(_secagg(big.share(ROUND, params, adverts, nonces), K.OUTBOX))
+    sharers = sorted(adverts)
+
+    def inbox(n: str) -> dict[str, bytes]:
+        return {s: box[n] for s, box in outboxes.items() if n in box}
+
+    for n, s in sessions.items():
+        s.masked_input(np.zeros(DIM), 10, inbox(n), sharers)
+    reply = big.send(ROUND, "input", **{K.SECAGG_INBOX: boxes_to_bytes(inbox(VICTIM)), K.SECAGG_SHARERS: sharers})
+    masked = reply.content.array_records[K.MASKED][K.MASKED].numpy()
+    honest = [h for h in holders_ if h not in big.colluders]
+    t = params.threshold
+    best = {"b": 0, "c": 0}
+    for told_alive in range(len(honest) + 1):  # every split of the victim's honest holders
+        a_side, b_side = honest[:told_alive], honest[told_alive:]
+        b_shares = 1 + len(a_side) + len(big.colluders)  # the victim itself, its holders told it survived, colluders
+        c_shares = len(b_side) + len(big.colluders)
+        if min(b_shares, c_shares) > min(best.values()):
+            best = {"b": b_shares, "c": c_shares}
+    assert min(best.values()) < t  # no split yields t shares of both secrets
+    # the split the server would pick, played with the real code: the victim's side signs and reveals b
+    a_side = honest[: t - 2]
+    rest = [n for n in sharers if n not in holders_ and n != VICTIM]
+    group_a = sorted({VICTIM, *a_side, *big.colluders, *rest[: len(rest) // 2]})
+    group_b = sorted({*honest[t - 2 :], *big.colluders, *rest[len(rest) // 2 :]})
+    sig_a = {VICTIM: _secagg(big.send(ROUND, "consistency", **{K.SECAGG_SURVIVORS: group_a}), K.CONSISTENCY)}
+    sig_a |= {n: sessions[n].consistency(group_a, big.ids[n]) for n in group_a if n != VICTIM and n not in big.colluders}
+    sig_b = {n: sessions[n].consistency(group_b, big.ids[n]) for n in group_b if n not in big.colluders}
+    colluder = next(iter(big.colluders))
+    sig_a[colluder] = big.ids[colluder].sign(transcript(params, adverts, sharers, group_a))
+    sig_b[colluder] = big.ids[colluder].sign(transcript(params, adverts, sharers, group_b))
+    reveals = {n: sessions[n].unmask(sig_a, big.roster) for n in a_side}
+    reveals |= {n: sessions[n].unmask(sig_b, big.roster) for n in honest[t - 2 :]}
+    reveals[VICTIM] = reveals_from_bytes(_secagg(big.send(ROUND, "unmask", **{K.SECAGG_SIGNATURES: boxes_to_bytes(
+        sig_a)}), K.REVEALS))
+    own_b, own_c = sessions[colluder].shares[VICTIM]  # the colluder's own shares of the victim's secrets
+    b_shares = [got[VICTIM][1] for got in reveals.values() if VICTIM in got and got[VICTIM][0] == "b"] + [own_b]
+    c_shares = [got[VICTIM][1] for got in reveals.values() if VICTIM in got and got[VICTIM][0] == "c"] + [own_c]
+    assert len(b_shares) >= t and len(c_shares) < t  # the self-mask seed, never the mask key
+    # the server's best estimate: the self mask and the colluder's pairwise mask removed; the honest
+    # neighbours' pairwise masks stay on the victim's input
+    vec = masked - expand_mask(combine_secret(b_shares[:t]), self_context(params, VICTIM), len(masked))
+    mask = expand_mask(agree(sessions[colluder].c_priv, adverts[VICTIM].c_pub), pair_context(params, VICTIM, colluder),
+                       len(masked))
+    vec = vec - mask if VICTIM < colluder else vec + mask
+    estimate = vec.view(np.int64)[:-1].astype(np.float64) / 2.0**FRACTION_BITS / 50
+    assert abs(correlation(estimate, big.update)) < 0.05

@@ -41,7 +41,8 @@ class Federation:
         round_params, relay = agg.collect_adverts({s: adverts[s] for s in alive})
         nonces = {}
         if not round_params.complete:  # sparse graphs: every advertised site reveals its nonce for this set
-            nonces = {s: sessions[s].reveal(relay) for s in alive if s not in drop.get("reveal", set())}
+            nonces = {s: sessions[s].reveal(round_params, relay, self.roster, FLOORS) for s in alive
+                      if s not in drop.get("reveal", set())}
             round_params = agg.collect_nonces(nonces)
         outboxes = {s: sessions[s].share_keys(round_params, relay, self.roster, FLOORS, nonces) for s in alive}
         alive = [s for s in alive if s not in drop.get("share", set())]
@@ -190,10 +191,10 @@ def test_the_drivers_round_parameters_above_the_complete_graph_pass_every_sites_
     _, relay = agg.collect_adverts(adverts)
     agg.params = params = round_params("run-1", 2, relay)
     assert not params.complete and params.graph_seed == ""  # no seed before the nonces
-    nonces = {n: started[n][0].reveal(relay) for n in names}
+    roster = {n: k.public_key() for n, k in keys.items()}
+    nonces = {n: started[n][0].reveal(params, relay, roster) for n in names}
     params = agg.collect_nonces(nonces)
     assert len(params.graph_seed) == 64
-    roster = {n: k.public_key() for n, k in keys.items()}
     for n in names[:3]:
         outbox = started[n][0].share_keys(params, adverts, roster, nonces=nonces)
         assert sorted(outbox) == sorted(set(params.neighbours(n)))  # a sealed share for each neighbour
@@ -212,8 +213,8 @@ def test_a_sparse_round_needs_every_advertised_sites_nonce_and_each_must_open_it
     for s in fed.names:
         sessions[s], adverts[s] = SiteSession.start("run-7", 3, s, fed.ids[s])
     agg = Aggregator(fed.params)
-    _, relay = agg.collect_adverts(adverts)
-    nonces = {s: sessions[s].reveal(relay) for s in fed.names}
+    fixed, relay = agg.collect_adverts(adverts)
+    nonces = {s: sessions[s].reveal(fixed, relay, fed.roster, FLOORS) for s in fed.names}
     forged = {**nonces, "site-07": bytes(32)}
     with pytest.raises(RoundAborted, match="does not open"):
         agg.collect_nonces(forged)
@@ -233,5 +234,6 @@ def test_a_sparse_round_needs_every_advertised_sites_nonce_and_each_must_open_it
     assert sorted(sessions["site-03"].share_keys(params, relay, fed.roster, FLOORS, nonces)) == \
         sorted(params.neighbours("site-03"))
     fresh, advert = SiteSession.start("run-7", 4, "site-00", fed.ids["site-00"])
+    ten = {**dict(list(relay.items())[1:10]), "site-00": advert}
     with pytest.raises(VerificationError, match="only for a sparse graph"):  # nothing to reveal at consortium scale
-        fresh.reveal({**dict(list(relay.items())[1:10]), "site-00": advert})
+        fresh.reveal(SecAggParams.for_sites("run-7", 4, list(ten)), ten, fed.roster, FLOORS)
