@@ -94,7 +94,7 @@ class SecAggPolicy:
     min_neighbours: int = 2  # neighbours that hold this site's shares
     assumed_colluders: int = 0  # sites that may side with the server: threshold > (holders + colluders) / 2
     update_bound: float = 1.0  # the round must not clip update values up to this magnitude
-    max_abandoned_reveals: int = 8  # sparse graphs (> 64 sites): revealed nonces of rounds that never shared, per run
+    max_abandoned_reveals: int = 8  # sparse graphs (> 64 sites): of the last 64 reveals, those never followed by input
 
     def __post_init__(self) -> None:
         _in_range("secagg.min_sites", self.min_sites, 2, 100_000)

@@ -45,6 +45,7 @@ from privacy.secagg.wire import (
 )
 
 STATE = "secagg"
+REVEAL_WINDOW = 64  # the reveals whose abandoned ones [secagg] max_abandoned_reveals caps
 MASKING = "secagg-masking"  # in context.state while this mod runs the train handler: its update will be masked
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 SECAGG_REFUSED = K.SECAGG_REFUSED  # error code of a round the site refused for a protocol check
@@ -91,6 +92,8 @@ def secagg_mod(resolve: Callable[[Context], SiteConfig]) -> Mod:
 def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCallable, site: SiteConfig,
            conf: ConfigRecord) -> Message:
     run_id, round_ = _str(conf, K.RUN_ID), _int(conf, K.SERVER_ROUND)
+    if not _ID.match(run_id):  # what the audit log records and what the train handler accepts
+        raise VerificationError("the run id is not 1-64 letters, digits, '.', '_' or '-'", "malformed")
     if stage == "advertise":
         if K.SECAGG_ROSTER not in conf and not roster_path(site).exists():
             raise VerificationError("no roster delivered and none pinned", "roster-not-pinned")
@@ -115,14 +118,15 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
         params = params_from_text(_str(conf, K.SECAGG_PARAMS))
         floors = site.secagg.floors()
         audit = SiteAudit(site)
-        abandoned = _abandoned_reveals(audit, run_id)
+        abandoned = _abandoned_reveals(audit)
         if abandoned >= floors.max_abandoned_reveals:
-            raise VerificationError(f"{abandoned} earlier round(s) of this run had this site's graph nonce and never "
-                                    f"shared (the site allows {floors.max_abandoned_reveals}): no more reveals in this "
-                                    "run", "too-many-abandoned")
+            raise VerificationError(f"{abandoned} of this site's last {REVEAL_WINDOW} graph-nonce reveals (any run) "
+                                    f"were never followed by its masked input (the site allows "
+                                    f"{floors.max_abandoned_reveals}): no more reveals until completed rounds dilute "
+                                    "them", "too-many-abandoned")
         nonce = session.reveal(params, adverts_from_bytes(_bytes(conf, K.SECAGG_ADVERTS)),
                                load_roster(roster_path(site)), floors)
-        audit.log.append(E.SECAGG_REVEALED, {"run_id": _safe_id(run_id), "round": round_})
+        audit.log.append(E.SECAGG_REVEALED, {"run_id": run_id, "round": round_})
         _save(context, session)
         return _reply(msg, site, {K.NONCE: nonce})
     if stage == "share":
@@ -130,8 +134,6 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
         nonces = boxes_from_bytes(_bytes(conf, K.SECAGG_NONCES)) if K.SECAGG_NONCES in conf else {}
         outbox = session.share_keys(params, adverts_from_bytes(_bytes(conf, K.SECAGG_ADVERTS)),
                                     load_roster(roster_path(site)), site.secagg.floors(), nonces)
-        if session.revealed_for:
-            SiteAudit(site).log.append(E.SECAGG_SHARED, {"run_id": _safe_id(run_id), "round": round_})
         _save(context, session)
         return _reply(msg, site, {K.OUTBOX: boxes_to_bytes(outbox)})
     if stage == "input":
@@ -149,6 +151,8 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
         weight = _int(reply.content.metric_records[K.METRICS], K.NUM_EXAMPLES)
         masked = session.masked_input(flat, weight, inbox, sharers)
         _save(context, session)
+        if session.revealed_for:  # a sparse round that reached its input: not an abandoned reveal
+            SiteAudit(site).log.append(E.SECAGG_MASKED, {"run_id": run_id, "round": round_})
         count, largest = session.clipped
         if count:
             log.warning("site %s: %d update value(s) exceeded the round's clipping range (largest %.3g) and were "
@@ -159,25 +163,32 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
                               K.MASKED: ArrayRecord({K.MASKED: Array(masked)})})
         return Message(content, reply_to=msg)
     if stage == "consistency":
-        signature = session.consistency(_strs(conf, K.SECAGG_SURVIVORS), load_private_key(site_key_path(site)))
+        signature = session.consistency(_strs(conf, K.SECAGG_SURVIVORS), load_private_key(site_key_path(site)),
+                                        site.secagg.floors())
         _save(context, session)
         return _reply(msg, site, {K.CONSISTENCY: signature})
     if stage == "unmask":
-        reveals = session.unmask(boxes_from_bytes(_bytes(conf, K.SECAGG_SIGNATURES)), load_roster(roster_path(site)))
+        reveals = session.unmask(boxes_from_bytes(_bytes(conf, K.SECAGG_SIGNATURES)), load_roster(roster_path(site)),
+                                 site.secagg.floors())
         _save(context, session)
         return _reply(msg, site, {K.REVEALS: reveals_to_bytes(reveals)})
     raise VerificationError("unknown secure-aggregation stage", "malformed")
 
 
-def _abandoned_reveals(audit: SiteAudit, run_id: str) -> int:
-    """Rounds of this run in which this site revealed its graph nonce and never sent its shares."""
+def _abandoned_reveals(audit: SiteAudit) -> int:
+    """Of this site's last :data:`REVEAL_WINDOW` graph-nonce reveals (any run: run ids are the
+    server's choice), those never followed by its masked input: each is one more random graph
+    for a server that abandons the rounds whose draw it dislikes, at no cost (no training)."""
     if not audit.log.path.exists():
         return 0
-    revealed, shared = set(), set()
+    reveals: list[tuple[object, object]] = []
+    masked = set()
     for e in read_entries(audit.log.path):
-        if e.data.get("run_id") == run_id and e.event in (E.SECAGG_REVEALED, E.SECAGG_SHARED):
-            (revealed if e.event == E.SECAGG_REVEALED else shared).add(e.data.get("round"))
-    return len(revealed - shared)
+        if e.event == E.SECAGG_REVEALED:
+            reveals.append((e.data.get("run_id"), e.data.get("round")))
+        elif e.event == E.SECAGG_MASKED:
+            masked.add((e.data.get("run_id"), e.data.get("round")))
+    return sum(1 for key in reveals[-REVEAL_WINDOW:] if key not in masked)
 
 
 def _save(context: Context, session: SiteSession) -> None:

@@ -95,8 +95,9 @@ def simulate(
     poison: Annotated[list[str] | None, typer.Option(help="chaos: SITE:scale=FACTOR (the site sends its update "
                                                           "times FACTOR) or SITE:flip-labels; repeatable")] = None,
     fail: Annotated[list[str] | None, typer.Option(help="chaos: SITE:ROUND:STAGE kills a virtual site in that round at "
-                                                        "STAGE: advertise, share, input, train, reply, consistency "
-                                                        "or unmask (docs/robustness.md); repeatable")] = None,
+                                                        "STAGE: advertise, reveal (above 64 sites), share, input, "
+                                                        "train, reply, consistency or unmask (docs/robustness.md); "
+                                                        "repeatable")] = None,
     privacy_audit: Annotated[bool, typer.Option("--privacy-audit", help="plant canaries at --audit-site, and after "
                                                 "training run the membership, inversion and canary attacks there; "
                                                 "the report's 'Empirical privacy audit' shows them")] = False,

@@ -37,7 +37,7 @@ class E:
     ROSTER_EXPECTED = "roster-expected"  # roster_sha256 (obtained out of band)
     SECAGG_ADVERTISED = "secagg-advertised"  # run_id, round: keys advertised (a round is never restarted)
     SECAGG_REVEALED = "secagg-revealed"  # run_id, round: graph nonce revealed (sparse graphs)
-    SECAGG_SHARED = "secagg-shared"  # run_id, round: shares sent after a reveal (sparse graphs)
+    SECAGG_MASKED = "secagg-masked"  # run_id, round: masked input sent after a reveal (sparse graphs)
     SECAGG_REFUSED = "secagg-refused"  # run_id, round, reason (secagg-<check>), stage
     SECAGG_CLIPPED = "secagg-clipped"  # run_id, round, count, max_abs: update values the round's range clipped
     ROSTER_ACCEPTED = "roster-accepted"  # roster_sha256

@@ -49,9 +49,9 @@ class SecAggFloors:
     min_neighbours: int = 2  # neighbours that hold this site's shares
     assumed_colluders: int = 0  # sites that may side with the server (raises the threshold floor)
     update_bound: float = 1.0  # the round's clipping range must cover updates up to this (no silent clipping)
-    max_abandoned_reveals: int = 8  # sparse graphs: rounds of a run whose graph nonce this site revealed and whose
-    # share stage never came; beyond it the site reveals no more in that run (each abandoned round is one more
-    # random graph for a server that dislikes the draw)
+    max_abandoned_reveals: int = 8  # sparse graphs: of the site's last 64 nonce reveals (any run), those never
+    # followed by its masked input; beyond it the site reveals no more (each is one more random graph for a server
+    # that abandons the draws it dislikes)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ The server sees advertisements (public keys), sealed shares it cannot open, mask
 vectors, the survivors' signatures on the one survivor set, and in the last stage for each
 survivor the shares of its self-mask seed and for each site that shared but dropped the
 shares of its mask-agreement key: enough to remove the masks of the sum, never one site's
-update. A malicious server gains nothing by deviating: every site checks the round against
-its own floors and refuses a withheld inbox, a ghost survivor or a second survivor set.
+update. A server that deviates is refused by the sites' own checks (their floors, a withheld
+inbox, a ghost survivor, a survivor set without a majority's signatures, a second set), within
+the assumptions of ``docs/secagg.md`` (at most ``assumed_colluders`` colluding sites).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import numpy as np
 from privacy.errors import ServiceError
 from privacy.secagg.crypto import agree, combine_secret, expand_mask
 from privacy.secagg.params import SecAggParams, decode_sum
-from privacy.secagg.site import KeyAdvert, VerificationError, graph_seed, holders, pair_context, self_context
+from privacy.secagg.site import (
+    KeyAdvert,
+    VerificationError,
+    graph_seed,
+    holders,
+    pair_context,
+    self_context,
+    vouchers_needed,
+)
 
 
 class RoundAborted(ServiceError, RuntimeError):
@@ -79,9 +88,13 @@ class Aggregator:
         return inboxes, sorted(self.sharers)
 
     def collect_inputs(self, inputs: dict[str, np.ndarray]) -> list[str]:
-        """Stage 3 replies -> the survivor set U3 every survivor is asked to sign."""
+        """Stage 3 replies -> the survivor set U3 every survivor is asked to sign (sites sign only
+        a set of at least :func:`vouchers_needed`: the threshold and a majority of the round)."""
         self.inputs = {s: v for s, v in inputs.items() if s in self.sharers}
         self._need(self.inputs, "masked input")
+        if len(self.inputs) < vouchers_needed(self.params):
+            raise RoundAborted(f"masked input: {len(self.inputs)} of {len(self.params.sites)} sites left; a survivor set "
+                               f"needs {vouchers_needed(self.params)} (a majority of the round)")
         lengths = {len(v) for v in self.inputs.values()}
         if len(lengths) != 1:
             raise RoundAborted("masked inputs differ in length")

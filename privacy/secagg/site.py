@@ -1,5 +1,5 @@
-"""A site's side of one SecAgg+ round against a malicious server: five stages, each a pure
-step on a small state (Bonawitz et al. 2017 §6 with SecAgg+'s neighbour graph, Bell et al. 2020).
+"""A site's side of one SecAgg+ round against a malicious server: five stages (six for sparse
+graphs), each a pure step on a small state (Bonawitz et al. 2017 §6 with SecAgg+'s neighbour graph, Bell et al. 2020).
 
 1. ``advertise``: fresh X25519 pairs (mask agreement ``c``, share encryption ``s``) and a
    commitment to a fresh 32-byte graph nonce, signed with the site's Ed25519 identity key.
@@ -9,7 +9,7 @@ step on a small state (Bonawitz et al. 2017 §6 with SecAgg+'s neighbour graph, 
    The neighbour graph is seeded by every advertised site's nonce, so when the server fixes the
    round it cannot know the graph (this site's nonce is still secret), and the share stage must
    name that same round: once the nonces are known nothing the graph depends on can change.
-   The server can still abandon the round and try another (each site caps that per run).
+   The server can still abandon the round and try another (each site caps that, `max_abandoned_reveals`).
 2. ``share_keys``: check the round against the site's own floors (distinct roster sites,
    neighbours, a threshold above (holders + colluders) / 2, the complete graph at consortium
    scale or a graph seeded by the revealed nonces of the very set this site revealed for, a
@@ -19,9 +19,10 @@ step on a small state (Bonawitz et al. 2017 §6 with SecAgg+'s neighbour graph, 
 3. ``masked_input``: only with a share from **every** neighbour the server says shared
    (``U2``), and enough holders left: ``encode([w·x, w]) + PRG(b) + Σ ±PRG(agree(c_i, c_j))``.
 4. ``consistency``: sign the survivor set ``U3`` the server announces (a subset of ``U2``
-   holding this site); one set per round, never a second.
-5. ``unmask``: only with at least ``t`` valid signatures of distinct survivors on that same
-   set; then reveal, per peer whose shares it holds, the share of ``b`` (it survived) or of
+   holding this site, at least :func:`vouchers_needed` sites); one set per round, never a second.
+5. ``unmask``: only with at least :func:`vouchers_needed` valid signatures of distinct
+   survivors on that same set (the threshold, and a majority of the round's sites beyond the
+   assumed colluders); then reveal, per peer whose shares it holds, the share of ``b`` (it survived) or of
    ``c`` (it shared and dropped), derived from the signed set, never both for one peer.
 
 Every refusal raises :class:`VerificationError` with a short ``code`` the site audits.
@@ -169,6 +170,17 @@ def share_key(params: SecAggParams, private: bytes, public: bytes, sender: str, 
 def holders(params: SecAggParams, site: str, present: set[str]) -> list[str]:
     """Who holds shares of ``site``'s secrets: its present neighbours and itself (sorted; x = index + 1)."""
     return sorted({site, *(n for n in params.neighbours(site) if n in present)})
+
+
+def vouchers_needed(params: SecAggParams, floors: SecAggFloors | None = None) -> int:
+    """Signatures on one survivor set a site requires before it reveals: the threshold, and a
+    majority of the round's sites beyond the colluders it assumes. Two different survivor sets
+    (views of the round) then always share an honest signer, who signs one only. On the complete
+    graph the threshold floor implies it; a sparse graph's threshold (about k/2) does not: two
+    views, each signed by t sites, let a server take a victim's self-mask seed from one and its
+    neighbours' keys from the other (red-team attack, 2026-12-04)."""
+    colluders = (floors or SecAggFloors()).assumed_colluders
+    return max(params.threshold, (len(params.sites) + colluders) // 2 + 1)
 
 
 def check_floors(params: SecAggParams, site: str, floors: SecAggFloors, roster: dict[str, Ed25519PublicKey],
@@ -373,9 +385,10 @@ class SiteSession:
                 masked -= mask
         return masked
 
-    def consistency(self, survivors: list[str], identity: Ed25519PrivateKey) -> bytes:
+    def consistency(self, survivors: list[str], identity: Ed25519PrivateKey,
+                    floors: SecAggFloors | None = None) -> bytes:
         """Stage 4: sign the survivor set (U3); refuse ghosts, a set without this site, a set
-        too small, or a second, different set in the same round."""
+        smaller than :func:`vouchers_needed`, or a second, different set in the same round."""
         params = self.params
         u3 = tuple(sorted(set(survivors)))
         if not self.sharers:
@@ -385,16 +398,20 @@ class SiteSession:
         if not set(u3) <= set(self.sharers) or self.site not in u3:
             raise VerificationError("the survivor set names sites that did not share keys in this round (or lacks "
                                     "this site)", "ghost-site")
-        if len(u3) < params.threshold:
-            raise VerificationError(f"only {len(u3)} survivors, fewer than the threshold {params.threshold}",
-                                    "too-few-survivors")
+        need = vouchers_needed(params, floors)
+        if len(u3) < need:
+            raise VerificationError(f"only {len(u3)} survivors of {len(params.sites)} sites, fewer than the {need} "
+                                    "(the threshold, and a majority beyond the assumed colluders) that must sign "
+                                    "one survivor set", "too-few-survivors")
         self.survivors = u3
         return identity.sign(transcript(params, self.adverts, self.sharers, u3))
 
-    def unmask(self, signatures: dict[str, bytes], roster: dict[str, Ed25519PublicKey]) -> dict[str, tuple[str, bytes]]:
-        """Stage 5: ``owner -> ("b" | "c", share)`` once at least ``t`` distinct survivors signed
-        the same survivor set this site signed; which secret is revealed for a peer follows from
-        that set, never from the server's say-so, and never both for one peer."""
+    def unmask(self, signatures: dict[str, bytes], roster: dict[str, Ed25519PublicKey],
+               floors: SecAggFloors | None = None) -> dict[str, tuple[str, bytes]]:
+        """Stage 5: ``owner -> ("b" | "c", share)`` once at least :func:`vouchers_needed`
+        distinct survivors signed the same survivor set this site signed; which secret is
+        revealed for a peer follows from that set, never from the server's say-so, and never
+        both for one peer."""
         params = self.params
         if not self.survivors:
             raise VerificationError("protocol stage out of order: this site signed no survivor set", "out-of-order")
@@ -409,9 +426,10 @@ class SiteSession:
                 raise VerificationError("a consistency signature does not verify: the survivors were told different "
                                         "sets; refused", "equivocation") from None
             valid += 1
-        if valid < params.threshold:
-            raise VerificationError(f"{valid} survivor signature(s) on the survivor set, {params.threshold} needed: "
-                                    "the server may have told other sites a different set; refused", "equivocation")
+        need = vouchers_needed(params, floors)
+        if valid < need:
+            raise VerificationError(f"{valid} survivor signature(s) on the survivor set, {need} needed: the server may "
+                                    "have told other sites a different set; refused", "equivocation")
         out: dict[str, tuple[str, bytes]] = {}
         for owner in sorted({self.site, *self.shares}):
             kind = "b" if owner in u3 else "c"

@@ -25,7 +25,7 @@ from privacy.audit.log import read_entries
 from privacy.files import atomic_write_bytes
 from privacy.keys import load_or_create_key, public_pem
 from privacy.secagg.crypto import agree, combine_secret, expand_mask
-from privacy.secagg.params import FRACTION_BITS, SecAggParams, required_threshold
+from privacy.secagg.params import FRACTION_BITS, SecAggParams, default_k, required_threshold
 from privacy.secagg.server import Aggregator
 from privacy.secagg.site import (
     KeyAdvert,
@@ -481,7 +481,7 @@ def test_the_server_cannot_grind_a_sparse_neighbour_graph(tmp_path: Path, small_
     assert set(real.neighbours(VICTIM)) != expected_neighbours  # the victim's nonce moved it
     outbox = boxes_from_bytes(_secagg(big.share(ROUND, real, subset, {**nonces, VICTIM: nonce}), K.OUTBOX))
     assert sorted(outbox) == sorted(real.neighbours(VICTIM))  # the honest continuation works through the mod
-    assert big.events("secagg-revealed") == [ROUND] and big.events("secagg-shared") == [ROUND]
+    assert big.events("secagg-revealed") == [ROUND] and big.events("secagg-masked") == []  # no input yet
 
     # round B: a sparse graph before the victim revealed is refused (whatever seed the server picked) ...
     round_b = ROUND + 1
@@ -553,33 +553,110 @@ def test_a_sparse_round_cannot_change_after_the_reveal(tmp_path: Path, small_sit
     assert sorted(outbox) == sorted(order.neighbours(VICTIM)) and len(outbox) == order.k - 1
 
 
-def test_abandoned_sparse_rounds_are_capped_per_run(tmp_path: Path, small_site: Path) -> None:
-    """Red-team review: abandoning a sparse round after the reveal costs the server nothing (no
+def test_abandoned_sparse_rounds_are_capped_across_runs(tmp_path: Path, small_site: Path) -> None:
+    """Red-team reviews: abandoning a sparse round after the reveal costs the server nothing (no
     training, no budget) and gives it a fresh random graph each time (10 rounds in 0.2 s found one
-    with 9 colluders among the victim's 16 neighbours). Every reveal and every share that follows
-    one is now audited, and a site reveals in at most ``max_abandoned_reveals`` rounds of a run
-    that never reached its share stage."""
+    with 9 colluders among the victim's 16 neighbours); a cap counted per run and up to the share
+    stage was sidestepped by new run ids and by abandoning after the share. Every reveal and every
+    masked input that follows one is audited, and of a site's last 64 reveals in any run at most
+    ``max_abandoned_reveals`` may lack its masked input; a run id outside the identifier pattern
+    is refused at every stage."""
     big = LargeFederation(tmp_path, small_site, max_abandoned_reveals=3)
+    runs = iter(["run-a", "run-b", "run-a", "run-c"])  # new run ids do not reset the count
     for rnd in range(1, 5):
-        adverts, _ = big.advertise(rnd)
-        reply = big.reveal(rnd, SecAggParams.for_sites(RUN, rnd, list(adverts)), adverts)
-        if rnd <= 3:
-            assert not reply.has_error()  # then the server abandons the round
-        else:
+        run = next(runs)
+        adverts = adverts_from_bytes(_secagg(big.send(rnd, "advertise", **{K.RUN_ID: run}), K.ADVERT))
+        sessions = {}
+        for name, key in big.ids.items():
+            sessions[name], adverts[name] = SiteSession.start(run, rnd, name, key)
+        params = SecAggParams(run, rnd, tuple(sorted(adverts)), k=default_k(len(adverts)),
+                              threshold=default_k(len(adverts)) // 2 + 1)
+        reply = big.send(rnd, "reveal", **{K.RUN_ID: run, K.SECAGG_PARAMS: json.dumps(params_to_json(params)),
+                                           K.SECAGG_ADVERTS: adverts_to_bytes(adverts)})
+        if rnd == 4:
             assert refused(reply) and big.refusal() == "secagg-too-many-abandoned"
-    assert big.events("secagg-revealed") == [1, 2, 3]
-    assert [e for e in read_entries(big.victim.workspace / "audit.jsonl") if e.event == "secagg-refused"][-1].data[
-        "stage"] == "reveal"
+            break
+        nonces = {**{n: sess.reveal(params, adverts, big.roster) for n, sess in sessions.items()},
+                  VICTIM: _secagg(reply, K.NONCE)}
+        seeded = _seeded(params, adverts, nonces)
+        shared = big.send(rnd, "share", **{K.RUN_ID: run, K.SECAGG_PARAMS: json.dumps(params_to_json(seeded)),
+                                           K.SECAGG_ADVERTS: adverts_to_bytes(adverts),
+                                           K.SECAGG_NONCES: boxes_to_bytes(nonces)})
+        assert not shared.has_error()  # ... then the server abandons the round after the share
+    assert big.events("secagg-revealed") == [1, 2, 3] and big.events("secagg-masked") == []
+    last = [e for e in read_entries(big.victim.workspace / "audit.jsonl") if e.event == "secagg-refused"][-1]
+    assert last.data["stage"] == "reveal"
+    assert refused(big.send(9, "advertise", **{K.RUN_ID: "evil run"})) and big.refusal() == "secagg-malformed"
+    assert 9 not in big.events("secagg-advertised")
 
 
-def test_a_split_survivor_set_in_a_sparse_round_needs_more_colluding_neighbours_than_assumed(
-        tmp_path: Path, small_site: Path) -> None:
-    """Red-team review: in a sparse round the server can split the victim's share holders into a
+def test_two_views_of_a_sparse_round_cannot_unmask_a_site(tmp_path: Path, small_site: Path) -> None:
+    """Red-team attack (2026-12-04), no colluding site at all: above 64 sites the server shows the
+    victim and its t-1 farthest ring neighbours X one view (X shared, the near neighbours did not:
+    the victim masks with X only; the t sites sign and reveal the victim's self-mask seed) and
+    everyone else another (X dropped: X's holders there reveal X's keys). With t of about k/2 both
+    views collected t signatures and the victim's update came back exactly (r = 1.000). A site
+    now signs and unmasks only a survivor set of a majority of the round's sites (beyond the
+    colluders it assumes): two views cannot both have one."""
+    big = LargeFederation(tmp_path, small_site, colluders=0)
+    adverts, sessions = big.advertise(ROUND)
+    full = SecAggParams.for_sites(RUN, ROUND, list(adverts))
+    nonce = _secagg(big.reveal(ROUND, full, adverts), K.NONCE)
+    nonces = {**{n: s.reveal(full, adverts, big.roster) for n, s in sessions.items()}, VICTIM: nonce}
+    params = _seeded(full, adverts, nonces)
+    t = params.threshold
+    outboxes = {n: s.share_keys(params, adverts, big.roster, nonces=nonces) for n, s in sessions.items()}
+    outboxes[VICTIM] = boxes_from_bytes(_secagg(big.share(ROUND, params, adverts, nonces), K.OUTBOX))
+    ring = sorted(params.sites, key=lambda s: hashlib.sha256(f"{params.graph_seed}|{s}".encode()).digest())
+    here = ring.index(VICTIM)
+    distance = {s: min((ring.index(s) - here) % len(ring), (here - ring.index(s)) % len(ring)) for s in ring}
+    by_distance = sorted(params.neighbours(VICTIM), key=lambda s: -distance[s])
+    far, near = set(by_distance[: t - 1]), set(by_distance[t - 1 :])
+    view_a, view_b = {VICTIM} | far, set(params.sites) - {VICTIM} - far
+    sharers_a, sharers_b = sorted(set(params.sites) - near), sorted(params.sites)
+
+    def inbox(n: str, sharers: list[str]) -> dict[str, bytes]:
+        return {s: outboxes[s][n] for s in sharers if s != n and n in outboxes[s]}
+
+    reply = big.send(ROUND, "input", **{K.SECAGG_INBOX: boxes_to_bytes(inbox(VICTIM, sharers_a)),
+                                        K.SECAGG_SHARERS: sharers_a})
+    masked = reply.content.array_records[K.MASKED][K.MASKED].numpy()  # the victim's inbox check passes: |X| + 1 = t
+    for n in far:
+        sessions[n].masked_input(np.zeros(DIM), 10, inbox(n, sharers_a), sharers_a)
+    for n in view_b:
+        sessions[n].masked_input(np.zeros(DIM), 10, inbox(n, sharers_b), sharers_b)
+    # view A: the victim and X are asked to sign their t-site survivor set: refused (a majority is 51 of 100)
+    assert refused(big.send(ROUND, "consistency", **{K.SECAGG_SURVIVORS: sorted(view_a)}))
+    assert big.refusal() == "secagg-too-few-survivors"
+    for n in far:
+        with pytest.raises(VerificationError, match="fewer than the"):
+            sessions[n].consistency(sorted(view_a), big.ids[n])
+    # ... and signatures of t sites on it do not open the victim's unmask either
+    assert refused(big.send(ROUND, "unmask", **{K.SECAGG_SIGNATURES: boxes_to_bytes({})}))
+    # view B is a majority: X's keys come back, the victim's self-mask seed does not
+    sig_b = {n: sessions[n].consistency(sorted(view_b), big.ids[n]) for n in view_b}
+    revealed = [sessions[n].unmask(sig_b, big.roster) for n in view_b]
+    vec = masked.copy()
+    for j in far:
+        shares = [got[j][1] for got in revealed if j in got and got[j][0] == "c"]
+        assert len(shares) >= t  # control: the attack's second half works
+        mask = expand_mask(agree(combine_secret(shares[:t]), adverts[VICTIM].c_pub), pair_context(params, VICTIM, j),
+                           len(vec))
+        vec = vec - mask if VICTIM < j else vec + mask
+    b_shares = [got[VICTIM][1] for got in revealed if VICTIM in got and got[VICTIM][0] == "b"]
+    assert b_shares == []  # nobody in view B reveals the victim's b (it "dropped" there)
+    estimate = vec.view(np.int64)[:-1].astype(np.float64) / 2.0**FRACTION_BITS / 50
+    assert abs(correlation(estimate, big.update)) < 0.05
+
+
+def test_a_split_survivor_set_in_a_sparse_round_reveals_nothing(tmp_path: Path, small_site: Path) -> None:
+    """Red-team review: in a sparse round the server splits the victim's share holders into a
     group told the victim survived (they reveal its self-mask seed) and one told it dropped (they
-    reveal its mask key). That needs t of each, so holders + colluding holders >= 2t: with the
-    site's floor t > (holders + assumed_colluders) / 2, more colluders among the victim's
-    holders than it assumes. A victim assuming 1 colluder, with exactly 1 colluding neighbour,
-    and the best split: one of the two secrets stays short of t shares, nothing is recovered."""
+    reveal its mask key); with t of about k/2 both groups could sign. Now a survivor set needs a
+    majority of the round beyond the assumed colluders, so at most one group signs; and t shares
+    of both secrets would also need holders + colluding holders >= 2t, more colluders among the
+    victim's holders than it assumes. A victim assuming 1 colluder, with 1 colluding neighbour:
+    the minority group refuses, the mask key stays short of t shares, nothing is recovered."""
     big = LargeFederation(tmp_path, small_site, colluders=0, assumed_colluders=1)
     adverts, sessions = big.advertise(ROUND)
     base = SecAggParams.for_sites(RUN, ROUND, list(adverts))
@@ -602,27 +679,23 @@ def test_a_split_survivor_set_in_a_sparse_round_needs_more_colluding_neighbours_
     masked = reply.content.array_records[K.MASKED][K.MASKED].numpy()
     honest = [h for h in holders_ if h not in big.colluders]
     t = params.threshold
-    best = {"b": 0, "c": 0}
-    for told_alive in range(len(honest) + 1):  # every split of the victim's honest holders
-        a_side, b_side = honest[:told_alive], honest[told_alive:]
-        b_shares = 1 + len(a_side) + len(big.colluders)  # the victim itself, its holders told it survived, colluders
-        c_shares = len(b_side) + len(big.colluders)
-        if min(b_shares, c_shares) > min(best.values()):
-            best = {"b": b_shares, "c": c_shares}
-    assert min(best.values()) < t  # no split yields t shares of both secrets
-    # the split the server would pick, played with the real code: the victim's side signs and reveals b
-    a_side = honest[: t - 2]
+    # the second barrier: no split of the honest holders gives t shares of both secrets (the victim and the
+    # colluder on one side, the colluder on the other)
+    assert max(min(1 + a + 1, len(honest) - a + 1) for a in range(len(honest) + 1)) < t
+    # the split the server would pick: the victim's side is a majority of the round, the other side not
+    a_side, b_side = honest[: t - 2], honest[t - 2 :]
     rest = [n for n in sharers if n not in holders_ and n != VICTIM]
-    group_a = sorted({VICTIM, *a_side, *big.colluders, *rest[: len(rest) // 2]})
-    group_b = sorted({*honest[t - 2 :], *big.colluders, *rest[len(rest) // 2 :]})
-    sig_a = {VICTIM: _secagg(big.send(ROUND, "consistency", **{K.SECAGG_SURVIVORS: group_a}), K.CONSISTENCY)}
-    sig_a |= {n: sessions[n].consistency(group_a, big.ids[n]) for n in group_a if n != VICTIM and n not in big.colluders}
-    sig_b = {n: sessions[n].consistency(group_b, big.ids[n]) for n in group_b if n not in big.colluders}
     colluder = next(iter(big.colluders))
+    group_a = sorted({VICTIM, *a_side, colluder, *rest[:45]})
+    group_b = sorted({*b_side, colluder, *rest[45:]})
+    assert len(group_a) >= 51 > len(group_b)
+    sig_a = {VICTIM: _secagg(big.send(ROUND, "consistency", **{K.SECAGG_SURVIVORS: group_a}), K.CONSISTENCY)}
+    sig_a |= {n: sessions[n].consistency(group_a, big.ids[n]) for n in group_a if n not in (VICTIM, colluder)}
     sig_a[colluder] = big.ids[colluder].sign(transcript(params, adverts, sharers, group_a))
-    sig_b[colluder] = big.ids[colluder].sign(transcript(params, adverts, sharers, group_b))
+    for n in b_side:  # the minority group refuses to sign its set
+        with pytest.raises(VerificationError, match="fewer than the"):
+            sessions[n].consistency(group_b, big.ids[n])
     reveals = {n: sessions[n].unmask(sig_a, big.roster) for n in a_side}
-    reveals |= {n: sessions[n].unmask(sig_b, big.roster) for n in honest[t - 2 :]}
     reveals[VICTIM] = reveals_from_bytes(_secagg(big.send(ROUND, "unmask", **{K.SECAGG_SIGNATURES: boxes_to_bytes(
         sig_a)}), K.REVEALS))
     own_b, own_c = sessions[colluder].shares[VICTIM]  # the colluder's own shares of the victim's secrets
@@ -637,3 +710,5 @@ def test_a_split_survivor_set_in_a_sparse_round_needs_more_colluding_neighbours_
     vec = vec - mask if VICTIM < colluder else vec + mask
     estimate = vec.view(np.int64)[:-1].astype(np.float64) / 2.0**FRACTION_BITS / 50
     assert abs(correlation(estimate, big.update)) < 0.05
+
+

@@ -31,7 +31,7 @@ class Federation:
         self.weights = {s: int(rng.integers(20, 2000)) for s in self.names}
 
     def run(self, drop: dict[str, set[str]] | None = None) -> tuple[np.ndarray, int, list[str], dict]:  # type: ignore[type-arg]
-        """The five stages; ``drop[stage]`` = sites that vanish after that stage."""
+        """The five stages (and the reveal of a sparse graph); ``drop[stage]`` = sites that vanish after that stage."""
         drop = drop or {}
         agg = Aggregator(self.params)
         sessions, adverts = {}, {}
