@@ -102,6 +102,11 @@ class SecAggPolicy:
         _in_range("secagg.assumed_colluders", self.assumed_colluders, 0, 100_000)
         _in_range("secagg.update_bound", self.update_bound, 0, 1e6, open_low=True)
         _in_range("secagg.max_abandoned_reveals", self.max_abandoned_reveals, 0, 100_000)
+        if self.min_sites < self.assumed_colluders + 2:
+            raise SiteConfigError(f"site.toml [secagg]: min_sites = {self.min_sites} with assumed_colluders = "
+                                  f"{self.assumed_colluders}: a round of that many sites could be this site and "
+                                  "colluders only, whose sum is this site's update; set min_sites to at least "
+                                  f"{self.assumed_colluders + 2}")
 
     def floors(self) -> SecAggFloors:
         return SecAggFloors(min_sites=self.min_sites, min_neighbours=self.min_neighbours,

@@ -159,12 +159,21 @@ def self_context(params: SecAggParams, site: str) -> str:
     return f"self|{site}|{params.context()}"
 
 
-def share_aad(params: SecAggParams, sender: str, receiver: str) -> str:
-    return f"medfed-secagg-share|{sender}|{receiver}|{params.context()}"
+def view_digest(params: SecAggParams, adverts: dict[str, KeyAdvert]) -> str:
+    """The round as one site sees it at the share stage: its whole parameters (sites, k,
+    threshold, bounds, graph seed) and its advertisements. Shares are sealed to it, so a share
+    made in one view opens in no other (a third red-team review combined shares across views
+    with different site lists, each vouched by a majority of its own list)."""
+    return hashlib.sha256(json.dumps({"params": params_json(params), "adverts": adverts_digest(adverts)},
+                                     sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def share_key(params: SecAggParams, private: bytes, public: bytes, sender: str, receiver: str) -> bytes:
-    return hkdf(agree(private, public), share_aad(params, sender, receiver))
+def share_aad(params: SecAggParams, view: str, sender: str, receiver: str) -> str:
+    return f"medfed-secagg-share-v2|{sender}|{receiver}|{params.context()}|{view}"
+
+
+def share_key(params: SecAggParams, view: str, private: bytes, public: bytes, sender: str, receiver: str) -> bytes:
+    return hkdf(agree(private, public), share_aad(params, view, sender, receiver))
 
 
 def holders(params: SecAggParams, site: str, present: set[str]) -> list[str]:
@@ -191,9 +200,10 @@ def check_floors(params: SecAggParams, site: str, floors: SecAggFloors, roster: 
     if strangers:
         raise VerificationError(f"{len(strangers)} site(s) of the round are not in the pinned federation roster",
                                 "not-in-roster")
-    if n < floors.min_sites:
-        raise VerificationError(f"the round has {n} sites; this site requires at least {floors.min_sites} distinct "
-                                "roster sites", "too-few-sites")
+    if n < max(floors.min_sites, floors.assumed_colluders + 2):
+        raise VerificationError(f"the round has {n} sites; this site requires at least "
+                                f"{max(floors.min_sites, floors.assumed_colluders + 2)} distinct roster sites (more "
+                                "than its assumed colluders and itself)", "too-few-sites")
     if n <= COMPLETE_GRAPH_MAX and not params.complete:
         raise VerificationError(f"a sparse neighbour graph (k={params.k}) for {n} sites: at this scale only the "
                                 "complete graph is accepted (a server-chosen graph could surround a site)",
@@ -299,7 +309,7 @@ class SiteSession:
             raise VerificationError("a second share-keys request in one round", "out-of-order")
         self._check_round(params, adverts)
         check_floors(params, self.site, floors or SecAggFloors(), roster, adverts)
-        if not params.complete:
+        if self.revealed_for or not params.complete:  # after a reveal, only the round revealed for (complete or not)
             self._check_seed(params, adverts, nonces or {})
         # only the neighbours' keys are used: their advertisements are the ones to verify
         # (per-site cost grows with k, not with the number of sites)
@@ -312,12 +322,13 @@ class SiteSession:
         b_shares = split_secret(self.b, params.threshold, len(who))
         c_shares = split_secret(self.c_priv, params.threshold, len(who))
         out = {}
+        view = view_digest(params, adverts)
         for holder, sb, sc in zip(who, b_shares, c_shares, strict=True):
             if holder == self.site:
                 self.own_shares = (sb, sc)
                 continue
-            sealing = share_key(params, self.s_priv, adverts[holder].s_pub, self.site, holder)
-            out[holder] = seal(sealing, sb + sc, share_aad(params, self.site, holder))
+            sealing = share_key(params, view, self.s_priv, adverts[holder].s_pub, self.site, holder)
+            out[holder] = seal(sealing, sb + sc, share_aad(params, view, self.site, holder))
         return out
 
     def _check_seed(self, params: SecAggParams, adverts: dict[str, KeyAdvert], nonces: dict[str, bytes]) -> None:
@@ -356,13 +367,14 @@ class SiteSession:
             raise VerificationError(f"{len(expected) + 1} share holder(s) left, fewer than the threshold "
                                     f"{params.threshold}", "too-few-holders")
         opened = {}
+        view = view_digest(params, self.adverts)
         for sender, sealed in inbox.items():
-            key = share_key(params, self.s_priv, self.adverts[sender].s_pub, sender, self.site)
+            key = share_key(params, view, self.s_priv, self.adverts[sender].s_pub, sender, self.site)
             try:
-                plain = open_sealed(key, sealed, share_aad(params, sender, self.site))
+                plain = open_sealed(key, sealed, share_aad(params, view, sender, self.site))
             except (InvalidTag, ValueError):
-                raise VerificationError(f"the share from {sender} does not decrypt: tampered in transit",
-                                        "tampered-share") from None
+                raise VerificationError(f"the share from {sender} does not decrypt: tampered in transit, or sealed "
+                                        "in another view of the round", "tampered-share") from None
             if len(plain) != 66:
                 raise VerificationError(f"the share from {sender} is malformed", "tampered-share")
             opened[sender] = (plain[:33], plain[33:])

@@ -372,6 +372,9 @@ def test_a_round_is_never_restarted_and_stages_are_bound_to_it(fed: Federation) 
     assert not server.unmask(VICTIM, sigs).has_error()
 
 
+LARGE_DIM = 20000  # |r| of an unrelated vector stays below 0.05 by 7 standard deviations
+
+
 class LargeFederation:
     """A round above the complete graph's size (100 sites): the victim is a real site workspace
     behind the real mod (with a known update); the 99 others run the real protocol core, and the
@@ -393,7 +396,7 @@ class LargeFederation:
         self.colluders = set(self.names[-colluders:]) if colluders else set()
         self.mod = secagg_mod(lambda _: self.victim)
         self.context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-        self.update = np.random.default_rng(5).normal(0, 0.05, DIM)
+        self.update = np.random.default_rng(5).normal(0, 0.05, LARGE_DIM)
 
     def _train(self, msg: Message, ctx: Context) -> Message:
         return Message(RecordDict({K.METRICS: MetricRecord({K.NUM_EXAMPLES: 50}), K.SITE: ConfigRecord({K.SITE_NAME: VICTIM}),
@@ -536,6 +539,10 @@ def test_a_sparse_round_cannot_change_after_the_reveal(tmp_path: Path, small_sit
     assert big.refusal() == "secagg-graph-seed"
     assert refused(big.share(ROUND, replace(order, threshold=order.threshold + 1), adverts, nonces))
     assert big.refusal() == "secagg-graph-seed"
+    # ... or the complete graph after a sparse reveal (third review: the binding was checked for sparse graphs only)
+    complete = replace(order, k=len(order.sites) + 1, threshold=len(order.sites) // 2 + 1, graph_seed="")
+    assert complete.complete and refused(big.share(ROUND, complete, adverts, nonces))
+    assert big.refusal() == "secagg-graph-seed"
     # (1) an advertisement that absorbs the next site's entry: wrong field length, refused as malformed
     names = sorted(adverts)
     absorber, absorbed = next((a, b) for a, b in zip(names, names[1:], strict=False) if VICTIM not in (a, b))
@@ -622,9 +629,9 @@ def test_two_views_of_a_sparse_round_cannot_unmask_a_site(tmp_path: Path, small_
                                         K.SECAGG_SHARERS: sharers_a})
     masked = reply.content.array_records[K.MASKED][K.MASKED].numpy()  # the victim's inbox check passes: |X| + 1 = t
     for n in far:
-        sessions[n].masked_input(np.zeros(DIM), 10, inbox(n, sharers_a), sharers_a)
+        sessions[n].masked_input(np.zeros(LARGE_DIM), 10, inbox(n, sharers_a), sharers_a)
     for n in view_b:
-        sessions[n].masked_input(np.zeros(DIM), 10, inbox(n, sharers_b), sharers_b)
+        sessions[n].masked_input(np.zeros(LARGE_DIM), 10, inbox(n, sharers_b), sharers_b)
     # view A: the victim and X are asked to sign their t-site survivor set: refused (a majority is 51 of 100)
     assert refused(big.send(ROUND, "consistency", **{K.SECAGG_SURVIVORS: sorted(view_a)}))
     assert big.refusal() == "secagg-too-few-survivors"
@@ -674,7 +681,7 @@ def test_a_split_survivor_set_in_a_sparse_round_reveals_nothing(tmp_path: Path, 
         return {s: box[n] for s, box in outboxes.items() if n in box}
 
     for n, s in sessions.items():
-        s.masked_input(np.zeros(DIM), 10, inbox(n), sharers)
+        s.masked_input(np.zeros(LARGE_DIM), 10, inbox(n), sharers)
     reply = big.send(ROUND, "input", **{K.SECAGG_INBOX: boxes_to_bytes(inbox(VICTIM)), K.SECAGG_SHARERS: sharers})
     masked = reply.content.array_records[K.MASKED][K.MASKED].numpy()
     honest = [h for h in holders_ if h not in big.colluders]
@@ -712,3 +719,46 @@ def test_a_split_survivor_set_in_a_sparse_round_reveals_nothing(tmp_path: Path, 
     assert abs(correlation(estimate, big.update)) < 0.05
 
 
+
+
+def test_a_share_sealed_in_one_view_of_a_round_opens_in_no_other(fed: Federation) -> None:
+    """Third red-team review: shares were sealed to sender, receiver, run and round only, so a
+    server showing groups different site lists (each view vouched by a majority of its own
+    list) moved shares between views: with no colluder, small complete views next to a sparse
+    one gave a victim's self-mask seed and its neighbours' keys (r = 1.000 at 65, 100 and 200
+    sites). Shares are now sealed to the sender's whole view (parameters, seed, advertisements):
+    the victim, shown a 4-site view, cannot open the shares of sites shown the 5-site one."""
+    server = Server(fed)
+    server.advertise()
+    five, four = server.params, SecAggParams.for_sites(RUN, ROUND, [n for n in fed.names if n != "site-5"])
+    for n in fed.names:
+        view = four if n == VICTIM else five
+        reply = fed.send(n, "share", **{K.SECAGG_PARAMS: json.dumps(params_to_json(view)), K.SECAGG_ADVERTS:
+                                        adverts_to_bytes({k: v for k, v in server.adverts.items() if k in view.sites})})
+        server.outboxes[n] = boxes_from_bytes(_secagg(reply, K.OUTBOX))
+    inbox = {s: box[VICTIM] for s, box in server.outboxes.items() if VICTIM in box and s in four.sites}
+    assert len(inbox) == 3
+    assert refused(server.send_input(VICTIM, inbox, list(four.sites)))
+    assert fed.refusal(VICTIM) == "secagg-tampered-share"
+    # control: shares made in one view open in it (site-3 with the other sites of the 5-site view)
+    without_victim = [n for n in fed.names if n != VICTIM]
+    same_view = {s: box["site-3"] for s, box in server.outboxes.items() if s in without_victim and "site-3" in box}
+    assert len(same_view) == 3 and not server.send_input("site-3", same_view, without_victim).has_error()
+    assert VICTIM not in server.masked and abs(correlation(server.estimate(VICTIM), fed.updates[VICTIM])) < 0.05
+
+
+def test_a_round_of_the_victim_and_its_assumed_colluders_is_refused(tmp_path: Path, small_site: Path) -> None:
+    """Third red-team review: with assumed_colluders = 2 and min_sites = 3, a round of the victim
+    and two colluders passed every floor, and its honest sum minus the colluders' updates is the
+    victim's (r = 1.000). A site now needs more sites than its assumed colluders and itself, in
+    site.toml (refused with the fix) and in every round."""
+    from client.config import SiteConfigError
+
+    with pytest.raises(SiteConfigError, match="min_sites = 3 with assumed_colluders = 2"):
+        Federation(tmp_path / "bad", small_site, n=3, assumed_colluders=2)
+    fed = Federation(tmp_path / "ok", small_site, n=3, assumed_colluders=2, min_sites=4)
+    server = Server(fed)
+    server.advertise()
+    replies = server.share()
+    assert refused(replies[VICTIM]) and fed.refusal(VICTIM) == "secagg-too-few-sites"
+    assert VICTIM not in server.outboxes
