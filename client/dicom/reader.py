@@ -210,9 +210,12 @@ def _check_index(index: int | None, frames: int, name: str) -> None:
 
 
 def _decoded(ds: Dataset, index: int | None) -> np.ndarray:
-    """pydicom's decoders: every frame, or only frame ``index`` (a multi-frame JPEG decodes
-    just that frame's fragments)."""
-    return ds.pixel_array if index is None else pixel_array(ds, index=index)
+    """pydicom's decoders (its public ``pydicom.pixels.pixel_array``): every frame, or only frame
+    ``index`` (a multi-frame JPEG decodes just that frame's fragments). Not ``ds.pixel_array``:
+    that property calls the same function and then fingerprints the pixel attributes twice to
+    cache the array on the dataset, which a single read never reuses (0.33 of 0.95 ms for a
+    512x512 CT slice)."""
+    return pixel_array(ds, index=index)
 
 
 def decode(ds: Dataset, name: str, index: int | None = None, geometry: Geometry | None = None) -> np.ndarray:
