@@ -163,13 +163,11 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
                               K.MASKED: ArrayRecord({K.MASKED: Array(masked)})})
         return Message(content, reply_to=msg)
     if stage == "consistency":
-        signature = session.consistency(_strs(conf, K.SECAGG_SURVIVORS), load_private_key(site_key_path(site)),
-                                        site.secagg.floors())
+        signature = session.consistency(_strs(conf, K.SECAGG_SURVIVORS), load_private_key(site_key_path(site)))
         _save(context, session)
         return _reply(msg, site, {K.CONSISTENCY: signature})
     if stage == "unmask":
-        reveals = session.unmask(boxes_from_bytes(_bytes(conf, K.SECAGG_SIGNATURES)), load_roster(roster_path(site)),
-                                 site.secagg.floors())
+        reveals = session.unmask(boxes_from_bytes(_bytes(conf, K.SECAGG_SIGNATURES)), load_roster(roster_path(site)))
         _save(context, session)
         return _reply(msg, site, {K.REVEALS: reveals_to_bytes(reveals)})
     raise VerificationError("unknown secure-aggregation stage", "malformed")

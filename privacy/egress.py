@@ -76,9 +76,9 @@ BLOCKED_REASON = "egress guard blocked the reply (the site's log says why)"
 SECAGG_REFUSED = 452  # error code of a secure-aggregation round the site refused for a protocol check
 # the codes a secure-aggregation refusal names (``privacy.secagg`` and ``client.roster`` checks)
 SECAGG_REFUSAL_CODES = frozenset({
-    "clip-below-bound", "equivocation", "ghost-site", "graph-not-complete", "graph-seed", "incomplete-inbox",
-    "k-below-floor", "malformed", "not-in-roster", "out-of-order", "params", "re-advertise", "roster-changed",
-    "roster-mismatch", "roster-not-pinned", "substituted-key", "tampered-share", "threshold-below-floor",
+    "clip-below-bound", "colluders-below-floor", "equivocation", "ghost-site", "graph-not-complete", "graph-seed",
+    "incomplete-inbox", "k-below-floor", "malformed", "not-in-roster", "out-of-order", "params", "re-advertise",
+    "roster-changed", "roster-mismatch", "roster-not-pinned", "substituted-key", "tampered-share", "threshold-below-floor",
     "too-few-holders", "too-few-neighbours", "too-few-sites", "too-few-survivors", "too-many-abandoned",
     "verification", "wrong-round",
 })

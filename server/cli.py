@@ -81,6 +81,8 @@ def simulate(
     secagg_k: Annotated[int, typer.Option(min=0, help="SecAgg+ neighbourhood size (odd; 0 = default: every site up to "
                                                       "64 sites, which sites require at that scale)")] = 0,
     secagg_threshold: Annotated[int, typer.Option(min=0, help="SecAgg+ Shamir threshold (0 = majority)")] = 0,
+    secagg_colluders: Annotated[int, typer.Option(min=0, help="SecAgg+: colluding sites the rounds are sized for "
+                                                              "(raises the threshold; a site assuming more refuses)")] = 0,
     seed: Annotated[int, typer.Option(help="seeds the generated data and the initial model (never the sites' noise)")] = 0,
     metrics_release: Annotated[str, typer.Option(
         "--metrics", help="how virtual sites release validation metrics: exact (synthetic data), dp (noisy, charged "
@@ -147,7 +149,7 @@ def simulate(
                             learning_rate=learning_rate, optimizer=optimizer, run_dir=str(out.resolve()), seed=seed,
                             dp=not no_dp,
                             noise_multiplier=noise_multiplier, secure_aggregation=not no_secagg, secagg_k=secagg_k,
-                            secagg_threshold=secagg_threshold,
+                            secagg_threshold=secagg_threshold, secagg_colluders=secagg_colluders,
                             roster_file=str((out / KEYS_DIR / ROSTER_FILE).resolve()),
                             audit_key=str((keys_dir or private_keys_dir(out)).resolve() / SERVER_KEY))
             plan = SimulationPlan(sites=sites, patients=patients, data=tuple(data or ()),

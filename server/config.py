@@ -44,6 +44,7 @@ class RunConfig:
     secure_aggregation: bool = True  # SecAgg+: the server learns only the weighted mean update
     secagg_k: int = 0  # neighbourhood size (odd, self included); 0 = default (complete graph up to 64 sites)
     secagg_threshold: int = 0  # Shamir threshold; 0 = a strict majority of each site's share holders (sites' floor)
+    secagg_colluders: int = 0  # colluding sites the rounds are sized for; a site assuming more refuses the round
     audit_key: str = ""  # the server's Ed25519 audit key; "" = RUN_DIR.keys/server.key (created; outside the run dir)
     roster_file: str = ""  # {"sites": {name: Ed25519 PEM}}: the enrolled identity keys, delivered to every site
 

@@ -206,7 +206,8 @@ def _train_round(grid: Grid, cfg: RunConfig, nodes: list[int], arrays: OrderedDi
     """One round of training: the replies, the ones whose update counts, and the secure round (if any)."""
     if cfg.secure_aggregation:
         secure = secure_train(grid, nodes, arrays, conf, run_id=run_id, round_=rnd, timeout=cfg.round_timeout,
-                              k=cfg.secagg_k, threshold=cfg.secagg_threshold, roster=roster, stop=stop)
+                              k=cfg.secagg_k, threshold=cfg.secagg_threshold, colluders=cfg.secagg_colluders,
+                              roster=roster, stop=stop)
         train = RoundOutcome(replies=secure.replies, failed=secure.failed)
         return train, [r for r in train.replies if r.masked is not None] if secure.update is not None else [], secure
     train = exchange(grid, dict.fromkeys(nodes, RecordDict({K.ARRAYS: arrays_to_record(arrays), K.CONFIG: conf})),

@@ -58,7 +58,7 @@ def _stage_conf(conf: ConfigRecord, stage: str, **extra: Any) -> ConfigRecord:
 
 
 def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray], conf: ConfigRecord, *,
-                 run_id: str, round_: int, timeout: float, k: int = 0, threshold: int = 0,
+                 run_id: str, round_: int, timeout: float, k: int = 0, threshold: int = 0, colluders: int = 0,
                  roster: bytes = b"", stop: StopRequest | None = None) -> SecureRound:
     """Run one training round under SecAgg+; the server learns only the weighted mean update."""
     result = SecureRound(info={"sites": 0, "dropped": 0, "aborted": False})
@@ -66,7 +66,7 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
     dropped: dict[str, list[str]] = {}  # stage -> the nodes that did not answer it
     try:
         names = [f"node-{n}" for n in nodes]  # provisional: the real names come with the advertisements
-        agg = Aggregator(SecAggParams.for_sites(run_id, round_, names, k=k, threshold=threshold))
+        agg = Aggregator(SecAggParams.for_sites(run_id, round_, names, k=k, threshold=threshold, colluders=colluders))
         advertise = _stage_conf(conf, "advertise", **({K.SECAGG_ROSTER: roster} if roster else {}))
         adv = exchange(grid, {n: RecordDict({K.CONFIG: advertise}) for n in nodes}, MessageType.TRAIN, timeout,
                        with_arrays=False, stop=stop)
@@ -79,7 +79,7 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         for r in adv.replies:
             adverts |= adverts_from_bytes(r.secagg.get(K.ADVERT, b"{}"))
         params, relay = agg.collect_adverts({s: a for s, a in adverts.items() if s in node_of})
-        agg.params = params = round_params(run_id, round_, relay, k=k, threshold=threshold)
+        agg.params = params = round_params(run_id, round_, relay, k=k, threshold=threshold, colluders=colluders)
         nonces: dict[str, bytes] = {}
         if not params.complete:  # the graph's seed: every advertised site's nonce, revealed for this set
             reveal_conf = _stage_conf(conf, "reveal", **{K.SECAGG_PARAMS: json.dumps(params_to_json(params)),
@@ -142,11 +142,11 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
 
 
 def round_params(run_id: str, round_: int, advertised: Mapping[str, Any], *, k: int = 0,
-                 threshold: int = 0) -> SecAggParams:
+                 threshold: int = 0, colluders: int = 0) -> SecAggParams:
     """The round's parameters for the sites that advertised (k and threshold sized for them); above
     the complete graph's size the graph's seed comes later, from the sites' revealed nonces
     (``Aggregator.collect_nonces``)."""
-    return SecAggParams.for_sites(run_id, round_, list(advertised), k=k, threshold=threshold)
+    return SecAggParams.for_sites(run_id, round_, list(advertised), k=k, threshold=threshold, colluders=colluders)
 
 
 class _Clock:

@@ -66,18 +66,22 @@ class SecAggParams:
     update_clip: float = 1.0  # each update element is clipped to ±update_clip before weighting
     max_weight: int = 1 << 20  # weights (examples) above this are refused
     graph_seed: str = ""  # sparse graphs only: site.graph_seed of the round's revealed nonces
+    colluders: int = 0  # the colluders the round is sized for: every site counts its majority with the same
+    # number, and refuses a round sized for fewer than it assumes (mixed floors let one view carry two vouched sets)
 
     def __post_init__(self) -> None:
         n = len(self.sites)
         if not all(isinstance(s, str) for s in self.sites) or not isinstance(self.run_id, str):
             raise SecAggConfigError("site names and the run id must be strings")
-        for name in ("round", "k", "threshold", "max_weight"):
+        for name in ("round", "k", "threshold", "max_weight", "colluders"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise SecAggConfigError(f"secagg {name} must be an integer")
         if not isinstance(self.update_clip, int | float) or not math.isfinite(self.update_clip) or self.update_clip <= 0:
             raise SecAggConfigError("secagg update_clip must be a finite number > 0")
         if self.max_weight < 1:
             raise SecAggConfigError("secagg max_weight must be >= 1")
+        if self.colluders < 0:
+            raise SecAggConfigError("secagg colluders must be >= 0")
         if n < 2:
             raise SecAggConfigError("secure aggregation needs at least 2 sites")
         if list(self.sites) != sorted(set(self.sites)):
@@ -105,11 +109,14 @@ class SecAggParams:
     @classmethod
     def for_sites(cls, run_id: str, round_: int, sites: list[str], k: int = 0, threshold: int = 0,
                   **kw: float) -> SecAggParams:
-        """Defaults: k = :func:`default_k`, threshold = a majority of the neighbours."""
+        """Defaults: k = :func:`default_k`, threshold = the sites' floor for ``colluders``: more than
+        half of a site's share holders and the colluders."""
         names = tuple(sorted(sites))
         k = k or default_k(len(names))
         holders = min(k - 1, len(names) - 1) + 1  # neighbours and the site itself
-        return cls(run_id, round_, names, k, threshold or holders // 2 + 1, **kw)  # type: ignore[arg-type]
+        colluders = int(kw.get("colluders", 0))
+        return cls(run_id, round_, names, k, threshold or required_threshold(holders, colluders),
+                   **kw)  # type: ignore[arg-type]
 
     def context(self) -> str:
         return round_context(self.run_id, self.round)

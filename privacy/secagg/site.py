@@ -147,7 +147,7 @@ def transcript(params: SecAggParams, adverts: dict[str, KeyAdvert], sharers: tup
 def params_json(params: SecAggParams) -> dict[str, object]:
     return {"run_id": params.run_id, "round": params.round, "sites": list(params.sites), "k": params.k,
             "threshold": params.threshold, "update_clip": params.update_clip, "max_weight": params.max_weight,
-            "graph_seed": params.graph_seed}
+            "graph_seed": params.graph_seed, "colluders": params.colluders}
 
 
 def pair_context(params: SecAggParams, a: str, b: str) -> str:
@@ -181,15 +181,15 @@ def holders(params: SecAggParams, site: str, present: set[str]) -> list[str]:
     return sorted({site, *(n for n in params.neighbours(site) if n in present)})
 
 
-def vouchers_needed(params: SecAggParams, floors: SecAggFloors | None = None) -> int:
+def vouchers_needed(params: SecAggParams) -> int:
     """Signatures on one survivor set a site requires before it reveals: the threshold, and a
-    majority of the round's sites beyond the colluders it assumes. Two different survivor sets
-    (views of the round) then always share an honest signer, who signs one only. On the complete
-    graph the threshold floor implies it; a sparse graph's threshold (about k/2) does not: two
-    views, each signed by t sites, let a server take a victim's self-mask seed from one and its
-    neighbours' keys from the other (red-team attack, 2026-12-04)."""
-    colluders = (floors or SecAggFloors()).assumed_colluders
-    return max(params.threshold, (len(params.sites) + colluders) // 2 + 1)
+    majority of the round's sites beyond the colluders the round is sized for (``params.colluders``,
+    the same for every site of the view and at least each one's own floor). Two different survivor
+    sets then always share an honest signer, who signs one only. On the complete graph the
+    threshold floor implies it; a sparse graph's threshold (about k/2) does not: two sets, each
+    signed by t sites, let a server take a victim's self-mask seed from one and its neighbours'
+    keys from the other (red-team attacks, 2026-12-04)."""
+    return max(params.threshold, (len(params.sites) + params.colluders) // 2 + 1)
 
 
 def check_floors(params: SecAggParams, site: str, floors: SecAggFloors, roster: dict[str, Ed25519PublicKey],
@@ -200,10 +200,13 @@ def check_floors(params: SecAggParams, site: str, floors: SecAggFloors, roster: 
     if strangers:
         raise VerificationError(f"{len(strangers)} site(s) of the round are not in the pinned federation roster",
                                 "not-in-roster")
-    if n < max(floors.min_sites, floors.assumed_colluders + 2):
+    if params.colluders < floors.assumed_colluders:
+        raise VerificationError(f"the round is sized for {params.colluders} colluding site(s); this site assumes "
+                                f"{floors.assumed_colluders} (set the run's secagg-colluders)", "colluders-below-floor")
+    if n < max(floors.min_sites, params.colluders + 2):
         raise VerificationError(f"the round has {n} sites; this site requires at least "
-                                f"{max(floors.min_sites, floors.assumed_colluders + 2)} distinct roster sites (more "
-                                "than its assumed colluders and itself)", "too-few-sites")
+                                f"{max(floors.min_sites, params.colluders + 2)} distinct roster sites (more "
+                                "than the colluders and itself)", "too-few-sites")
     if n <= COMPLETE_GRAPH_MAX and not params.complete:
         raise VerificationError(f"a sparse neighbour graph (k={params.k}) for {n} sites: at this scale only the "
                                 "complete graph is accepted (a server-chosen graph could surround a site)",
@@ -215,10 +218,10 @@ def check_floors(params: SecAggParams, site: str, floors: SecAggFloors, roster: 
     if held - 1 < floors.min_neighbours:
         raise VerificationError(f"{held - 1} neighbour(s) would hold this site's shares; the site requires "
                                 f"{floors.min_neighbours}", "too-few-neighbours")
-    need = required_threshold(held, floors.assumed_colluders)
+    need = required_threshold(held, params.colluders)
     if params.threshold < need:
         raise VerificationError(f"threshold {params.threshold} for {held} share holders is below the site's "
-                                f"floor {need} (a strict majority of holders plus {floors.assumed_colluders} "
+                                f"floor {need} (a strict majority of holders plus {params.colluders} "
                                 "colluding sites)", "threshold-below-floor")
     if params.update_clip < floors.update_bound:
         raise VerificationError(f"the round clips updates to ±{params.update_clip:g}, below the site's update bound "
@@ -397,8 +400,7 @@ class SiteSession:
                 masked -= mask
         return masked
 
-    def consistency(self, survivors: list[str], identity: Ed25519PrivateKey,
-                    floors: SecAggFloors | None = None) -> bytes:
+    def consistency(self, survivors: list[str], identity: Ed25519PrivateKey) -> bytes:
         """Stage 4: sign the survivor set (U3); refuse ghosts, a set without this site, a set
         smaller than :func:`vouchers_needed`, or a second, different set in the same round."""
         params = self.params
@@ -410,7 +412,7 @@ class SiteSession:
         if not set(u3) <= set(self.sharers) or self.site not in u3:
             raise VerificationError("the survivor set names sites that did not share keys in this round (or lacks "
                                     "this site)", "ghost-site")
-        need = vouchers_needed(params, floors)
+        need = vouchers_needed(params)
         if len(u3) < need:
             raise VerificationError(f"only {len(u3)} survivors of {len(params.sites)} sites, fewer than the {need} "
                                     "(the threshold, and a majority beyond the assumed colluders) that must sign "
@@ -418,8 +420,7 @@ class SiteSession:
         self.survivors = u3
         return identity.sign(transcript(params, self.adverts, self.sharers, u3))
 
-    def unmask(self, signatures: dict[str, bytes], roster: dict[str, Ed25519PublicKey],
-               floors: SecAggFloors | None = None) -> dict[str, tuple[str, bytes]]:
+    def unmask(self, signatures: dict[str, bytes], roster: dict[str, Ed25519PublicKey]) -> dict[str, tuple[str, bytes]]:
         """Stage 5: ``owner -> ("b" | "c", share)`` once at least :func:`vouchers_needed`
         distinct survivors signed the same survivor set this site signed; which secret is
         revealed for a peer follows from that set, never from the server's say-so, and never
@@ -438,7 +439,7 @@ class SiteSession:
                 raise VerificationError("a consistency signature does not verify: the survivors were told different "
                                         "sets; refused", "equivocation") from None
             valid += 1
-        need = vouchers_needed(params, floors)
+        need = vouchers_needed(params)
         if valid < need:
             raise VerificationError(f"{valid} survivor signature(s) on the survivor set, {need} needed: the server may "
                                     "have told other sites a different set; refused", "equivocation")

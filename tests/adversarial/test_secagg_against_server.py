@@ -37,6 +37,7 @@ from privacy.secagg.site import (
     pair_context,
     self_context,
     transcript,
+    vouchers_needed,
 )
 from privacy.secagg.wire import (
     adverts_from_bytes,
@@ -54,6 +55,17 @@ from tests.conftest import make_workspace
 
 RUN, ROUND, DIM = "run-evil", 4, 4000
 VICTIM = "site-1"
+
+
+def stage_request(round_: int, stage: str, extra: dict[str, object]) -> Message:
+    """The server's request for one SecAgg+ stage of round ``round_`` (``extra``: its config entries)."""
+    conf = ConfigRecord({K.RUN_ID: RUN, K.SERVER_ROUND: round_, K.SECAGG_STAGE: stage})
+    for k, v in extra.items():
+        conf[k] = v  # type: ignore[assignment]
+    md = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=1,
+                  reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
+                  message_type=MessageType.TRAIN)
+    return Message(RecordDict({K.CONFIG: conf}), metadata=md)
 
 
 class Federation:
@@ -91,14 +103,7 @@ class Federation:
         return train
 
     def send(self, name: str, stage: str, **extra: object) -> Message:
-        conf = ConfigRecord({K.RUN_ID: RUN, K.SERVER_ROUND: ROUND, K.SECAGG_STAGE: stage})
-        for k, v in extra.items():
-            conf[k] = v  # type: ignore[assignment]
-        md = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=1,
-                      reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
-                      message_type=MessageType.TRAIN)
-        return self.mods[name](Message(RecordDict({K.CONFIG: conf}), metadata=md), self.contexts[name],
-                               self._train(name))
+        return self.mods[name](stage_request(ROUND, stage, extra), self.contexts[name], self._train(name))
 
     def refusal(self, name: str) -> str:
         entries = [e for e in read_entries(self.configs[name].workspace / "audit.jsonl") if e.event == "secagg-refused"]
@@ -403,13 +408,7 @@ class LargeFederation:
                                    K.ARRAYS: ArrayRecord({"w": Array(self.update.astype(np.float32))})}), reply_to=msg)
 
     def send(self, round_: int, stage: str, **extra: object) -> Message:
-        conf = ConfigRecord({K.RUN_ID: RUN, K.SERVER_ROUND: round_, K.SECAGG_STAGE: stage})
-        for k, v in extra.items():
-            conf[k] = v  # type: ignore[assignment]
-        md = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=1,
-                      reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
-                      message_type=MessageType.TRAIN)
-        return self.mod(Message(RecordDict({K.CONFIG: conf}), metadata=md), self.context, self._train)
+        return self.mod(stage_request(round_, stage, extra), self.context, self._train)
 
     def advertise(self, round_: int) -> tuple[dict[str, KeyAdvert], dict[str, SiteSession]]:
         adverts = adverts_from_bytes(_secagg(self.send(round_, "advertise"), K.ADVERT))
@@ -666,8 +665,8 @@ def test_a_split_survivor_set_in_a_sparse_round_reveals_nothing(tmp_path: Path, 
     the minority group refuses, the mask key stays short of t shares, nothing is recovered."""
     big = LargeFederation(tmp_path, small_site, colluders=0, assumed_colluders=1)
     adverts, sessions = big.advertise(ROUND)
-    base = SecAggParams.for_sites(RUN, ROUND, list(adverts))
-    full = replace(base, threshold=required_threshold(base.degree + 1, 1))  # the victim's floor (10 of 17)
+    full = SecAggParams.for_sites(RUN, ROUND, list(adverts), colluders=1)  # sized for the victim's assumption
+    assert full.threshold == required_threshold(full.degree + 1, 1) == 10  # the victim's floor (10 of 17)
     nonce = _secagg(big.reveal(ROUND, full, adverts), K.NONCE)
     nonces = {**{n: s.reveal(full, adverts, big.roster) for n, s in sessions.items()}, VICTIM: nonce}
     params = _seeded(full, adverts, nonces)
@@ -757,8 +756,39 @@ def test_a_round_of_the_victim_and_its_assumed_colluders_is_refused(tmp_path: Pa
     with pytest.raises(SiteConfigError, match="min_sites = 3 with assumed_colluders = 2"):
         Federation(tmp_path / "bad", small_site, n=3, assumed_colluders=2)
     fed = Federation(tmp_path / "ok", small_site, n=3, assumed_colluders=2, min_sites=4)
-    server = Server(fed)
+    server = Server(fed, colluders=2)  # a round sized for the victim's 2 colluders, of 3 sites
     server.advertise()
     replies = server.share()
     assert refused(replies[VICTIM]) and fed.refusal(VICTIM) == "secagg-too-few-sites"
     assert VICTIM not in server.outboxes
+
+
+def test_a_round_is_sized_for_the_colluders_its_most_cautious_site_assumes(tmp_path: Path, small_site: Path) -> None:
+    """Fourth red-team review: each site counted the survivor-set majority with its own
+    assumed_colluders. A victim assuming 1 among peers assuming 0 (one colluder, within the
+    victim's assumption): the peers' majority of 33 of 65 let one view carry two vouched sets,
+    and the victim's update came back (r = 1.000 at 65 and 100 sites). The colluder count is now
+    a round parameter (bound into the reveal, the view and the transcript): every site counts
+    with it, and a site refuses a round sized for fewer colluders than it assumes."""
+    big = LargeFederation(tmp_path, small_site, colluders=1, assumed_colluders=1)
+    adverts, sessions = big.advertise(ROUND)
+    low = SecAggParams.for_sites(RUN, ROUND, list(adverts))  # sized for 0 colluders
+    assert refused(big.reveal(ROUND, low, adverts)) and big.refusal() == "secagg-colluders-below-floor"
+    adverts, sessions = big.advertise(ROUND + 1)
+    sized = SecAggParams.for_sites(RUN, ROUND + 1, list(adverts), colluders=1)
+    nonce = _secagg(big.reveal(ROUND + 1, sized, adverts), K.NONCE)
+    nonces = {**{n: s.reveal(sized, adverts, big.roster) for n, s in sessions.items()}, VICTIM: nonce}
+    params = _seeded(sized, adverts, nonces)
+    need = vouchers_needed(params)
+    assert need == (100 + 1) // 2 + 1 == 51
+    assert 2 * need - 1 > len(params.sites)  # two sets would need 2 * 51 signers with one colluder signing both
+    # a peer at the default floor (0 colluders assumed) now counts with the round's 1: it refuses a set of 50
+    peer = next(n for n in sessions if n not in big.colluders)
+    outboxes = {n: s.share_keys(params, adverts, big.roster, nonces=nonces) for n, s in sessions.items()}
+    outboxes[VICTIM] = boxes_from_bytes(_secagg(big.share(ROUND + 1, params, adverts, nonces), K.OUTBOX))
+    sharers = sorted(adverts)
+    inbox = {s: box[peer] for s, box in outboxes.items() if peer in box}
+    sessions[peer].masked_input(np.zeros(LARGE_DIM), 10, inbox, sharers)
+    fifty = sorted({peer, *[n for n in sharers if n != peer][:49]})
+    with pytest.raises(VerificationError, match="fewer than the 51"):
+        sessions[peer].consistency(fifty, big.ids[peer])
