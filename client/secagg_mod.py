@@ -28,7 +28,8 @@ from privacy import egress as K
 from privacy.audit.events import E
 from privacy.audit.log import read_entries
 from privacy.keys import KeyFileError, load_private_key
-from privacy.model_arrays import record_to_arrays
+from privacy.model_arrays import arrays_sha256, record_to_arrays
+from privacy.protocol import RoundRequest, RoundRequestError
 from privacy.secagg.params import SecAggConfigError
 from privacy.secagg.site import SiteSession, VerificationError
 from privacy.secagg.wire import (
@@ -138,6 +139,10 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
         return _reply(msg, site, {K.OUTBOX: boxes_to_bytes(outbox)})
     if stage == "input":
         inbox, sharers = boxes_from_bytes(_bytes(conf, K.SECAGG_INBOX)), _strs(conf, K.SECAGG_SHARERS)
+        if _training_digest(msg, conf) != session.params.request:  # before training: refused at no privacy cost
+            raise VerificationError("the training request or global model differs from the one this round's view "
+                                    "fixed at the share stage (a per-site request could zero the other updates)",
+                                    "request-mismatch")
         session.check_inbox(inbox, sharers)  # before training: a withheld inbox is refused at no privacy cost
         context.state[MASKING] = ConfigRecord({"run": run_id, "round": round_})  # what the train handler trusts
         try:
@@ -173,6 +178,17 @@ def _stage(stage: str, msg: Message, context: Context, call_next: ClientAppCalla
     raise VerificationError("unknown secure-aggregation stage", "malformed")
 
 
+def _training_digest(msg: Message, conf: ConfigRecord) -> str:
+    """``RoundRequest.digest`` of the request and global model this input stage would train; ""
+    when the config holds no valid request (the train handler then refuses it: nothing trains)."""
+    try:
+        request = RoundRequest.from_record(conf)
+    except RoundRequestError:
+        return ""
+    arrays = msg.content.array_records.get(K.ARRAYS)
+    return request.digest(arrays_sha256(record_to_arrays(arrays)) if arrays is not None else "")
+
+
 def _abandoned_reveals(audit: SiteAudit) -> int:
     """Of this site's last :data:`REVEAL_WINDOW` graph-nonce reveals (any run: run ids are the
     server's choice), those never followed by its masked input: each is one more random graph
@@ -195,7 +211,7 @@ def _save(context: Context, session: SiteSession) -> None:
 
 def _load(context: Context) -> SiteSession:
     if STATE not in context.state.config_records:
-        raise VerificationError("protocol stage out of order: no key advertisement for this round")
+        raise VerificationError("protocol stage out of order: no key advertisement for this round", "out-of-order")
     return session_from_bytes(_bytes(context.state.config_records[STATE], "session"))
 
 

@@ -7,6 +7,8 @@ site's randomness never comes from the server.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import typing
@@ -139,6 +141,15 @@ class RoundRequest:
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({key: getattr(self, name) for name, key in _KEYS.items()})
+
+    def digest(self, model_sha256: str) -> str:
+        """SHA-256 of every field of this request and the global model's hash: what a secure round
+        binds into its view, so that every site whose shares a site accepts trained the very same
+        request on the very same model (a per-site learning rate of 1e-12 zeroed every other
+        update of a round: the model-inconsistency attack, red-team review 2026-12-04)."""
+        body = {name: getattr(self, name) for name in _KEYS}
+        return hashlib.sha256(json.dumps({"request": body, "model": model_sha256}, sort_keys=True,
+                                         separators=(",", ":")).encode()).hexdigest()
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundRequest:

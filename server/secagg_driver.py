@@ -20,7 +20,8 @@ from flwr.app import ConfigRecord, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from privacy import egress as K
-from privacy.model_arrays import arrays_to_record
+from privacy.model_arrays import arrays_sha256, arrays_to_record
+from privacy.protocol import RoundRequest
 from privacy.secagg.params import SecAggConfigError, SecAggParams
 from privacy.secagg.server import Aggregator, RoundAborted
 from privacy.secagg.wire import (
@@ -66,7 +67,9 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
     dropped: dict[str, list[str]] = {}  # stage -> the nodes that did not answer it
     try:
         names = [f"node-{n}" for n in nodes]  # provisional: the real names come with the advertisements
-        agg = Aggregator(SecAggParams.for_sites(run_id, round_, names, k=k, threshold=threshold, colluders=colluders))
+        request = RoundRequest.from_record(conf).digest(arrays_sha256(arrays))  # what every site trains
+        agg = Aggregator(SecAggParams.for_sites(run_id, round_, names, k=k, threshold=threshold, colluders=colluders,
+                                                request=request))
         advertise = _stage_conf(conf, "advertise", **({K.SECAGG_ROSTER: roster} if roster else {}))
         adv = exchange(grid, {n: RecordDict({K.CONFIG: advertise}) for n in nodes}, MessageType.TRAIN, timeout,
                        with_arrays=False, stop=stop)
@@ -79,7 +82,8 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
         for r in adv.replies:
             adverts |= adverts_from_bytes(r.secagg.get(K.ADVERT, b"{}"))
         params, relay = agg.collect_adverts({s: a for s, a in adverts.items() if s in node_of})
-        agg.params = params = round_params(run_id, round_, relay, k=k, threshold=threshold, colluders=colluders)
+        agg.params = params = round_params(run_id, round_, relay, k=k, threshold=threshold, colluders=colluders,
+                                           request=request)
         nonces: dict[str, bytes] = {}
         if not params.complete:  # the graph's seed: every advertised site's nonce, revealed for this set
             reveal_conf = _stage_conf(conf, "reveal", **{K.SECAGG_PARAMS: json.dumps(params_to_json(params)),
@@ -142,11 +146,12 @@ def secure_train(grid: Grid, nodes: list[int], arrays: Mapping[str, np.ndarray],
 
 
 def round_params(run_id: str, round_: int, advertised: Mapping[str, Any], *, k: int = 0,
-                 threshold: int = 0, colluders: int = 0) -> SecAggParams:
+                 threshold: int = 0, colluders: int = 0, request: str = "") -> SecAggParams:
     """The round's parameters for the sites that advertised (k and threshold sized for them); above
     the complete graph's size the graph's seed comes later, from the sites' revealed nonces
     (``Aggregator.collect_nonces``)."""
-    return SecAggParams.for_sites(run_id, round_, list(advertised), k=k, threshold=threshold, colluders=colluders)
+    return SecAggParams.for_sites(run_id, round_, list(advertised), k=k, threshold=threshold, colluders=colluders,
+                                  request=request)  # type: ignore[arg-type]
 
 
 class _Clock:

@@ -66,6 +66,7 @@ class SecAggParams:
     update_clip: float = 1.0  # each update element is clipped to ±update_clip before weighting
     max_weight: int = 1 << 20  # weights (examples) above this are refused
     graph_seed: str = ""  # sparse graphs only: site.graph_seed of the round's revealed nonces
+    request: str = ""  # RoundRequest.digest of what every site of the round trains (checked at the input stage)
     colluders: int = 0  # the colluders the round is sized for: every site counts its majority with the same
     # number, and refuses a round sized for fewer than it assumes (mixed floors let one view carry two vouched sets)
 
@@ -82,6 +83,8 @@ class SecAggParams:
             raise SecAggConfigError("secagg max_weight must be >= 1")
         if self.colluders < 0:
             raise SecAggConfigError("secagg colluders must be >= 0")
+        if not isinstance(self.request, str) or not isinstance(self.graph_seed, str):
+            raise SecAggConfigError("secagg request and graph_seed must be strings")
         if n < 2:
             raise SecAggConfigError("secure aggregation needs at least 2 sites")
         if list(self.sites) != sorted(set(self.sites)):

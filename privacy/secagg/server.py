@@ -6,7 +6,7 @@ survivor the shares of its self-mask seed and for each site that shared but drop
 shares of its mask-agreement key: enough to remove the masks of the sum, never one site's
 update. A server that deviates is refused by the sites' own checks (their floors, a withheld
 inbox, a ghost survivor, a survivor set without a majority's signatures, a second set), within
-the assumptions of ``docs/secagg.md`` (at most ``assumed_colluders`` colluding sites).
+the assumptions of ``docs/secagg.md`` (at most the round's ``colluders`` colluding sites).
 """
 
 from __future__ import annotations

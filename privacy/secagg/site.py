@@ -147,7 +147,7 @@ def transcript(params: SecAggParams, adverts: dict[str, KeyAdvert], sharers: tup
 def params_json(params: SecAggParams) -> dict[str, object]:
     return {"run_id": params.run_id, "round": params.round, "sites": list(params.sites), "k": params.k,
             "threshold": params.threshold, "update_clip": params.update_clip, "max_weight": params.max_weight,
-            "graph_seed": params.graph_seed, "colluders": params.colluders}
+            "graph_seed": params.graph_seed, "colluders": params.colluders, "request": params.request}
 
 
 def pair_context(params: SecAggParams, a: str, b: str) -> str:

@@ -36,7 +36,7 @@ from privacy import egress as K
 from privacy.audit.log import read_entries
 from privacy.files import atomic_write_bytes
 from privacy.keys import load_or_create_key, public_pem
-from privacy.model_arrays import arrays_to_record, record_to_arrays
+from privacy.model_arrays import arrays_sha256, arrays_to_record, record_to_arrays
 from privacy.quantise import quantise
 from privacy.reply_schema import ReplySchema
 from privacy.secagg.wire import adverts_from_bytes, adverts_to_bytes, boxes_from_bytes, boxes_to_bytes, roster_bytes
@@ -379,8 +379,9 @@ def test_honest_secure_aggregation_stages_pass(tmp_path: Path, small_site: Path)
     adverts = {}
     for n in names:
         adverts |= adverts_from_bytes(stage(n, "advertise").content.config_records[K.SECAGG][K.ADVERT])  # type: ignore[arg-type]
+    model = arrays_sha256({k: np.zeros(s, dtype=d) for k, (s, d) in manifest().items()})
     params = json.dumps({"run_id": "run-sa", "round": 2, "sites": names, "k": 3, "threshold": 2,
-                         "update_clip": 1.0, "max_weight": 1 << 20})
+                         "update_clip": 1.0, "max_weight": 1 << 20, "request": base.digest(model)})
     outboxes = {n: boxes_from_bytes(stage(n, "share", **{K.SECAGG_PARAMS: params,
                                                           K.SECAGG_ADVERTS: adverts_to_bytes(adverts)})
                                     .content.config_records[K.SECAGG][K.OUTBOX])  # type: ignore[arg-type]

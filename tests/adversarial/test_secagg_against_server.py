@@ -93,9 +93,11 @@ class Federation:
                          for i, name in enumerate(self.names)}
         self.updates = {name: rng.normal(0, 0.05, DIM) for name in self.names}
         self.weights = {name: int(rng.integers(20, 200)) for name in self.names}
+        self.trained: list[str] = []  # sites whose train handler ran, in order
 
     def _train(self, name: str):  # type: ignore[no-untyped-def]
         def train(msg: Message, ctx: Context) -> Message:
+            self.trained.append(name)
             return Message(RecordDict({
                 K.METRICS: MetricRecord({K.NUM_EXAMPLES: self.weights[name]}),
                 K.SITE: ConfigRecord({K.SITE_NAME: name}),
@@ -147,8 +149,10 @@ class Server:
     def inbox(self, name: str) -> dict[str, bytes]:
         return {s: box[name] for s, box in self.outboxes.items() if name in box}
 
-    def send_input(self, name: str, inbox: dict[str, bytes], sharers: list[str]) -> Message:
-        reply = self.fed.send(name, "input", **{K.SECAGG_INBOX: boxes_to_bytes(inbox), K.SECAGG_SHARERS: sharers})
+    def send_input(self, name: str, inbox: dict[str, bytes], sharers: list[str], **request: object) -> Message:
+        """The input stage (``request``: the training request's config entries, none by default)."""
+        reply = self.fed.send(name, "input", **{K.SECAGG_INBOX: boxes_to_bytes(inbox), K.SECAGG_SHARERS: sharers},
+                              **request)
         if not reply.has_error():
             self.masked[name] = reply.content.array_records[K.MASKED][K.MASKED].numpy()
         return reply
@@ -792,3 +796,27 @@ def test_a_round_is_sized_for_the_colluders_its_most_cautious_site_assumes(tmp_p
     fifty = sorted({peer, *[n for n in sharers if n != peer][:49]})
     with pytest.raises(VerificationError, match="fewer than the 51"):
         sessions[peer].consistency(fifty, big.ids[peer])
+
+
+def test_sites_of_one_view_train_one_request(fed: Federation) -> None:
+    """Fifth red-team review (the model-inconsistency attack, Pasquini et al. 2022): the training
+    request came with the input stage, per site, bound to nothing; a server that sent every other
+    site learning_rate = 1e-12 made their updates encode to 0, and the honest sum was the
+    victim's update (r = 1.000 at 3 and 5 sites, no colluder). The round's view now fixes the
+    digest of the request and the global model (``SecAggParams.request``); a site trains only
+    that request, so every site whose shares it accepted trained the same."""
+    from tests.adversarial.harness import request
+
+    honest = request(server_round=ROUND, run_id=RUN)
+    vanishing = replace(honest, learning_rate=1e-12)
+    server = Server(fed, request=honest.digest(""))  # (this harness sends no model arrays: their hash is "")
+    _honest_until_input(server)
+    sharers = sorted(server.outboxes)
+    for n in fed.names[1:]:  # the other sites get the vanishing request: refused before training
+        reply = server.send_input(n, server.inbox(n), sharers, **dict(vanishing.to_record()))
+        assert refused(reply) and fed.refusal(n) == "secagg-request-mismatch"
+    assert fed.trained == []
+    ok = server.send_input(VICTIM, server.inbox(VICTIM), sharers, **dict(honest.to_record()))
+    assert not ok.has_error() and fed.trained == [VICTIM]  # the request the view fixed trains
+    assert refused(server.send_input("site-2", server.inbox("site-2"), sharers))  # no request: nothing trains
+    assert fed.refusal("site-2") == "secagg-request-mismatch"
