@@ -78,9 +78,8 @@ SECAGG_REFUSED = 452  # error code of a secure-aggregation round the site refuse
 SECAGG_REFUSAL_CODES = frozenset({
     "clip-below-bound", "colluders-below-floor", "equivocation", "ghost-site", "graph-not-complete", "graph-seed",
     "incomplete-inbox", "k-below-floor", "malformed", "not-in-roster", "out-of-order", "params", "re-advertise",
-    "request-mismatch",
-    "roster-changed", "roster-mismatch", "roster-not-pinned", "substituted-key", "tampered-share", "threshold-below-floor",
-    "too-few-holders", "too-few-neighbours", "too-few-sites", "too-few-survivors", "too-many-abandoned",
+    "request-mismatch", "roster-changed", "roster-mismatch", "roster-not-pinned", "substituted-key", "tampered-share",
+    "threshold-below-floor", "too-few-holders", "too-few-neighbours", "too-few-sites", "too-few-survivors", "too-many-abandoned",
     "verification", "wrong-round",
 })
 SECAGG_REFUSED_REASON = "secure aggregation refused"

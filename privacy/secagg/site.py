@@ -22,7 +22,7 @@ graphs), each a pure step on a small state (Bonawitz et al. 2017 §6 with SecAgg
    holding this site, at least :func:`vouchers_needed` sites); one set per round, never a second.
 5. ``unmask``: only with at least :func:`vouchers_needed` valid signatures of distinct
    survivors on that same set (the threshold, and a majority of the round's sites beyond the
-   assumed colluders); then reveal, per peer whose shares it holds, the share of ``b`` (it survived) or of
+   round's colluders); then reveal, per peer whose shares it holds, the share of ``b`` (it survived) or of
    ``c`` (it shared and dropped), derived from the signed set, never both for one peer.
 
 Every refusal raises :class:`VerificationError` with a short ``code`` the site audits.
@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -109,9 +109,7 @@ def reveal_binding(params: SecAggParams, adverts: dict[str, KeyAdvert]) -> str:
     """What a site's nonce is revealed for: the round's whole parameters but the graph's seed (k,
     threshold, sites, bounds) and its set of advertisements. The share stage must match it, so
     nothing the graph depends on can change once the nonces are known."""
-    fixed = {**params_json(params), "graph_seed": ""}
-    return hashlib.sha256(json.dumps({"params": fixed, "adverts": adverts_digest(adverts)}, sort_keys=True,
-                                     separators=(",", ":")).encode()).hexdigest()
+    return view_digest(replace(params, graph_seed=""), adverts)
 
 
 def graph_seed(context: str, adverts: dict[str, KeyAdvert], nonces: dict[str, bytes]) -> str:
